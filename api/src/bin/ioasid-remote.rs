@@ -1,0 +1,2 @@
+//! `ioasid-remote`: the REST API client.
+fn main() {}

@@ -1,0 +1,10 @@
+//! Guest-visible devices of ioasid-vmm.
+//!
+//! Owns: the MMIO/PIO [`bus`], the PCI bus and config space, the vfio-pci (pdev) and mdev
+//! device models, the emulated vIOMMU, and test DMA devices.
+//!
+//! Must not touch: KVM (interrupts leave through a small trait the VMM implements), the VMM's
+//! device bookkeeping, or the kernel IOMMU uAPI directly: every DMA mapping goes through the
+//! `ioasid` crate.
+
+pub mod bus;

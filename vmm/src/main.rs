@@ -1,0 +1,2 @@
+//! `ioasid-vmm`: the VMM binary.
+fn main() {}
