@@ -1,1 +1,37 @@
-//! placeholder
+//! The IOASID uAPI for ioasid-vmm.
+//!
+//! The 2021 `/dev/ioasid` RFC's concepts, as Linux realized them in iommufd:
+//! an **IOAS** (the RFC's kernel-managed IOASID) that the VMM maps guest memory into; **HWPTs**
+//! over it, including a nest parent (the RFC's "gpa_ioasid") and nested stage-1 HWPTs that
+//! bind a guest I/O page table with its format (`IOASID_BIND_PGTABLE`); **invalidation**
+//! batches (`IOASID_INVALIDATE_CACHE`); **fault queues** for I/O page faults; **PASIDs**; and
+//! **capabilities** decoded from `IOMMU_GET_HW_INFO`, readable before any attach.
+//!
+//! Backends, chosen at run time behind [`backend::IommuBackend`]:
+//! - `iommufd`: `/dev/iommu` and VFIO cdevs;
+//! - `type1`: the legacy VFIO container/group;
+//! - `soft`: a software IOMMU for emulated devices and hosts without one.
+//!
+//! Owns: every ioctl on `/dev/iommu` and `/dev/vfio/*` that concerns DMA and address spaces,
+//! device bind/attach, and the decoding of IOMMU capabilities and errors.
+//!
+//! Must not touch: KVM, guest-visible device state (config space, BARs, interrupts: that is
+//! `devices`), or VMM policy (which device goes where: that is the VMM's device manager).
+
+pub mod backend;
+pub mod error;
+pub mod fault_types;
+pub mod types;
+
+pub use backend::{
+    BackendKind, CopyRequest, FaultQueue, InvalidateOutcome, IommuBackend, MapFile, MapUser,
+};
+pub use error::{Ctx, Errno, Error, Op, Result};
+pub use fault_types::{
+    FaultPerm, FaultReason, FaultRecord, PageFault, PageResponse, PageResponseCode,
+    UnrecoverableFault,
+};
+pub use types::{
+    Bdf, DevId, DeviceName, FaultId, HwptAlloc, HwptFlags, HwptId, Invalidation, IoasId, IovaRange,
+    IovaRanges, Pasid, Perm, PtId, Stage1Format, VtdStage1,
+};

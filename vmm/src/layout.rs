@@ -1,0 +1,75 @@
+//! The guest physical address map (x86_64).
+//!
+//! ```text
+//! 0x0000_0000 .. LOW_RAM_END     RAM (boot structures live in the first MiB)
+//! 0xC000_0000 .. 0xE000_0000     32-bit PCI MMIO window (32-bit BARs)
+//! 0xE000_0000 .. 0xF000_0000     PCIe ECAM (256 buses x 1 MiB)
+//! 0xF000_0000 .. 4 GiB           platform: IOAPIC, LAPIC, KVM TSS/identity map
+//! 4 GiB .. 4 GiB + high RAM      RAM above the hole
+//! above RAM                      64-bit PCI MMIO window (the device manager allocates it)
+//! ```
+
+/// One GiB.
+pub const GIB: u64 = 1 << 30;
+/// One MiB.
+pub const MIB: u64 = 1 << 20;
+
+/// Start of the 32-bit hole: RAM is split here when the guest has more than 3 GiB.
+pub const MEM_32BIT_HOLE_START: u64 = 3 * GIB;
+/// The 32-bit PCI MMIO window for 32-bit BARs.
+pub const PCI_MMIO32_START: u64 = MEM_32BIT_HOLE_START;
+/// Size of the 32-bit PCI MMIO window.
+pub const PCI_MMIO32_SIZE: u64 = 512 * MIB;
+/// PCIe enhanced configuration space (ECAM / MMCONFIG), segment 0.
+pub const PCI_ECAM_START: u64 = 0xE000_0000;
+/// Size of the ECAM window: 256 buses.
+pub const PCI_ECAM_SIZE: u64 = 256 * MIB;
+/// The IOAPIC (in-kernel irqchip).
+pub const IOAPIC_START: u64 = 0xFEC0_0000;
+/// The local APIC.
+pub const LAPIC_START: u64 = 0xFEE0_0000;
+/// KVM's identity-map page (one page, below the TSS).
+pub const KVM_IDENTITY_MAP_START: u64 = 0xFFFB_C000;
+/// KVM's TSS area (three pages).
+pub const KVM_TSS_START: u64 = 0xFFFB_D000;
+/// First address above 4 GiB: RAM beyond the hole starts here.
+pub const HIGH_RAM_START: u64 = 4 * GIB;
+
+/// Real-mode IVT/BDA end; the extended BIOS data area starts at 0x9fc00.
+pub const EBDA_START: u64 = 0x9_fc00;
+/// Start of "high memory" (the first MiB boundary) where kernels are loaded.
+pub const HIMEM_START: u64 = MIB;
+
+/// Boot GDT.
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Boot IDT (empty; the guest installs its own).
+pub const BOOT_IDT_START: u64 = 0x520;
+/// PVH `hvm_start_info`.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// PVH memory map table (after the 56-byte start info).
+pub const PVH_MEMMAP_START: u64 = 0x6040;
+/// PVH module list (one entry: the initramfs).
+pub const PVH_MODLIST_START: u64 = 0x6800;
+/// Linux zero page (`struct boot_params`).
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack pointer for 64-bit entry.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// PML4 of the boot page tables.
+pub const PML4_START: u64 = 0x9000;
+/// PDPT of the boot page tables.
+pub const PDPTE_START: u64 = 0xa000;
+/// First of the page directories (one per identity-mapped GiB).
+pub const PDE_START: u64 = 0xb000;
+/// How many GiB the boot page tables identity-map (2 MiB pages).
+pub const BOOT_IDENTITY_MAP_GIB: u64 = 4;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x2_0000;
+/// Maximum command line length (including the NUL).
+pub const CMDLINE_MAX_SIZE: usize = 0x1_0000;
+
+/// First GSI free for MSI routes (0..24 are the irqchip pins).
+pub const MSI_GSI_BASE: u32 = 24;
+/// ISA IRQ of the first serial port (COM1).
+pub const SERIAL_IRQ: u32 = 4;
+/// I/O port of COM1.
+pub const SERIAL_PORT: u64 = 0x3f8;
