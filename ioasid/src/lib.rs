@@ -19,18 +19,24 @@
 //! `devices`), or VMM policy (which device goes where: that is the VMM's device manager).
 
 pub mod backend;
+pub mod caps;
 pub mod error;
 pub mod fault_types;
+pub mod iommufd;
+pub mod sysfs;
 pub mod types;
 
 pub use backend::{
     BackendKind, CopyRequest, FaultQueue, InvalidateOutcome, IommuBackend, MapFile, MapUser,
 };
+pub use caps::{HwCaps, HwInfo};
 pub use error::{Ctx, Errno, Error, Op, Result};
 pub use fault_types::{
     FaultPerm, FaultReason, FaultRecord, PageFault, PageResponse, PageResponseCode,
     UnrecoverableFault,
 };
+pub use iommufd::IommufdBackend;
+pub use sysfs::DeviceSpec;
 pub use types::{
     Bdf, DevId, DeviceName, FaultId, HwptAlloc, HwptFlags, HwptId, Invalidation, IoasId, IovaRange,
     IovaRanges, Pasid, Perm, PtId, Stage1Format, VtdStage1,

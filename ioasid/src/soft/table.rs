@@ -1,0 +1,94 @@
+//! What the page-table walkers share: how they read guest table entries, and how a walk fails.
+//!
+//! Walkers read tables only through [`TableMemory`], so the same walker runs over stage 2 plus
+//! guest RAM (nested translation, shadowing) or over a test's plain model memory.
+
+use crate::fault_types::FaultReason;
+
+use super::guest_mem::GuestRam;
+use super::stage2::Ioas;
+
+/// Mask of the address field of a paging-structure entry (bits 51:12).
+pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// A failed walk: why, and at which level (the root table is the highest level; 0 means the
+/// input address or the configuration itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WalkFault {
+    /// Why the walk failed.
+    pub reason: FaultReason,
+    /// The level whose entry failed (4 or 5 for the root; 0 before any table was read).
+    pub level: u8,
+}
+
+impl WalkFault {
+    pub(crate) fn new(reason: FaultReason, level: u8) -> Self {
+        WalkFault { reason, level }
+    }
+}
+
+/// How walkers reach table entries: by guest physical address (the parent IOAS's IOVA).
+pub trait TableMemory {
+    /// Reads the 8-byte entry at `gpa` (8-byte aligned).
+    fn read_entry(&mut self, gpa: u64) -> Result<u64, FaultReason>;
+    /// Atomically replaces the entry at `gpa` with `new` if it still holds `old`; `Ok(false)`
+    /// when it changed under us (the walker then restarts).
+    fn update_entry(&mut self, gpa: u64, old: u64, new: u64) -> Result<bool, FaultReason>;
+}
+
+/// Table memory behind a stage-2 IOAS: GPAs are translated by the IOAS, then read from
+/// registered guest RAM. Counts the guest-memory reads and updates.
+pub(crate) struct S2Tables<'a> {
+    pub ioas: &'a Ioas,
+    pub ram: &'a GuestRam,
+    pub reads: u32,
+    pub updates: u32,
+}
+
+impl<'a> S2Tables<'a> {
+    pub(crate) fn new(ioas: &'a Ioas, ram: &'a GuestRam) -> Self {
+        S2Tables {
+            ioas,
+            ram,
+            reads: 0,
+            updates: 0,
+        }
+    }
+}
+
+impl TableMemory for S2Tables<'_> {
+    fn read_entry(&mut self, gpa: u64) -> Result<u64, FaultReason> {
+        if gpa % 8 != 0 {
+            return Err(FaultReason::AddressOutOfRange);
+        }
+        let hit = self
+            .ioas
+            .translate(gpa)
+            .ok_or(FaultReason::AddressOutOfRange)?;
+        if !hit.perm.read {
+            return Err(FaultReason::Permission);
+        }
+        self.reads += 1;
+        self.ram
+            .read_u64(hit.hva)
+            .ok_or(FaultReason::AddressOutOfRange)
+    }
+
+    fn update_entry(&mut self, gpa: u64, old: u64, new: u64) -> Result<bool, FaultReason> {
+        if gpa % 8 != 0 {
+            return Err(FaultReason::AddressOutOfRange);
+        }
+        let hit = self
+            .ioas
+            .translate(gpa)
+            .ok_or(FaultReason::AddressOutOfRange)?;
+        if !hit.perm.write {
+            return Err(FaultReason::Permission);
+        }
+        self.updates += 1;
+        match self.ram.cmpxchg_u64(hit.hva, old, new) {
+            Some(r) => Ok(r.is_ok()),
+            None => Err(FaultReason::AddressOutOfRange),
+        }
+    }
+}
