@@ -23,7 +23,9 @@ pub mod caps;
 pub mod error;
 pub mod fault_types;
 pub mod iommufd;
+pub mod select;
 pub mod sysfs;
+pub mod type1;
 pub mod types;
 
 pub use backend::{
@@ -36,7 +38,9 @@ pub use fault_types::{
     UnrecoverableFault,
 };
 pub use iommufd::IommufdBackend;
+pub use select::{choose, BackendChoice, HostFacts};
 pub use sysfs::DeviceSpec;
+pub use type1::Type1Backend;
 pub use types::{
     Bdf, DevId, DeviceName, FaultId, HwptAlloc, HwptFlags, HwptId, Invalidation, IoasId, IovaRange,
     IovaRanges, Pasid, Perm, PtId, Stage1Format, VtdStage1,

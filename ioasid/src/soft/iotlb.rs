@@ -1,0 +1,292 @@
+//! The soft IOMMU's IOTLB: a set-associative cache of complete (stage 1 + stage 2)
+//! translations of 4 KiB input pages, tagged by device, PASID and domain (HWPT, or the IOAS
+//! for a device attached directly to one).
+//!
+//! A translation of a large stage-1 page is cached per 4 KiB piece, each piece remembering its
+//! leaf's base and size, so a range invalidation that touches any part of a large page drops
+//! every cached piece of it (as hardware drops a large-page entry). There is no
+//! paging-structure cache: non-leaf invalidations need no extra work.
+//!
+//! Entries stay until invalidated, as on hardware: a guest that changes a PTE without
+//! invalidating keeps getting the old translation. Stage-2 changes are the host's and are
+//! invalidated by the backend itself on unmap ([`Iotlb::invalidate_stage2`]).
+
+use crate::fault_types::FaultPerm;
+
+use super::walk_s1::S1Rights;
+
+/// "No PASID" in a tag (requests without a PASID prefix).
+pub const NO_PASID: u32 = u32::MAX;
+
+const WAYS: usize = 4;
+const INVALID_VPN: u64 = u64::MAX;
+
+/// Who a cached translation belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Tag {
+    /// Device.
+    pub dev: u32,
+    /// PASID, or [`NO_PASID`].
+    pub pasid: u32,
+    /// The domain: a HWPT id, or an IOAS id for a direct IOAS attach.
+    pub domain: u32,
+}
+
+/// What a translation allows, as cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rights {
+    /// Stage 2 only (pass-through of stage 1).
+    Stage2,
+    /// Nested: the stage-1 rights under the binding's SRE/WPE.
+    Nested {
+        /// Accumulated stage-1 rights.
+        s1: S1Rights,
+        /// SRE of the binding.
+        sre: bool,
+        /// WPE of the binding.
+        wpe: bool,
+    },
+}
+
+/// A cached translation of one 4 KiB input page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// Input page number (`addr >> 12`).
+    pub vpn: u64,
+    /// The tag.
+    pub tag: Tag,
+    /// The stage-2 IOAS the output went through.
+    pub ioas: u32,
+    /// Host page address.
+    pub hva_page: u64,
+    /// Stage-2 input page (GPA / IOVA of the IOAS).
+    pub s2_page: u64,
+    /// Base of the stage-1 leaf page (input address), for range invalidation of large pages.
+    pub leaf_base: u64,
+    /// Size of the stage-1 leaf page.
+    pub leaf_size: u64,
+    /// Stage-2 read permission.
+    pub s2_read: bool,
+    /// Stage-2 write permission.
+    pub s2_write: bool,
+    /// Stage-1 rights.
+    pub rights: Rights,
+}
+
+impl Entry {
+    const EMPTY: Entry = Entry {
+        vpn: INVALID_VPN,
+        tag: Tag {
+            dev: 0,
+            pasid: 0,
+            domain: 0,
+        },
+        ioas: 0,
+        hva_page: 0,
+        s2_page: 0,
+        leaf_base: 0,
+        leaf_size: 0,
+        s2_read: false,
+        s2_write: false,
+        rights: Rights::Stage2,
+    };
+
+    /// Whether the entry serves `access` without a walk.
+    #[inline]
+    pub fn allows(&self, access: FaultPerm) -> bool {
+        let s2 = (!access.read && !access.exec || self.s2_read) && (!access.write || self.s2_write);
+        s2 && match self.rights {
+            Rights::Stage2 => true,
+            Rights::Nested { s1, sre, wpe } => {
+                s1.allow(access, sre, wpe) && (!access.write || s1.dirty)
+            }
+        }
+    }
+}
+
+/// Hit/miss counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IotlbStats {
+    /// Lookups served from the cache.
+    pub hits: u64,
+    /// Lookups that needed a walk.
+    pub misses: u64,
+    /// Entries dropped by invalidations.
+    pub invalidated: u64,
+}
+
+/// The cache.
+#[derive(Debug)]
+pub struct Iotlb {
+    entries: Vec<Entry>,
+    set_mask: usize,
+    victim: Vec<u8>,
+    stats: IotlbStats,
+}
+
+#[inline]
+fn set_index(vpn: u64, dev: u32, pasid: u32, mask: usize) -> usize {
+    let h = (vpn ^ (u64::from(dev) << 44) ^ (u64::from(pasid) << 24))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> 32) as usize & mask
+}
+
+impl Iotlb {
+    /// A cache with `sets` sets of 4 ways (`sets` rounded up to a power of two, at least 1).
+    pub fn new(sets: usize) -> Self {
+        let sets = sets.max(1).next_power_of_two();
+        Iotlb {
+            entries: vec![Entry::EMPTY; sets * WAYS],
+            set_mask: sets - 1,
+            victim: vec![0; sets],
+            stats: IotlbStats::default(),
+        }
+    }
+
+    /// Looks up the page of `addr` for `dev`/`pasid`; counts a hit or a miss. An entry that
+    /// does not allow `access` is a miss (the caller walks again).
+    #[inline]
+    pub fn lookup(&mut self, dev: u32, pasid: u32, addr: u64, access: FaultPerm) -> Option<Entry> {
+        let vpn = addr >> 12;
+        let set = set_index(vpn, dev, pasid, self.set_mask);
+        let ways = &self.entries[set * WAYS..set * WAYS + WAYS];
+        for e in ways {
+            if e.vpn == vpn && e.tag.dev == dev && e.tag.pasid == pasid && e.allows(access) {
+                self.stats.hits += 1;
+                return Some(*e);
+            }
+        }
+        self.stats.misses += 1;
+        None
+    }
+
+    /// Inserts an entry, replacing one for the same page and tag or a victim.
+    pub fn insert(&mut self, entry: Entry) {
+        let set = set_index(entry.vpn, entry.tag.dev, entry.tag.pasid, self.set_mask);
+        let base = set * WAYS;
+        let slot = (0..WAYS)
+            .find(|&i| {
+                let e = &self.entries[base + i];
+                e.vpn == entry.vpn && e.tag.dev == entry.tag.dev && e.tag.pasid == entry.tag.pasid
+            })
+            .or_else(|| (0..WAYS).find(|&i| self.entries[base + i].vpn == INVALID_VPN))
+            .unwrap_or_else(|| {
+                let v = usize::from(self.victim[set]) % WAYS;
+                self.victim[set] = self.victim[set].wrapping_add(1);
+                v
+            });
+        self.entries[base + slot] = entry;
+    }
+
+    fn drop_where(&mut self, f: impl Fn(&Entry) -> bool) -> u64 {
+        let mut n = 0;
+        for e in &mut self.entries {
+            if e.vpn != INVALID_VPN && f(e) {
+                *e = Entry::EMPTY;
+                n += 1;
+            }
+        }
+        self.stats.invalidated += n;
+        n
+    }
+
+    /// Drops everything.
+    pub fn invalidate_all(&mut self) -> u64 {
+        self.drop_where(|_| true)
+    }
+
+    /// Drops every entry of a domain, optionally of one PASID only.
+    pub fn invalidate_domain(&mut self, domain: u32, pasid: Option<u32>) -> u64 {
+        self.drop_where(|e| e.tag.domain == domain && pasid.is_none_or(|p| e.tag.pasid == p))
+    }
+
+    /// Drops entries of a domain (optionally one PASID) whose stage-1 leaf page overlaps the
+    /// input range `[start, last]`.
+    pub fn invalidate_range(&mut self, domain: u32, pasid: Option<u32>, start: u64, last: u64) -> u64 {
+        self.drop_where(|e| {
+            e.tag.domain == domain
+                && pasid.is_none_or(|p| e.tag.pasid == p)
+                && e.leaf_base <= last
+                && e.leaf_base.saturating_add(e.leaf_size - 1) >= start
+        })
+    }
+
+    /// Drops every entry of one device and PASID (on attach, replace and detach).
+    pub fn invalidate_context(&mut self, dev: u32, pasid: u32) -> u64 {
+        self.drop_where(|e| e.tag.dev == dev && e.tag.pasid == pasid)
+    }
+
+    /// Drops every entry of one device.
+    pub fn invalidate_device(&mut self, dev: u32) -> u64 {
+        self.drop_where(|e| e.tag.dev == dev)
+    }
+
+    /// Drops every entry whose output went through `[start, last]` of stage-2 IOAS `ioas`.
+    pub fn invalidate_stage2(&mut self, ioas: u32, start: u64, last: u64) -> u64 {
+        self.drop_where(|e| e.ioas == ioas && e.s2_page <= last && e.s2_page >= start & !0xfff)
+    }
+
+    /// Drops every entry that went through IOAS `ioas`.
+    pub fn invalidate_ioas(&mut self, ioas: u32) -> u64 {
+        self.drop_where(|e| e.ioas == ioas)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> IotlbStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const R: FaultPerm = FaultPerm {
+        read: true,
+        write: false,
+        exec: false,
+        privileged: false,
+    };
+
+    fn entry(vpn: u64, domain: u32, pasid: u32) -> Entry {
+        Entry {
+            vpn,
+            tag: Tag {
+                dev: 1,
+                pasid,
+                domain,
+            },
+            ioas: 9,
+            hva_page: 0x1000 * vpn,
+            s2_page: 0x1000 * vpn,
+            leaf_base: vpn << 12,
+            leaf_size: 4096,
+            s2_read: true,
+            s2_write: false,
+            rights: Rights::Stage2,
+        }
+    }
+
+    #[test]
+    fn tags_and_invalidation() {
+        let mut t = Iotlb::new(4);
+        for vpn in 0..8 {
+            t.insert(entry(vpn, 5, 0));
+            t.insert(entry(vpn, 5, 1));
+        }
+        // 4 sets x 4 ways: some were evicted, the last inserted are present.
+        assert!(t.lookup(1, 1, 7 << 12, R).is_some());
+        assert!(t.lookup(1, 1, 7 << 12, FaultPerm { write: true, ..R }).is_none());
+        assert!(t.lookup(2, 1, 7 << 12, R).is_none());
+        t.invalidate_range(5, Some(1), 7 << 12, (7 << 12) + 0xfff);
+        assert!(t.lookup(1, 1, 7 << 12, R).is_none());
+        assert!(t.lookup(1, 0, 7 << 12, R).is_some());
+        t.invalidate_stage2(9, 7 << 12, (8 << 12) - 1);
+        assert!(t.lookup(1, 0, 7 << 12, R).is_none());
+        t.insert(entry(3, 5, 0));
+        t.invalidate_domain(5, None);
+        assert!(t.lookup(1, 0, 3 << 12, R).is_none());
+        assert!(t.stats().hits >= 2);
+    }
+}
