@@ -1,0 +1,110 @@
+//! A driver for QEMU's `edu` test device (1234:11e8) through a mapped BAR0.
+//!
+//! Registers (QEMU docs/specs/edu.rst): 0x00 ident (0x010000ed), 0x04 liveness (reads back
+//! the inverse), 0x08 factorial, 0x20 status, 0x80 DMA source, 0x88 DMA destination, 0x90 DMA
+//! count, 0x98 DMA command (bit 0 start, bit 1 direction: 1 = device to RAM, bit 2 raise an
+//! interrupt). The device's own buffer is at device address 0x40000 (4 KiB). Its DMA mask is
+//! 28 bits, so IOVAs must stay below 256 MiB.
+
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use vfio_ioctls::VfioDevice;
+
+/// edu's ident register value.
+pub const EDU_IDENT: u32 = 0x0100_00ed;
+/// edu's internal DMA buffer address.
+pub const EDU_BUF: u64 = 0x40000;
+/// edu's internal DMA buffer size.
+pub const EDU_BUF_LEN: usize = 4096;
+
+/// BAR0 of an edu device, mmap-ed from its VFIO region.
+#[derive(Debug)]
+pub struct Edu {
+    base: *mut u8,
+    len: usize,
+}
+
+impl Edu {
+    /// Maps BAR0 (VFIO region 0) of `dev`.
+    pub fn map(dev: &VfioDevice) -> Result<Self, String> {
+        let len = dev.get_region_size(0) as usize;
+        let off = dev.get_region_offset(0);
+        if len < 0x100 {
+            return Err(format!("BAR0 is {len} bytes: not an edu device"));
+        }
+        // SAFETY: a shared mapping of the VFIO device fd at BAR0's region offset and size,
+        // as VFIO documents; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                dev.as_raw_fd(),
+                off as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!(
+                "mmap of BAR0 failed: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(Edu {
+            base: p.cast(),
+            len,
+        })
+    }
+
+    /// A 32-bit register read.
+    pub fn read32(&self, off: usize) -> u32 {
+        assert!(off + 4 <= self.len);
+        // SAFETY: off + 4 <= len, inside the BAR mapping; MMIO needs volatile, aligned access.
+        unsafe { self.base.add(off).cast::<u32>().read_volatile() }
+    }
+
+    /// A 32-bit register write.
+    pub fn write32(&self, off: usize, v: u32) {
+        assert!(off + 4 <= self.len);
+        // SAFETY: as in read32.
+        unsafe { self.base.add(off).cast::<u32>().write_volatile(v) }
+    }
+
+    /// A 64-bit register write (edu takes 8-byte accesses at 0x80 and above).
+    pub fn write64(&self, off: usize, v: u64) {
+        assert!(off + 8 <= self.len);
+        // SAFETY: as in read32.
+        unsafe { self.base.add(off).cast::<u64>().write_volatile(v) }
+    }
+
+    /// Runs one DMA transfer and waits for it (edu takes ~100 ms per transfer under TCG).
+    pub fn dma(&self, src: u64, dst: u64, len: u32, to_ram: bool) -> Result<(), String> {
+        self.write64(0x80, src);
+        self.write64(0x88, dst);
+        self.write64(0x90, u64::from(len));
+        self.write64(0x98, 1 | if to_ram { 2 } else { 0 });
+        let start = Instant::now();
+        while self.read32(0x98) & 1 != 0 {
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err("edu DMA did not complete within 10 s".to_string());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `iova_src` (RAM) into the device, then from the device to
+    /// `iova_dst` (RAM).
+    pub fn round_trip(&self, iova_src: u64, iova_dst: u64, len: u32) -> Result<(), String> {
+        self.dma(iova_src, EDU_BUF, len, false)?;
+        self.dma(EDU_BUF, iova_dst, len, true)
+    }
+}
+
+impl Drop for Edu {
+    fn drop(&mut self) {
+        // SAFETY: base/len are exactly the mapping created in `map`.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}

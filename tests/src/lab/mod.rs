@@ -1,0 +1,20 @@
+//! The lab tests, in the order they run.
+
+pub mod demo;
+pub mod env;
+pub mod ioasid_tests;
+pub mod kvm;
+
+use crate::harness::LabTest;
+
+/// Every lab test.
+pub fn all() -> Vec<LabTest> {
+    let mut v = ioasid_tests::tests();
+    v.extend(kvm::tests());
+    v
+}
+
+/// The main-job demo.
+pub fn demo() -> Vec<LabTest> {
+    demo::tests()
+}
