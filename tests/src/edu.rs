@@ -26,8 +26,21 @@ pub struct Edu {
 }
 
 impl Edu {
-    /// Maps BAR0 (VFIO region 0) of `dev`.
+    /// Maps BAR0 (VFIO region 0) of `dev`, and enables memory decode and bus mastering in
+    /// its command register (QEMU drops the DMA of a device that is not a bus master).
     pub fn map(dev: &VfioDevice) -> Result<Self, String> {
+        let cfg = vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
+        let mut cmd = [0u8; 2];
+        dev.region_read(cfg, &mut cmd, 4);
+        let want = u16::from_le_bytes(cmd) | 0x6;
+        dev.region_write(cfg, &want.to_le_bytes(), 4);
+        dev.region_read(cfg, &mut cmd, 4);
+        if u16::from_le_bytes(cmd) & 0x6 != 0x6 {
+            return Err(format!(
+                "PCI command register {:#06x}: memory/bus-master enable did not stick",
+                u16::from_le_bytes(cmd)
+            ));
+        }
         let len = dev.get_region_size(0) as usize;
         let off = dev.get_region_offset(0);
         if len < 0x100 {
