@@ -8,3 +8,5 @@
 //! `ioasid` crate.
 
 pub mod bus;
+pub mod pci;
+pub mod vfio;

@@ -21,9 +21,13 @@
 pub mod backend;
 pub mod caps;
 pub mod error;
+pub mod fault;
 pub mod fault_types;
 pub mod iommufd;
+pub mod nesting;
+pub mod pasid;
 pub mod select;
+pub mod soft;
 pub mod sysfs;
 pub mod type1;
 pub mod types;
@@ -33,12 +37,16 @@ pub use backend::{
 };
 pub use caps::{HwCaps, HwInfo};
 pub use error::{Ctx, Errno, Error, Op, Result};
+pub use fault::{FaultCounters, FaultGroup, FaultHandler};
 pub use fault_types::{
     FaultPerm, FaultReason, FaultRecord, PageFault, PageResponse, PageResponseCode,
     UnrecoverableFault,
 };
 pub use iommufd::IommufdBackend;
+pub use nesting::{alloc_nest_parent, bind_stage1, NestParent};
+pub use pasid::{PasidBinding, PasidError, PasidSpace};
 pub use select::{choose, BackendChoice, HostFacts};
+pub use soft::{DmaError, DmaRequest, HostRegion, SoftConfig, SoftFaultQueue, SoftIommu};
 pub use sysfs::DeviceSpec;
 pub use type1::Type1Backend;
 pub use types::{

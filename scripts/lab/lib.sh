@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for scripts/lab/*.sh. Sourced, never run.
 # Messages go to stderr so that scripts can print results (paths) on stdout.
 
@@ -15,7 +16,7 @@ lab_repo() { (cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd); }
 # Only the prebuilt kernel there is ever used, and only as a cache seed.
 lab_shared_dir() { printf '%s\n' "${IOASID_SHARED_DIR:-$(lab_repo)/../shared}"; }
 
-lab_cache_dir() { printf '%s\n' "${IOASID_LAB_CACHE:-$HOME/.cache/ioasid-vmm}"; }
+lab_cache_dir() { printf '%s\n' "${IOASID_LAB_CACHE:-${HOME:-/root}/.cache/ioasid-vmm}"; }
 
 lab_sha256() { sha256sum "$1" | cut -d' ' -f1; }
 

@@ -73,3 +73,31 @@ pub const MSI_GSI_BASE: u32 = 24;
 pub const SERIAL_IRQ: u32 = 4;
 /// I/O port of COM1.
 pub const SERIAL_PORT: u64 = 0x3f8;
+
+/// Size of the 64-bit PCI MMIO window (64-bit BARs).
+pub const PCI_MMIO64_SIZE: u64 = 64 * GIB;
+
+/// The 64-bit PCI MMIO window for a guest whose RAM ends at `ram_end`: it starts at the first
+/// GiB boundary at or above both `ram_end` and 4 GiB.
+pub const fn pci_mmio64_window(ram_end: u64) -> (u64, u64) {
+    let floor = if ram_end > HIGH_RAM_START {
+        ram_end
+    } else {
+        HIGH_RAM_START
+    };
+    let start = (floor + GIB - 1) & !(GIB - 1);
+    (start, PCI_MMIO64_SIZE)
+}
+
+/// ACPI tables (RSDP first) in the legacy BIOS area, where Linux also scans for the RSDP.
+pub const ACPI_START: u64 = 0xE_0000;
+/// End of the ACPI table area (exclusive).
+pub const ACPI_END: u64 = 0x10_0000;
+/// Hardware-reduced ACPI sleep control register (I/O port, 1 byte).
+pub const ACPI_SLEEP_CONTROL_PORT: u64 = 0x600;
+/// Hardware-reduced ACPI sleep status register (I/O port, 1 byte).
+pub const ACPI_SLEEP_STATUS_PORT: u64 = 0x601;
+/// ACPI reset register (I/O port, 1 byte).
+pub const ACPI_RESET_PORT: u64 = 0x602;
+/// Value written to [`ACPI_RESET_PORT`] to reset.
+pub const ACPI_RESET_VALUE: u8 = 0x1;

@@ -183,7 +183,7 @@ impl GuestRam {
                 reason: "at least 2 MiB is needed",
             });
         }
-        if size % align != 0 {
+        if !size.is_multiple_of(align) {
             return Err(MemoryError::InvalidSize {
                 size,
                 reason: if config.hugepages {
@@ -316,10 +316,7 @@ mod tests {
     fn ranges_split_at_the_hole() {
         assert_eq!(ram_ranges(512 << 20), vec![(0, 512 << 20)]);
         assert_eq!(ram_ranges(3 << 30), vec![(0, 3 << 30)]);
-        assert_eq!(
-            ram_ranges(5 << 30),
-            vec![(0, 3 << 30), (4 << 30, 2 << 30)]
-        );
+        assert_eq!(ram_ranges(5 << 30), vec![(0, 3 << 30), (4 << 30, 2 << 30)]);
     }
 
     #[test]

@@ -124,7 +124,7 @@ impl Selftest<'_> {
         }
     }
 
-    /// `IOMMU_TEST_OP_MD_CHECK_MAP`: whether the mock domain(s) of `pt` translate
+    /// `IOMMU_TEST_OP_MD_CHECK_MAP`: whether the mock domain of paging HWPT `pt` translates
     /// `[iova, iova + len)` to the process memory at `uptr`.
     pub fn check_map(&self, pt: u32, iova: u64, len: u64, uptr: u64) -> Result<bool> {
         let mut c = IommuTestCmd::new(OP_MD_CHECK_MAP, pt);

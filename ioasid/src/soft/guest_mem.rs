@@ -9,7 +9,9 @@ use std::any::Any;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestMemoryRegionBytes, MemoryRegionAddress};
+use vm_memory::{
+    GuestMemoryBackend, GuestMemoryRegion, GuestMemoryRegionBytes, MemoryRegionAddress,
+};
 
 /// One region of guest RAM as the VMM mapped it in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -45,7 +47,9 @@ impl fmt::Debug for GuestRam {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegionError {
     /// A region is empty, wraps around, or is not page aligned.
-    #[error("Guest RAM region at HVA {hva:#x} length {len:#x} is empty, wraps or is not 4 KiB aligned")]
+    #[error(
+        "Guest RAM region at HVA {hva:#x} length {len:#x} is empty, wraps or is not 4 KiB aligned"
+    )]
     Invalid {
         /// Its host address.
         hva: u64,
@@ -70,7 +74,7 @@ impl GuestRam {
     ) -> Result<Self, RegionError> {
         let mut v: Vec<HostRegion> = regions.to_vec();
         for r in &v {
-            let aligned = r.hva % 4096 == 0 && r.len % 4096 == 0;
+            let aligned = r.hva.is_multiple_of(4096) && r.len.is_multiple_of(4096);
             if r.len == 0 || r.hva.checked_add(r.len - 1).is_none() || !aligned {
                 return Err(RegionError::Invalid {
                     hva: r.hva,
@@ -129,7 +133,7 @@ impl GuestRam {
 
     /// Reads the naturally aligned `u64` at `hva` atomically; `None` when outside guest RAM.
     pub(crate) fn read_u64(&self, hva: u64) -> Option<u64> {
-        if hva % 8 != 0 || !self.contains(hva, 8) {
+        if !hva.is_multiple_of(8) || !self.contains(hva, 8) {
             return None;
         }
         // SAFETY: `[hva, hva + 8)` lies inside a registered region, which the registrant
@@ -142,7 +146,7 @@ impl GuestRam {
     /// Compare-exchanges the aligned `u64` at `hva`: `Some(Ok(old))` when it held `old` and now
     /// holds `new`, `Some(Err(actual))` when it held something else, `None` when outside.
     pub(crate) fn cmpxchg_u64(&self, hva: u64, old: u64, new: u64) -> Option<Result<u64, u64>> {
-        if hva % 8 != 0 || !self.contains(hva, 8) {
+        if !hva.is_multiple_of(8) || !self.contains(hva, 8) {
             return None;
         }
         // SAFETY: as in `read_u64`: inside a registered, mapped region, aligned, atomic access.
@@ -160,7 +164,7 @@ impl GuestRam {
         // Word copies where the host address is aligned, bytes at the edges.
         while i < buf.len() {
             let p = src.wrapping_add(i);
-            if (p as usize) % 8 == 0 && buf.len() - i >= 8 {
+            if (p as usize).is_multiple_of(8) && buf.len() - i >= 8 {
                 // SAFETY: `p..p+8` is inside the checked range, aligned, in a registered mapped
                 // region; a volatile read does not create a reference to shared memory.
                 let w = unsafe { std::ptr::read_volatile(p as *const u64) };
@@ -184,7 +188,7 @@ impl GuestRam {
         let mut i = 0;
         while i < buf.len() {
             let p = dst.wrapping_add(i);
-            if (p as usize) % 8 == 0 && buf.len() - i >= 8 {
+            if (p as usize).is_multiple_of(8) && buf.len() - i >= 8 {
                 let mut w = [0u8; 8];
                 w.copy_from_slice(&buf[i..i + 8]);
                 // SAFETY: `p..p+8` is inside the checked range, aligned, in a registered mapped
@@ -240,12 +244,32 @@ mod tests {
 
     #[test]
     fn overlap_and_bad_regions_refused() {
-        assert!(GuestRam::new(&[HostRegion { hva: 0x1000, len: 0 }], None).is_err());
-        assert!(GuestRam::new(&[HostRegion { hva: 0x1001, len: 0x1000 }], None).is_err());
+        assert!(GuestRam::new(
+            &[HostRegion {
+                hva: 0x1000,
+                len: 0
+            }],
+            None
+        )
+        .is_err());
+        assert!(GuestRam::new(
+            &[HostRegion {
+                hva: 0x1001,
+                len: 0x1000
+            }],
+            None
+        )
+        .is_err());
         assert!(GuestRam::new(
             &[
-                HostRegion { hva: 0x1000, len: 0x2000 },
-                HostRegion { hva: 0x2000, len: 0x1000 }
+                HostRegion {
+                    hva: 0x1000,
+                    len: 0x2000
+                },
+                HostRegion {
+                    hva: 0x2000,
+                    len: 0x1000
+                }
             ],
             None
         )

@@ -122,6 +122,8 @@ pub struct Iotlb {
     set_mask: usize,
     victim: Vec<u8>,
     stats: IotlbStats,
+    /// Bumped by every invalidation: a walk that started before one must not be cached.
+    generation: u64,
 }
 
 #[inline]
@@ -140,6 +142,7 @@ impl Iotlb {
             set_mask: sets - 1,
             victim: vec![0; sets],
             stats: IotlbStats::default(),
+            generation: 0,
         }
     }
 
@@ -178,7 +181,20 @@ impl Iotlb {
         self.entries[base + slot] = entry;
     }
 
+    /// The invalidation generation (read before a walk, see [`Iotlb::insert_if_generation`]).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Inserts `entry` unless an invalidation ran since `generation` was read.
+    pub fn insert_if_generation(&mut self, entry: Entry, generation: u64) {
+        if self.generation == generation {
+            self.insert(entry);
+        }
+    }
+
     fn drop_where(&mut self, f: impl Fn(&Entry) -> bool) -> u64 {
+        self.generation += 1;
         let mut n = 0;
         for e in &mut self.entries {
             if e.vpn != INVALID_VPN && f(e) {
@@ -202,7 +218,13 @@ impl Iotlb {
 
     /// Drops entries of a domain (optionally one PASID) whose stage-1 leaf page overlaps the
     /// input range `[start, last]`.
-    pub fn invalidate_range(&mut self, domain: u32, pasid: Option<u32>, start: u64, last: u64) -> u64 {
+    pub fn invalidate_range(
+        &mut self,
+        domain: u32,
+        pasid: Option<u32>,
+        start: u64,
+        last: u64,
+    ) -> u64 {
         self.drop_where(|e| {
             e.tag.domain == domain
                 && pasid.is_none_or(|p| e.tag.pasid == p)
@@ -223,7 +245,7 @@ impl Iotlb {
 
     /// Drops every entry whose output went through `[start, last]` of stage-2 IOAS `ioas`.
     pub fn invalidate_stage2(&mut self, ioas: u32, start: u64, last: u64) -> u64 {
-        self.drop_where(|e| e.ioas == ioas && e.s2_page <= last && e.s2_page >= start & !0xfff)
+        self.drop_where(|e| e.ioas == ioas && e.s2_page <= last && e.s2_page >= (start & !0xfff))
     }
 
     /// Drops every entry that went through IOAS `ioas`.
@@ -277,7 +299,9 @@ mod tests {
         }
         // 4 sets x 4 ways: some were evicted, the last inserted are present.
         assert!(t.lookup(1, 1, 7 << 12, R).is_some());
-        assert!(t.lookup(1, 1, 7 << 12, FaultPerm { write: true, ..R }).is_none());
+        assert!(t
+            .lookup(1, 1, 7 << 12, FaultPerm { write: true, ..R })
+            .is_none());
         assert!(t.lookup(2, 1, 7 << 12, R).is_none());
         t.invalidate_range(5, Some(1), 7 << 12, (7 << 12) + 0xfff);
         assert!(t.lookup(1, 1, 7 << 12, R).is_none());

@@ -120,10 +120,7 @@ impl Ioas {
         };
         for w in windows {
             let mut cand = w.start.next_multiple_of(PAGE_SIZE);
-            loop {
-                let Some(last) = cand.checked_add(len - 1) else {
-                    break;
-                };
+            while let Some(last) = cand.checked_add(len - 1) {
                 if last > w.last {
                     break;
                 }
@@ -233,7 +230,12 @@ impl Ioas {
 
     /// Unmaps everything; returns the bytes unmapped.
     pub(crate) fn unmap_all(&mut self) -> u64 {
-        let bytes = self.areas.values().zip(self.areas.keys()).map(|(a, s)| a.last - s + 1).sum();
+        let bytes = self
+            .areas
+            .values()
+            .zip(self.areas.keys())
+            .map(|(a, s)| a.last - s + 1)
+            .sum();
         self.areas.clear();
         bytes
     }
@@ -241,7 +243,12 @@ impl Ioas {
     /// The pieces of `[iova, iova + len)` with their host addresses, for `IOMMU_IOAS_COPY`:
     /// `ENOENT` when part of the range is not mapped, `EPERM` when `write` is asked of a
     /// read-only piece.
-    pub(crate) fn pieces(&self, iova: u64, len: u64, perm: Perm) -> Result<Vec<(u64, u64, u64)>, Errno> {
+    pub(crate) fn pieces(
+        &self,
+        iova: u64,
+        len: u64,
+        perm: Perm,
+    ) -> Result<Vec<(u64, u64, u64)>, Errno> {
         let last = check_len(iova, len)?;
         let mut out = Vec::new();
         let mut cur = iova;
@@ -267,7 +274,10 @@ impl Ioas {
     /// Translates one IOVA.
     #[inline]
     pub(crate) fn translate(&self, iova: u64) -> Option<S2Hit> {
-        let (start, a) = self.areas.range((Bound::Unbounded, Bound::Included(iova))).next_back()?;
+        let (start, a) = self
+            .areas
+            .range((Bound::Unbounded, Bound::Included(iova)))
+            .next_back()?;
         if a.last < iova {
             return None;
         }
@@ -302,7 +312,10 @@ mod tests {
         assert_eq!(s.check_map(Some(0x3800), 0x1000), Err(libc::EINVAL));
         assert_eq!(s.check_map(Some(0x3000), 0x800), Err(libc::EINVAL));
         assert_eq!(s.check_map(Some(0x3000), 0), Err(libc::EINVAL));
-        assert_eq!(s.check_map(Some(u64::MAX - 0xfff), 0x2000), Err(libc::EOVERFLOW));
+        assert_eq!(
+            s.check_map(Some(u64::MAX - 0xfff), 0x2000),
+            Err(libc::EOVERFLOW)
+        );
         assert_eq!(s.check_map(Some(1 << 48), 0x1000), Err(libc::EINVAL));
         assert_eq!(s.check_map(None, 0x1000), Ok(0));
         assert_eq!(s.check_map(None, 0x3000), Ok(0x3000));
@@ -316,7 +329,13 @@ mod tests {
         assert_eq!(s.unmap(0x20000, 0x1000), Err(libc::ENOENT));
         let (bytes, removed) = s.unmap(0x11000, 0x1000).unwrap();
         assert_eq!(bytes, 0x1000);
-        assert_eq!(removed, vec![IovaRange { start: 0x11000, last: 0x11fff }]);
+        assert_eq!(
+            removed,
+            vec![IovaRange {
+                start: 0x11000,
+                last: 0x11fff
+            }]
+        );
         assert!(s.translate(0x11000).is_none());
         assert_eq!(s.translate(0x10fff).unwrap().hva, 0x100fff);
         assert_eq!(s.translate(0x12000).unwrap().hva, 0x102000);
@@ -329,11 +348,24 @@ mod tests {
     #[test]
     fn allowed_iovas_steer_allocation() {
         let mut s = Ioas::new(48);
-        s.allow(&[IovaRange { start: 0x10_0000, last: 0x10_ffff }]).unwrap();
+        s.allow(&[IovaRange {
+            start: 0x10_0000,
+            last: 0x10_ffff,
+        }])
+        .unwrap();
         assert_eq!(s.check_map(None, 0x1000), Ok(0x10_0000));
         assert_eq!(s.check_map(None, 0x2_0000), Err(libc::ENOSPC));
-        assert_eq!(s.allow(&[IovaRange { start: 5, last: 1 }]), Err(libc::EINVAL));
-        assert_eq!(s.allow(&[IovaRange { start: 0, last: 1 << 48 }]), Err(libc::EINVAL));
+        assert_eq!(
+            s.allow(&[IovaRange { start: 5, last: 1 }]),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            s.allow(&[IovaRange {
+                start: 0,
+                last: 1 << 48
+            }]),
+            Err(libc::EINVAL)
+        );
     }
 
     #[test]

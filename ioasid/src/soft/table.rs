@@ -58,7 +58,7 @@ impl<'a> S2Tables<'a> {
 
 impl TableMemory for S2Tables<'_> {
     fn read_entry(&mut self, gpa: u64) -> Result<u64, FaultReason> {
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return Err(FaultReason::AddressOutOfRange);
         }
         let hit = self
@@ -75,7 +75,7 @@ impl TableMemory for S2Tables<'_> {
     }
 
     fn update_entry(&mut self, gpa: u64, old: u64, new: u64) -> Result<bool, FaultReason> {
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return Err(FaultReason::AddressOutOfRange);
         }
         let hit = self

@@ -97,9 +97,9 @@ impl S1Rights {
             if !sre || (access.exec && self.user) {
                 return false;
             }
-            !(access.write && wpe && !self.writable)
+            self.writable || !access.write || !wpe
         } else {
-            self.user && !(access.write && !self.writable)
+            self.user && (self.writable || !access.write)
         }
     }
 }
@@ -166,9 +166,7 @@ fn walk_once<M: TableMemory>(
     let (page_base_out, page_size, leaf_entry) = loop {
         let shift = 12 + 9 * u32::from(level - 1);
         let gpa = table + ((addr >> shift) & 0x1ff) * 8;
-        let e = mem
-            .read_entry(gpa)
-            .map_err(|r| WalkFault::new(r, level))?;
+        let e = mem.read_entry(gpa).map_err(|r| WalkFault::new(r, level))?;
         used[n] = (gpa, e);
         n += 1;
         if e & P == 0 {
@@ -298,16 +296,22 @@ mod tests {
         assert_eq!((leaf.gpa, leaf.page_size), (0x5234_5678, 1 << 30));
         m.0.insert(0x2000, 0x4000_2000 | P | RW | US | PS);
         assert_eq!(
-            walk_first_stage(&mut m, &cfg(), 0x1234_5678, R).unwrap_err().reason,
+            walk_first_stage(&mut m, &cfg(), 0x1234_5678, R)
+                .unwrap_err()
+                .reason,
             FaultReason::ReservedBit
         );
         m.0.insert(0x1000, 0x2000 | P | RW | US | PS);
         assert_eq!(
-            walk_first_stage(&mut m, &cfg(), 0x1234_5678, R).unwrap_err().reason,
+            walk_first_stage(&mut m, &cfg(), 0x1234_5678, R)
+                .unwrap_err()
+                .reason,
             FaultReason::ReservedBit
         );
         assert_eq!(
-            walk_first_stage(&mut m, &cfg(), 1 << 47, R).unwrap_err().reason,
+            walk_first_stage(&mut m, &cfg(), 1 << 47, R)
+                .unwrap_err()
+                .reason,
             FaultReason::AddressOutOfRange
         );
     }

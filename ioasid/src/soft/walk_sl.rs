@@ -160,11 +160,15 @@ mod tests {
             ..READ
         };
         assert_eq!(
-            walk_second_level(&mut m, &cfg, 0x21_2345, write).unwrap_err().reason,
+            walk_second_level(&mut m, &cfg, 0x21_2345, write)
+                .unwrap_err()
+                .reason,
             FaultReason::Permission
         );
         assert_eq!(
-            walk_second_level(&mut m, &cfg, 1 << 39, READ).unwrap_err().reason,
+            walk_second_level(&mut m, &cfg, 1 << 39, READ)
+                .unwrap_err()
+                .reason,
             FaultReason::AddressOutOfRange
         );
         let bad = SlConfig { levels: 9, ..cfg };
@@ -174,7 +178,9 @@ mod tests {
         );
         m.0.insert(0x2000 + 8, 0x4000_1000 | R | SP);
         assert_eq!(
-            walk_second_level(&mut m, &cfg, 0x21_2345, READ).unwrap_err().reason,
+            walk_second_level(&mut m, &cfg, 0x21_2345, READ)
+                .unwrap_err()
+                .reason,
             FaultReason::ReservedBit
         );
     }

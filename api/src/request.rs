@@ -1,0 +1,156 @@
+//! The messages the API server sends the VMM, and the VMM-side helpers to answer them.
+//!
+//! The server thread validates a request, wraps it in an [`ApiRequest`] carrying a
+//! [`Responder`] (a `std::sync::mpsc::Sender` for the reply), sends it on the channel given
+//! to [`crate::start_server`] and writes the `EventFd`. The VMM's event loop polls that
+//! eventfd, drains the channel ([`ApiReceiver::drain`]) and answers each request exactly once
+//! ([`Responder::send`] or [`ApiRequest::fail`]). Replies are typed per request, so a VMM
+//! cannot answer `Ping` with a `VmInfo`.
+
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::mpsc::{self, Receiver, Sender};
+
+use log::warn;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device_config::DeviceConfig;
+use crate::error::ApiError;
+use crate::types::{
+    IoasidsInfo, IommuInfo, PasidsInfo, PciDeviceInfo, VmCounters, VmInfo, VmmPingResponse,
+};
+
+/// The result the VMM sends back for one request.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The reply half of one request. Consumed by [`Responder::send`], so each request is
+/// answered once; dropping it unanswered makes the server reply 503.
+pub struct Responder<T>(Sender<ApiResult<T>>);
+
+impl<T> Responder<T> {
+    /// A responder and the receiver the server waits on.
+    pub fn pair() -> (Responder<T>, Receiver<ApiResult<T>>) {
+        let (tx, rx) = mpsc::channel();
+        (Responder(tx), rx)
+    }
+
+    /// Sends the reply. If the server stopped waiting (timeout, shutdown) the reply is
+    /// dropped with a warning.
+    pub fn send(self, result: ApiResult<T>) {
+        if self.0.send(result).is_err() {
+            warn!("API reply dropped: the API server no longer waits for it");
+        }
+    }
+}
+
+impl<T> fmt::Debug for Responder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Responder")
+    }
+}
+
+/// One API request for the VMM.
+#[derive(Debug)]
+pub enum ApiRequest {
+    /// `GET /api/v1/vmm.ping`.
+    Ping(Responder<VmmPingResponse>),
+    /// `GET /api/v1/vm.info`.
+    VmInfo(Responder<VmInfo>),
+    /// `PUT /api/v1/vm.add-device`. `config` is validated ([`DeviceConfig::validate_with_fd`]):
+    /// exactly one of `config.path` and `fd` is set, and `config.fd` is `None` (the number a
+    /// client put in the body means nothing in this process; the fd itself is `fd`).
+    AddDevice {
+        /// The device.
+        config: DeviceConfig,
+        /// The VFIO cdev fd the client passed with `SCM_RIGHTS`, close-on-exec.
+        fd: Option<OwnedFd>,
+        /// Reply: the device's id and guest BDF.
+        reply: Responder<PciDeviceInfo>,
+    },
+    /// `PUT /api/v1/vm.remove-device`; `id` is a well-formed device id.
+    RemoveDevice {
+        /// The device id.
+        id: String,
+        /// Reply: `NotFound` for an unknown id.
+        reply: Responder<()>,
+    },
+    /// `PUT /api/v1/vm.shutdown`.
+    VmShutdown(Responder<()>),
+    /// `PUT /api/v1/vmm.shutdown`. Reply first, then call
+    /// [`crate::ServerHandle::stop`] before exiting so the reply reaches the client.
+    VmmShutdown(Responder<()>),
+    /// `GET /api/v1/vm.iommu`.
+    Iommu(Responder<IommuInfo>),
+    /// `GET /api/v1/vm.ioasids`.
+    Ioasids(Responder<IoasidsInfo>),
+    /// `GET /api/v1/vm.pasids`.
+    Pasids(Responder<PasidsInfo>),
+    /// `GET /api/v1/vm.counters`.
+    Counters(Responder<VmCounters>),
+}
+
+impl ApiRequest {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ApiRequest::Ping(_) => "vmm.ping",
+            ApiRequest::VmInfo(_) => "vm.info",
+            ApiRequest::AddDevice { .. } => "vm.add-device",
+            ApiRequest::RemoveDevice { .. } => "vm.remove-device",
+            ApiRequest::VmShutdown(_) => "vm.shutdown",
+            ApiRequest::VmmShutdown(_) => "vmm.shutdown",
+            ApiRequest::Iommu(_) => "vm.iommu",
+            ApiRequest::Ioasids(_) => "vm.ioasids",
+            ApiRequest::Pasids(_) => "vm.pasids",
+            ApiRequest::Counters(_) => "vm.counters",
+        }
+    }
+
+    /// Answers the request, whatever it is, with `error` (e.g. "VM not created").
+    pub fn fail(self, error: ApiError) {
+        match self {
+            ApiRequest::Ping(r) => r.send(Err(error)),
+            ApiRequest::VmInfo(r) => r.send(Err(error)),
+            ApiRequest::AddDevice { reply, .. } => reply.send(Err(error)),
+            ApiRequest::RemoveDevice { reply, .. } => reply.send(Err(error)),
+            ApiRequest::VmShutdown(r) | ApiRequest::VmmShutdown(r) => r.send(Err(error)),
+            ApiRequest::Iommu(r) => r.send(Err(error)),
+            ApiRequest::Ioasids(r) => r.send(Err(error)),
+            ApiRequest::Pasids(r) => r.send(Err(error)),
+            ApiRequest::Counters(r) => r.send(Err(error)),
+        }
+    }
+}
+
+/// The VMM's end of the API channel: the receiver and the eventfd to poll.
+pub struct ApiReceiver {
+    rx: Receiver<ApiRequest>,
+    evt: EventFd,
+}
+
+/// What [`ApiReceiver::new`] returns: the VMM's end, plus the sender and eventfd to pass to
+/// [`crate::start_server`].
+pub type ApiChannel = (ApiReceiver, Sender<ApiRequest>, EventFd);
+
+impl ApiReceiver {
+    /// Creates the channel and a non-blocking eventfd.
+    pub fn new() -> io::Result<ApiChannel> {
+        let evt = EventFd::new(EFD_NONBLOCK)?;
+        let server_evt = evt.try_clone()?;
+        let (tx, rx) = mpsc::channel();
+        Ok((ApiReceiver { rx, evt }, tx, server_evt))
+    }
+
+    /// The eventfd to add to the VMM's epoll set (readable when requests are queued).
+    pub fn event_fd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// Clears the eventfd and returns every queued request, oldest first. Never blocks.
+    pub fn drain(&self) -> Vec<ApiRequest> {
+        // A spurious wake-up reads EAGAIN; the channel is the source of truth either way.
+        let _ = self.evt.read();
+        self.rx.try_iter().collect()
+    }
+}

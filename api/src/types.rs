@@ -1,0 +1,249 @@
+//! Request and response bodies other than `DeviceConfig`: plain serde structs the VMM fills.
+//!
+//! The Cloud Hypervisor ones (`VmmPingResponse`, `VmInfo`, `PciDeviceInfo`, `VmRemoveDevice`)
+//! have Cloud Hypervisor's field names. The introspection ones (`IommuInfo`, `IoasidsInfo`,
+//! `PasidsInfo`, `VmCounters`) are ours; `api/openapi.yaml` describes all of them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /api/v1/vmm.ping`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmPingResponse {
+    /// Build identification (e.g. git describe).
+    #[serde(default)]
+    pub build_version: String,
+    /// VMM version.
+    pub version: String,
+    /// VMM process id.
+    #[serde(default)]
+    pub pid: i64,
+    /// Compiled-in features.
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+/// Life-cycle state of the VM (Cloud Hypervisor's `VmState`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    /// Created, not booted.
+    Created,
+    /// Running.
+    Running,
+    /// Shut down.
+    Shutdown,
+    /// Paused.
+    Paused,
+    /// Stopped at a debugger breakpoint.
+    BreakPoint,
+}
+
+/// One node of the device tree in [`VmInfo`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceNode {
+    /// Device id.
+    pub id: String,
+    /// Resources (BARs, interrupts...), free-form.
+    #[serde(default)]
+    pub resources: Vec<serde_json::Value>,
+    /// Ids of child nodes.
+    #[serde(default)]
+    pub children: Vec<String>,
+    /// Guest BDF for PCI devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_bdf: Option<String>,
+}
+
+/// `GET /api/v1/vm.info`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// The VM's configuration, as the VMM serializes it.
+    pub config: serde_json::Value,
+    /// VM state.
+    pub state: VmState,
+    /// Guest memory actually backed, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_actual_size: Option<u64>,
+    /// Devices by id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_tree: Option<BTreeMap<String, DeviceNode>>,
+}
+
+/// The reply to `PUT /api/v1/vm.add-device` (Cloud Hypervisor's `PciDeviceInfo`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciDeviceInfo {
+    /// Device id.
+    pub id: String,
+    /// Guest BDF, `SSSS:BB:DD.F`.
+    pub bdf: String,
+}
+
+/// The body of `PUT /api/v1/vm.remove-device`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRemoveDevice {
+    /// Id of the device to remove.
+    pub id: String,
+}
+
+/// One device's IOMMU capabilities as the backend reports them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceIommuCaps {
+    /// Device id.
+    pub id: String,
+    /// Host device (BDF, mdev UUID or cdev), as the VMM names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The IOMMU can nest (stage-1 over a nest parent).
+    pub nesting: bool,
+    /// PASID width in bits (`out_max_pasid_log2`); 0 when the device has no PASID support.
+    pub pasid_width: u8,
+    /// Page Request Services (I/O page faults with PRI).
+    pub prs: bool,
+    /// Deferrable Memory Write requests.
+    pub dmwr: bool,
+    /// The backend's full decoded capability record (e.g. the `ioasid` crate's struct).
+    #[serde(default)]
+    pub details: serde_json::Value,
+}
+
+/// `GET /api/v1/vm.iommu`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct IommuInfo {
+    /// Backend in use: `iommufd`, `type1` or `soft`.
+    pub backend: String,
+    /// The guest-visible vIOMMU, if any (free-form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub viommu: Option<serde_json::Value>,
+    /// Per-device capabilities.
+    #[serde(default)]
+    pub devices: Vec<DeviceIommuCaps>,
+}
+
+/// One IOAS in [`IoasidsInfo`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoasInfo {
+    /// IOAS object id.
+    pub id: u32,
+    /// Number of mappings.
+    pub mappings: u64,
+    /// Bytes mapped.
+    pub mapped_bytes: u64,
+}
+
+/// Kind of a hardware page table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HwptKind {
+    /// A paging domain over an IOAS.
+    Paging,
+    /// A nest parent (stage-2) over an IOAS.
+    NestParent,
+    /// A nested stage-1 table bound from the guest.
+    Nested,
+}
+
+/// One HWPT in [`IoasidsInfo`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HwptInfo {
+    /// HWPT object id.
+    pub id: u32,
+    /// Kind.
+    pub kind: HwptKind,
+    /// The IOAS it maps (directly or through its parent).
+    pub ioas: u32,
+    /// Parent HWPT of a nested HWPT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<u32>,
+    /// Stage-1 format of a nested HWPT (e.g. `vtd_s1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+}
+
+/// What an attachment points at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PtType {
+    /// An IOAS (the kernel picks the HWPT).
+    Ioas,
+    /// A HWPT.
+    Hwpt,
+}
+
+/// A (device, PASID) attached to a page table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// Device id.
+    pub device: String,
+    /// PASID, or none for the RID (requests without PASID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pasid: Option<u32>,
+    /// Whether `pt_id` is an IOAS or a HWPT.
+    pub pt_type: PtType,
+    /// IOAS or HWPT id.
+    pub pt_id: u32,
+}
+
+/// `GET /api/v1/vm.ioasids`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoasidsInfo {
+    /// I/O address spaces.
+    #[serde(default)]
+    pub ioases: Vec<IoasInfo>,
+    /// Hardware page tables.
+    #[serde(default)]
+    pub hwpts: Vec<HwptInfo>,
+    /// Attached (device, PASID) pairs.
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
+}
+
+/// One row of the guest-PASID to host-PASID table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasidEntry {
+    /// Device id.
+    pub device: String,
+    /// PASID the guest uses.
+    pub gpasid: u32,
+    /// PASID the host IOMMU uses.
+    pub hpasid: u32,
+    /// HWPT attached at that PASID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hwpt: Option<u32>,
+}
+
+/// `GET /api/v1/vm.pasids`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasidsInfo {
+    /// The table.
+    #[serde(default)]
+    pub entries: Vec<PasidEntry>,
+}
+
+/// `GET /api/v1/vm.counters`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmCounters {
+    /// I/O page faults read from fault queues.
+    pub faults: u64,
+    /// Page requests (PRI) forwarded to the guest.
+    pub page_requests: u64,
+    /// Page responses written back.
+    pub page_responses: u64,
+    /// Page requests answered by timeout.
+    pub page_response_timeouts: u64,
+    /// Cache invalidations forwarded to the host.
+    pub invalidations: u64,
+    /// ioctls issued on `/dev/iommu` and `/dev/vfio/*`.
+    pub host_ioctls: u64,
+    /// Per-device counters, free-form names.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub devices: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+/// The body of every error reply: `{"error": "..."}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+}
