@@ -188,6 +188,7 @@ impl Bus {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
 
     struct Reg {
