@@ -5,12 +5,14 @@ pub mod env;
 pub mod ioasid_tests;
 pub mod kvm;
 pub mod mock_tests;
+pub mod pdev_tests;
 
 use crate::harness::LabTest;
 
 /// Every lab test.
 pub fn all() -> Vec<LabTest> {
     let mut v = ioasid_tests::tests();
+    v.extend(pdev_tests::tests());
     v.extend(mock_tests::tests());
     v.extend(kvm::tests());
     v
