@@ -9,6 +9,7 @@
 //! uAPI (no iommufd or VFIO ioctls here: the device manager uses the `ioasid` crate, fed with
 //! the RAM regions [`memory::GuestRam::regions`] describes).
 
+pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod cpuid;

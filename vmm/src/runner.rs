@@ -6,12 +6,13 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
+use crate::acpi::{write_tables, AcpiError, AcpiPmDevice};
 use crate::boot::linux::{load_linux, LinuxBootConfig, LinuxBootError};
 use crate::boot::payload::{load_payload, read_payload, PayloadError, PayloadMode};
 use crate::boot::BootEntry;
 use crate::config::{BootConfig, SerialConfig, VmConfig};
 use crate::irq::{InterruptLine, IrqError, IrqfdLine};
-use crate::layout::{SERIAL_IRQ, SERIAL_PORT};
+use crate::layout::{ACPI_SLEEP_CONTROL_PORT, SERIAL_IRQ, SERIAL_PORT};
 use crate::memory::RamConfig;
 use crate::serial::{CaptureBuffer, Serial};
 use crate::vcpu::VcpuStop;
@@ -40,6 +41,9 @@ pub enum RunError {
     /// Loading Linux failed.
     #[error("Linux boot setup failed")]
     Linux(#[from] LinuxBootError),
+    /// Writing the ACPI tables failed.
+    #[error("ACPI setup failed")]
+    Acpi(#[from] AcpiError),
     /// Loading a payload failed.
     #[error("Payload setup failed")]
     Payload(#[from] PayloadError),
@@ -210,14 +214,20 @@ pub fn run(cfg: &VmConfig) -> Result<i32, RunError> {
         None
     };
     let entry: BootEntry = match entry_of {
-        BootConfig::Linux(l) => load_linux(
-            vm.ram(),
-            &LinuxBootConfig {
-                kernel: l.kernel.clone(),
-                cmdline: l.cmdline.clone(),
-                initramfs: l.initramfs.clone(),
-            },
-        )?,
+        BootConfig::Linux(l) => {
+            let rsdp = write_tables(vm.ram().memory(), cfg.cpus.boot, vm.ram().end())?;
+            let pm = Arc::new(Mutex::new(AcpiPmDevice::new(vm.stopper().clone())));
+            vm.add_pio_device(pm, ACPI_SLEEP_CONTROL_PORT, 3)?;
+            load_linux(
+                vm.ram(),
+                &LinuxBootConfig {
+                    kernel: l.kernel.clone(),
+                    cmdline: l.cmdline.clone(),
+                    initramfs: l.initramfs.clone(),
+                    rsdp: Some(rsdp),
+                },
+            )?
+        }
         BootConfig::Payload(p) => {
             vm.add_debug_exit(DEBUG_EXIT_PORT)?;
             let code = read_payload(&p.path)?;
@@ -239,7 +249,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, RunError> {
         log::info!("VM stopped: {reason:?}");
         return Ok(match reason {
             StopReason::GuestExit(code) => (code & 0xff) as i32,
-            StopReason::Requested => 0,
+            StopReason::Requested | StopReason::GuestPowerOff | StopReason::GuestReset => 0,
         });
     }
     match exit.reports.into_iter().next().map(|r| r.result) {

@@ -124,6 +124,10 @@ pub enum StopReason {
     Requested,
     /// The guest wrote `code` to the debug-exit port.
     GuestExit(u32),
+    /// The guest entered ACPI S5 (power off).
+    GuestPowerOff,
+    /// The guest wrote the ACPI reset register.
+    GuestReset,
 }
 
 /// Stops every vCPU of a VM; shareable with devices and other threads.
@@ -517,8 +521,14 @@ impl Vm {
             bsp.set_entry(entry)?;
         }
         let (tx, rx) = mpsc::channel();
-        let mut handles = Vec::new();
         let count = self.vcpus.len();
+        // Built up front so that, if a spawn fails, dropping it stops the threads started.
+        let mut running = RunningVm {
+            stopper: self.stopper.clone(),
+            handles: Vec::new(),
+            rx,
+            count,
+        };
         for (mut vcpu, kicker) in self.vcpus.drain(..).zip(self.stopper.kickers.iter()) {
             let kicker = kicker.clone();
             let buses = self.buses.clone();
@@ -531,13 +541,8 @@ impl Vm {
                     let _ = tx.send(report);
                 })
                 .map_err(|source| VcpuError::Spawn { id, source })?;
-            handles.push(h);
+            running.handles.push(h);
         }
-        Ok(RunningVm {
-            stopper: self.stopper.clone(),
-            handles,
-            rx,
-            count,
-        })
+        Ok(running)
     }
 }

@@ -411,3 +411,89 @@ fn serial_thre_interrupt_reaches_guest_through_ioapic_gsi4() {
     // The handler saw "THR empty" as the pending interrupt.
     assert_eq!(iir, 0x02);
 }
+
+#[test]
+fn internal_error_is_decoded_with_suberror_and_rip() {
+    if !kvm_available("internal_error_is_decoded_with_suberror_and_rip") {
+        return;
+    }
+    // mov rbx,0xd0000000; crc32 eax,byte [rbx]; hlt
+    // KVM's instruction emulator has no CRC32, so the MMIO access cannot be emulated.
+    let code = [
+        0x48, 0xbb, 0x00, 0x00, 0x00, 0xd0, 0x00, 0x00, 0x00, 0x00, 0xf2, 0x0f, 0x38, 0xf0, 0x03,
+        0xf4,
+    ];
+    let (_vm, out) = run(
+        &code,
+        DEFAULT_LONG_GPA,
+        PayloadMode::Long,
+        IrqchipMode::Off,
+        |_| {},
+    );
+    match out.stop() {
+        Some(Err(vmm::vcpu::VcpuError::InternalError {
+            suberror,
+            name,
+            rip,
+            ..
+        })) => {
+            println!("internal error: suberror {suberror} ({name}) at {rip:#x}");
+            assert_eq!(*suberror, 1);
+            assert_eq!(*name, "instruction emulation failed");
+            assert_eq!(*rip, DEFAULT_LONG_GPA + 10);
+            let msg = out.stop().unwrap().as_ref().unwrap_err().to_string();
+            assert!(msg.contains("suberror 1"), "{msg}");
+        }
+        other => panic!("expected a KVM internal error, got {other:?}"),
+    }
+}
+
+#[test]
+fn triple_fault_reports_shutdown() {
+    if !kvm_available("triple_fault_reports_shutdown") {
+        return;
+    }
+    // ud2 with an IDT that has no #UD, #GP or #DF gate: a triple fault.
+    let (_vm, out) = run(
+        &[0x0f, 0x0b],
+        DEFAULT_LONG_GPA,
+        PayloadMode::Long,
+        IrqchipMode::Off,
+        |_| {},
+    );
+    assert!(
+        matches!(out.stop(), Some(Ok(VcpuStop::Shutdown))),
+        "{:?}",
+        out.exit
+    );
+}
+
+#[test]
+fn acpi_s5_write_powers_off() {
+    if !kvm_available("acpi_s5_write_powers_off") {
+        return;
+    }
+    // mov dx,0x600; mov al,0x34 (SLP_TYP=5, SLP_EN); out dx,al; 1: jmp 1b
+    let code = [0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xeb, 0xfe];
+    let (_vm, out) = run(
+        &code,
+        DEFAULT_REAL_GPA,
+        PayloadMode::Real,
+        IrqchipMode::Off,
+        |vm| {
+            let pm = vmm::acpi::AcpiPmDevice::new(vm.stopper().clone());
+            vm.add_pio_device(
+                Arc::new(Mutex::new(pm)),
+                vmm::layout::ACPI_SLEEP_CONTROL_PORT,
+                3,
+            )
+            .unwrap();
+        },
+    );
+    assert_eq!(
+        out.exit.requested,
+        Some(StopReason::GuestPowerOff),
+        "{:?}",
+        out.exit
+    );
+}

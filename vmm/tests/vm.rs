@@ -143,3 +143,44 @@ fn msi_routes_allocate_update_and_free() {
         .update_msi_route(4000, MsiMessage::default())
         .is_err());
 }
+
+#[test]
+fn stop_reaches_waiting_application_processors() {
+    if !kvm_available("stop_reaches_waiting_application_processors") {
+        return;
+    }
+    let mut vm = Vm::new(VmOptions {
+        vcpus: 3,
+        ram: RamConfig {
+            size: 16 << 20,
+            hugepages: false,
+        },
+        irqchip: IrqchipMode::InKernel,
+    })
+    .unwrap();
+    // The BSP spins (1: jmp 1b); the APs wait for INIT/SIPI inside KVM_RUN.
+    let entry = vmm::boot::payload::load_payload(
+        vm.ram(),
+        &[0xeb, 0xfe],
+        0x1000,
+        vmm::boot::payload::PayloadMode::Real,
+    )
+    .unwrap();
+    let running = vm.start(&entry).unwrap();
+    assert!(matches!(
+        vm.start(&entry),
+        Err(vmm::vm::VmError::AlreadyStarted)
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    running.stop();
+    let exit = running.wait();
+    assert_eq!(exit.reports.len(), 3);
+    for r in &exit.reports {
+        assert!(
+            matches!(r.result, Ok(vmm::vcpu::VcpuStop::Kicked)),
+            "vCPU {}: {:?}",
+            r.id,
+            r.result
+        );
+    }
+}

@@ -144,6 +144,8 @@ pub struct LinuxBootConfig {
     pub cmdline: String,
     /// Optional initramfs.
     pub initramfs: Option<PathBuf>,
+    /// Address of the ACPI RSDP, when ACPI tables were written.
+    pub rsdp: Option<u64>,
 }
 
 /// One memory map entry.
@@ -157,8 +159,8 @@ pub struct E820Entry {
     pub kind: u32,
 }
 
-/// The guest memory map for `ram`: low RAM below the EBDA, RAM from 1 MiB to the hole, the ECAM
-/// window reserved, and RAM above 4 GiB.
+/// The guest memory map for `ram`: low RAM below the EBDA, the BIOS area (ACPI tables)
+/// reserved, RAM from 1 MiB to the hole, the ECAM window reserved, and RAM above 4 GiB.
 pub fn e820_map(ram: &GuestRam) -> Vec<E820Entry> {
     e820_for_ranges(
         &ram.regions()
@@ -194,6 +196,12 @@ pub fn e820_for_ranges(ranges: &[(u64, u64)]) -> Vec<E820Entry> {
             });
         }
     }
+    // The legacy BIOS area, where the ACPI tables live.
+    v.push(E820Entry {
+        addr: EBDA_START,
+        size: HIMEM_START - EBDA_START,
+        kind: E820_RESERVED,
+    });
     v.push(E820Entry {
         addr: PCI_ECAM_START,
         size: PCI_ECAM_SIZE,
@@ -298,8 +306,12 @@ pub fn build_zero_page(
     cmdline_size: u32,
     initramfs: Option<(u64, u64)>,
     e820: &[E820Entry],
+    rsdp: Option<u64>,
 ) -> Result<boot_params, LinuxBootError> {
-    let mut params = boot_params::default();
+    let mut params = boot_params {
+        acpi_rsdp_addr: rsdp.unwrap_or(0),
+        ..Default::default()
+    };
     if let Some(h) = hdr {
         params.hdr = h;
     }
@@ -390,7 +402,7 @@ pub fn load_linux(ram: &GuestRam, cfg: &LinuxBootConfig) -> Result<BootEntry, Li
             None => None,
         };
         if let PvhBootCapability::PvhEntryPresent(entry) = res.pvh_boot_cap {
-            write_pvh_start_info(ram, &e820, initrd)?;
+            write_pvh_start_info(ram, &e820, initrd, cfg.rsdp)?;
             return Ok(BootEntry {
                 mode: EntryMode::Protected32,
                 rip: entry.0,
@@ -404,7 +416,7 @@ pub fn load_linux(ram: &GuestRam, cfg: &LinuxBootConfig) -> Result<BootEntry, Li
             "Kernel {} has no PVH entry note; using the 64-bit boot protocol",
             cfg.kernel.display()
         );
-        let zp = build_zero_page(None, cmdline_size, initrd, &e820)?;
+        let zp = build_zero_page(None, cmdline_size, initrd, &e820, cfg.rsdp)?;
         write_zero_page(ram, &zp)?;
         return Ok(long_mode_entry(res.kernel_load.0));
     }
@@ -439,7 +451,7 @@ pub fn load_linux(ram: &GuestRam, cfg: &LinuxBootConfig) -> Result<BootEntry, Li
         Some(p) => Some(load_initramfs(ram, p, res.kernel_end, initrd_max)?),
         None => None,
     };
-    let zp = build_zero_page(Some(hdr), cmdline_size, initrd, &e820)?;
+    let zp = build_zero_page(Some(hdr), cmdline_size, initrd, &e820, cfg.rsdp)?;
     write_zero_page(ram, &zp)?;
     Ok(long_mode_entry(res.kernel_load.0 + STARTUP_64_OFFSET))
 }
@@ -448,6 +460,7 @@ pub fn load_linux(ram: &GuestRam, cfg: &LinuxBootConfig) -> Result<BootEntry, Li
 pub fn build_pvh(
     e820: &[E820Entry],
     initramfs: Option<(u64, u64)>,
+    rsdp: Option<u64>,
 ) -> (
     hvm_start_info,
     Vec<hvm_memmap_table_entry>,
@@ -481,7 +494,7 @@ pub fn build_pvh(
             PVH_MODLIST_START
         },
         cmdline_paddr: CMDLINE_START,
-        rsdp_paddr: 0,
+        rsdp_paddr: rsdp.unwrap_or(0),
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
         reserved: 0,
@@ -493,8 +506,9 @@ fn write_pvh_start_info(
     ram: &GuestRam,
     e820: &[E820Entry],
     initramfs: Option<(u64, u64)>,
+    rsdp: Option<u64>,
 ) -> Result<(), LinuxBootError> {
-    let (info, memmap, modules) = build_pvh(e820, initramfs);
+    let (info, memmap, modules) = build_pvh(e820, initramfs, rsdp);
     let mut bp = BootParams::new(&info, GuestAddress(PVH_INFO_START));
     bp.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
     if !modules.is_empty() {
@@ -537,6 +551,11 @@ mod tests {
                     kind: E820_RAM
                 },
                 E820Entry {
+                    addr: EBDA_START,
+                    size: HIMEM_START - EBDA_START,
+                    kind: E820_RESERVED
+                },
+                E820Entry {
                     addr: HIMEM_START,
                     size: (512 << 20) - HIMEM_START,
                     kind: E820_RAM
@@ -553,10 +572,15 @@ mod tests {
     #[test]
     fn e820_respects_hole() {
         let m = e820_for_ranges(&crate::memory::ram_ranges(6 << 30));
-        assert_eq!(m.len(), 4);
-        assert_eq!(m[1].addr + m[1].size, MEM_32BIT_HOLE_START);
-        assert_eq!(m[2].kind, E820_RESERVED);
-        assert_eq!((m[3].addr, m[3].size), (HIGH_RAM_START, 3 << 30));
+        assert_eq!(m.len(), 5);
+        assert_eq!(m[1].kind, E820_RESERVED);
+        assert_eq!(m[2].addr + m[2].size, MEM_32BIT_HOLE_START);
+        assert_eq!(m[3].kind, E820_RESERVED);
+        assert_eq!((m[4].addr, m[4].size), (HIGH_RAM_START, 3 << 30));
+        // Sorted and non-overlapping.
+        for w in m.windows(2) {
+            assert!(w[0].addr + w[0].size <= w[1].addr, "{w:?}");
+        }
         // No RAM entry overlaps the hole [3 GiB, 4 GiB).
         for e in m.iter().filter(|e| e.kind == E820_RAM) {
             let end = e.addr + e.size;
@@ -576,7 +600,15 @@ mod tests {
             ..Default::default()
         };
         let e820 = e820_for_ranges(&[(0, 256 << 20)]);
-        let zp = build_zero_page(Some(hdr), 12, Some((0x0f00_0000, 0x1234)), &e820).unwrap();
+        let zp = build_zero_page(
+            Some(hdr),
+            12,
+            Some((0x0f00_0000, 0x1234)),
+            &e820,
+            Some(0xe_0000),
+        )
+        .unwrap();
+        assert_eq!({ zp.acpi_rsdp_addr }, 0xe_0000);
         assert_eq!({ zp.hdr.boot_flag }, 0xaa55);
         assert_eq!({ zp.hdr.header }, 0x5372_6448);
         assert_eq!({ zp.hdr.type_of_loader }, 0xff);
@@ -585,8 +617,8 @@ mod tests {
         assert_eq!({ zp.hdr.ramdisk_image }, 0x0f00_0000);
         assert_eq!({ zp.hdr.ramdisk_size }, 0x1234);
         assert_eq!({ zp.hdr.kernel_alignment }, 0x20_0000);
-        assert_eq!(zp.e820_entries, 3);
-        let e1 = zp.e820_table[1];
+        assert_eq!(zp.e820_entries, 4);
+        let e1 = zp.e820_table[2];
         assert_eq!(
             ({ e1.addr }, { e1.size }, { e1.r#type }),
             (HIMEM_START, (256 << 20) - HIMEM_START, E820_RAM)
@@ -596,14 +628,16 @@ mod tests {
     #[test]
     fn pvh_start_info_fields() {
         let e820 = e820_for_ranges(&[(0, 256 << 20)]);
-        let (info, memmap, mods) = build_pvh(&e820, Some((0x0800_0000, 0x4000)));
+        let (info, memmap, mods) = build_pvh(&e820, Some((0x0800_0000, 0x4000)), Some(0xe_0000));
+        assert_eq!(info.rsdp_paddr, 0xe_0000);
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.version, 1);
-        assert_eq!(info.memmap_entries, 3);
+        assert_eq!(info.memmap_entries, 4);
         assert_eq!(info.nr_modules, 1);
         assert_eq!(info.modlist_paddr, PVH_MODLIST_START);
         assert_eq!(info.cmdline_paddr, CMDLINE_START);
-        assert_eq!(memmap[2].type_, E820_RESERVED);
+        assert_eq!(memmap[1].type_, E820_RESERVED);
+        assert_eq!(memmap[3].type_, E820_RESERVED);
         assert_eq!((mods[0].paddr, mods[0].size), (0x0800_0000, 0x4000));
         // The memory map fits between the start info and the module list.
         assert!(PVH_MEMMAP_START + (memmap.len() as u64) * 24 <= PVH_MODLIST_START);
@@ -642,6 +676,7 @@ mod tests {
             kernel: kpath.clone(),
             cmdline: "console=ttyS0 panic=-1".into(),
             initramfs: Some(ipath),
+            rsdp: None,
         };
         let entry = load_linux(&ram, &cfg).unwrap();
         assert_eq!(entry.mode, EntryMode::Long64);
@@ -706,6 +741,7 @@ mod tests {
                 kernel: "/nonexistent/bzImage".into(),
                 cmdline: String::new(),
                 initramfs: None,
+                rsdp: None,
             },
         )
         .unwrap_err();

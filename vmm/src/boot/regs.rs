@@ -14,6 +14,10 @@ use crate::memory::GuestMemory;
 pub const X86_CR0_PE: u64 = 1 << 0;
 /// CR0: extension type (387 present).
 pub const X86_CR0_ET: u64 = 1 << 4;
+/// CR0: not write-through.
+pub const X86_CR0_NW: u64 = 1 << 29;
+/// CR0: cache disable.
+pub const X86_CR0_CD: u64 = 1 << 30;
 /// CR0: paging.
 pub const X86_CR0_PG: u64 = 1 << 31;
 /// CR4: physical address extension.
@@ -158,7 +162,8 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     set_flat_segments(&mut sregs, GDT_CODE64);
     sregs.cr3 = PML4_START;
     sregs.cr4 |= X86_CR4_PAE;
-    sregs.cr0 |= X86_CR0_PE | X86_CR0_PG | X86_CR0_ET;
+    // KVM's reset CR0 has CD and NW set; a boot loader hands over with caches enabled.
+    sregs.cr0 = (sregs.cr0 | X86_CR0_PE | X86_CR0_PG | X86_CR0_ET) & !(X86_CR0_CD | X86_CR0_NW);
     sregs.efer |= EFER_LME | EFER_LMA;
     sregs
 }
@@ -166,7 +171,7 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
 /// Special registers for 32-bit protected-mode entry without paging (PVH).
 pub fn protected_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     set_flat_segments(&mut sregs, GDT_CODE32);
-    sregs.cr0 = (sregs.cr0 | X86_CR0_PE | X86_CR0_ET) & !X86_CR0_PG;
+    sregs.cr0 = (sregs.cr0 | X86_CR0_PE | X86_CR0_ET) & !(X86_CR0_PG | X86_CR0_CD | X86_CR0_NW);
     sregs.cr4 = 0;
     sregs.efer = 0;
     sregs
@@ -274,7 +279,12 @@ mod tests {
 
     #[test]
     fn long_mode_sregs_set_paging() {
-        let s = long_mode_sregs(kvm_sregs::default());
+        let reset = kvm_sregs {
+            cr0: 0x6000_0010,
+            ..Default::default()
+        };
+        let s = long_mode_sregs(reset);
+        assert_eq!(s.cr0 & (X86_CR0_CD | X86_CR0_NW), 0);
         assert_eq!(s.cr3, PML4_START);
         assert_ne!(s.cr0 & X86_CR0_PG, 0);
         assert_ne!(s.cr4 & X86_CR4_PAE, 0);
