@@ -252,7 +252,7 @@ fn main() {
 
     // --- 8-byte DMA reads ---
     let backend: GuestMemoryMmap = mem.clone();
-    let vm_mem = IommuMemory::new(backend, vm_iommu, true, Default::default());
+    let vm_mem = IommuMemory::new(backend, vm_iommu, true, ());
     let soft_dma = time(&hot, |a| {
         let mut b = [0u8; 8];
         iommu

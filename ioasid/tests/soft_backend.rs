@@ -88,13 +88,13 @@ impl Ram {
     }
 
     fn w64(&self, gpa: u64, v: u64) {
-        assert!(gpa + 8 <= self.len && gpa % 8 == 0);
+        assert!(gpa + 8 <= self.len && gpa.is_multiple_of(8));
         // SAFETY: inside the RAM part of our mapping, aligned.
         unsafe { std::ptr::write_volatile((self.base() + gpa) as *mut u64, v) }
     }
 
     fn r64(&self, gpa: u64) -> u64 {
-        assert!(gpa + 8 <= self.len && gpa % 8 == 0);
+        assert!(gpa + 8 <= self.len && gpa.is_multiple_of(8));
         // SAFETY: inside the RAM part of our mapping, aligned.
         unsafe { std::ptr::read_volatile((self.base() + gpa) as *const u64) }
     }
@@ -754,6 +754,15 @@ fn soft_iotlb_stale_until_invalidated() {
         FaultReason::NotPresent
     );
 
+    // Unmapping a guest table page drops the nested translations derived from it, too.
+    ram.map(&iommu, n.ioas, page_b, PAGE, Perm::RW);
+    assert_eq!(read_u64_dma(&iommu, n.dev, pasid, va).unwrap(), 0xbbbb);
+    iommu.ioas_unmap(n.ioas, 0x4000, PAGE).unwrap();
+    assert_eq!(
+        fault_reason(read_u64_dma(&iommu, n.dev, pasid, va).unwrap_err()),
+        FaultReason::AddressOutOfRange
+    );
+
     // The same for a device attached straight to the IOAS (stage 2 only).
     let dev2 = iommu.register_device("pt").unwrap();
     iommu.attach(dev2, None, PtId::Ioas(n.ioas)).unwrap();
@@ -836,7 +845,7 @@ fn soft_hostile_tables_fault_not_panic() {
                     _ => {
                         // A present user-writable pointer, sometimes large, NX or A/D.
                         let page = rng.next() % (ram_len / PAGE + 8);
-                        let mut v = page * PAGE | P | RW | US | (r >> 8) & (A | D);
+                        let mut v = (page * PAGE) | P | RW | US | ((r >> 8) & (A | D));
                         if r % 8 == 1 {
                             v |= PS;
                         }
@@ -855,10 +864,15 @@ fn soft_hostile_tables_fault_not_panic() {
             _ => 48,
         };
         let mut root = (rng.next() % (ram_len / PAGE + 4)) * PAGE;
-        if rng.next() % 16 == 0 {
+        if rng.next().is_multiple_of(16) {
             root = rng.next();
         }
-        let binding = s1(root, width, rng.next() % 2 == 0, rng.next() % 2 == 0);
+        let binding = s1(
+            root,
+            width,
+            rng.next().is_multiple_of(2),
+            rng.next().is_multiple_of(2),
+        );
         let dev = iommu.register_device("fuzz").unwrap();
         let ioas = iommu.ioas_alloc().unwrap();
         ram.map(&iommu, ioas, 0, ram_len - 4 * PAGE, Perm::RW);
@@ -891,10 +905,10 @@ fn soft_hostile_tables_fault_not_panic() {
                 _ => rng.next() & 0x0000_7fff_ffff_ffff,
             };
             let acc = FaultPerm {
-                read: rng.next() % 2 == 0,
-                write: rng.next() % 2 == 0,
-                exec: rng.next() % 4 == 0,
-                privileged: rng.next() % 2 == 0,
+                read: rng.next().is_multiple_of(2),
+                write: rng.next().is_multiple_of(2),
+                exec: rng.next().is_multiple_of(4),
+                privileged: rng.next().is_multiple_of(2),
             };
             match iommu.translate(dev, Some(Pasid(1)), addr, acc, false) {
                 Ok(hva) => {
@@ -1153,10 +1167,7 @@ fn soft_backend_errors_match_kernel() {
     );
     assert_eq!(errno(map(Some(0x20800), 0, PAGE)), Some(libc::EINVAL));
     assert_eq!(errno(map(Some(0x20000), 0, 0)), Some(libc::EINVAL));
-    assert_eq!(
-        errno(map(Some(u64::MAX & !0xfff), 0, 2 * PAGE)),
-        Some(libc::EOVERFLOW)
-    );
+    assert_eq!(errno(map(Some(!0xfff), 0, 2 * PAGE)), Some(libc::EOVERFLOW));
     assert_eq!(errno(map(Some(1 << 48), 0, PAGE)), Some(libc::EINVAL));
     assert_eq!(errno(map(None, 0, 1 << 50)), Some(libc::ENOSPC));
     let auto = map(None, 4 * PAGE as i64, PAGE).unwrap();
@@ -1361,4 +1372,51 @@ fn soft_from_vm_memory_guest_memory() {
     assert!(iommu
         .dma_write(dev, None, iova + 0x3fff, &[7, 8], DmaRequest::default())
         .is_err());
+}
+
+#[test]
+fn soft_unmap_is_immediate_under_concurrent_dma() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let ram = Ram::new(16 * PAGE);
+    let iommu = ram.iommu();
+    let dev = iommu.register_device("writer").unwrap();
+    let ioas = iommu.ioas_alloc().unwrap();
+    ram.map(&iommu, ioas, 0, 16 * PAGE, Perm::RW);
+    iommu.attach(dev, None, PtId::Ioas(ioas)).unwrap();
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (iommu, stop, ok, failed) = (&iommu, &stop, &ok, &failed);
+            s.spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let v = (t << 56 | i).to_le_bytes();
+                    match iommu.dma_write(dev, None, 5 * PAGE + t * 8, &v, DmaRequest::default()) {
+                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            });
+        }
+        while ok.load(Ordering::Relaxed) < 1000 {
+            std::thread::yield_now();
+        }
+        iommu.ioas_unmap(ioas, 5 * PAGE, PAGE).unwrap();
+        // From here on no write may land in the old page.
+        let snapshot = (ram.r64(5 * PAGE), ram.r64(5 * PAGE + 8));
+        let failed_at_unmap = failed.load(Ordering::Relaxed);
+        while failed.load(Ordering::Relaxed) < failed_at_unmap + 1000 {
+            std::thread::yield_now();
+        }
+        assert_eq!((ram.r64(5 * PAGE), ram.r64(5 * PAGE + 8)), snapshot);
+        stop.store(true, Ordering::Relaxed);
+    });
+    println!(
+        "soft_unmap_is_immediate_under_concurrent_dma: {} writes before, {} refused after",
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+    assert!(ram.guards_intact());
 }

@@ -174,8 +174,14 @@ fn dsdt(ram_end: u64) -> Vec<u8> {
     sdt.as_slice().to_vec()
 }
 
-/// The tables laid out from [`ACPI_START`]: `(signature, gpa, bytes)`, RSDP first.
-pub fn build_tables(vcpus: u8, ram_end: u64) -> Result<Vec<PlacedTable>, AcpiError> {
+/// The tables laid out from [`ACPI_START`]: `(signature, gpa, bytes)`, RSDP first. `extra`
+/// holds complete tables (header and checksum included) other parts of the VMM add, e.g. a
+/// DMAR for the emulated VT-d; each is linked from the XSDT.
+pub fn build_tables(
+    vcpus: u8,
+    ram_end: u64,
+    extra: &[Vec<u8>],
+) -> Result<Vec<PlacedTable>, AcpiError> {
     let align = |x: u64| (x + 15) & !15;
     let rsdp_addr = ACPI_START;
     let mut next = align(rsdp_addr + Rsdp::len() as u64);
@@ -185,11 +191,13 @@ pub fn build_tables(vcpus: u8, ram_end: u64) -> Result<Vec<PlacedTable>, AcpiErr
     next = align(next + d.len() as u64);
     out.push(("DSDT", dsdt_addr, d));
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    for (sig, bytes) in [
+    let mut tables = vec![
         ("FACP", fadt(dsdt_addr)),
         ("APIC", madt(vcpus)),
         ("MCFG", mcfg()),
-    ] {
+    ];
+    tables.extend(extra.iter().map(|t| ("extra", t.clone())));
+    for (sig, bytes) in tables {
         xsdt.add_entry(next);
         let len = bytes.len() as u64;
         out.push((sig, next, bytes));
@@ -212,9 +220,15 @@ pub fn build_tables(vcpus: u8, ram_end: u64) -> Result<Vec<PlacedTable>, AcpiErr
     Ok(out)
 }
 
-/// Writes the ACPI tables into guest memory; returns the RSDP address.
-pub fn write_tables(mem: &GuestMemory, vcpus: u8, ram_end: u64) -> Result<u64, AcpiError> {
-    let tables = build_tables(vcpus, ram_end)?;
+/// Writes the ACPI tables (plus `extra`, see [`build_tables`]) into guest memory; returns the
+/// RSDP address.
+pub fn write_tables(
+    mem: &GuestMemory,
+    vcpus: u8,
+    ram_end: u64,
+    extra: &[Vec<u8>],
+) -> Result<u64, AcpiError> {
+    let tables = build_tables(vcpus, ram_end, extra)?;
     for (table, gpa, bytes) in &tables {
         mem.write_slice(bytes, GuestAddress(*gpa))
             .map_err(|source| AcpiError::Write {
@@ -277,7 +291,12 @@ mod tests {
 
     #[test]
     fn tables_checksum_and_link() {
-        let t = build_tables(2, 512 << 20).unwrap();
+        let mut dmar = b"DMAR".to_vec();
+        dmar.extend_from_slice(&48u32.to_le_bytes());
+        dmar.resize(48, 0);
+        let fix = 0u8.wrapping_sub(sum(&dmar));
+        dmar[9] = fix;
+        let t = build_tables(2, 512 << 20, &[dmar]).unwrap();
         for (sig, gpa, bytes) in &t {
             assert!(
                 *gpa >= ACPI_START && *gpa + bytes.len() as u64 <= ACPI_END,
@@ -288,7 +307,9 @@ mod tests {
                 assert_eq!(sum(&bytes[..20]), 0, "RSDP v1 checksum");
                 assert_eq!(sum(bytes), 0, "RSDP extended checksum");
             } else {
-                assert_eq!(&bytes[..4], sig.as_bytes());
+                if *sig != "extra" {
+                    assert_eq!(&bytes[..4], sig.as_bytes());
+                }
                 let len = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
                 assert_eq!(len, bytes.len(), "{sig} length");
                 assert_eq!(sum(bytes), 0, "{sig} checksum");
@@ -305,8 +326,14 @@ mod tests {
             .collect();
         assert_eq!(
             entries,
-            vec![find(&t, "FACP").1, find(&t, "APIC").1, find(&t, "MCFG").1]
+            vec![
+                find(&t, "FACP").1,
+                find(&t, "APIC").1,
+                find(&t, "MCFG").1,
+                find(&t, "extra").1
+            ]
         );
+        assert_eq!(&find(&t, "extra").2[..4], b"DMAR");
         let fadt = &find(&t, "FACP").2;
         // X_DSDT at offset 140.
         let x_dsdt = u64::from_le_bytes(fadt[140..148].try_into().unwrap());

@@ -100,30 +100,30 @@ pub struct VmArgs {
     /// Initramfs image.
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
-    /// vCPUs: boot=<count>.
+    /// vCPUs: boot=N.
     #[arg(long, value_name = "boot=<count>")]
     pub cpus: Option<String>,
-    /// Guest RAM: size=<size>[,hugepages=on|off] (sizes like 512M, 2G).
+    /// Guest RAM: size=SIZE[,hugepages=on|off] (sizes like 512M, 2G).
     #[arg(long, value_name = "size=<size>,hugepages=on|off")]
     pub memory: Option<String>,
     /// A passthrough device (repeatable, or several values after one flag):
-    /// path=<sysfs or cdev path>|fd=<vfio cdev fd>,iommu=on|off,pasid=on|off,id=<id>,
-    /// pci_segment=<n>,pci_device_id=<slot>.
+    /// path=PATH (sysfs device or VFIO cdev) or fd=FD (a VFIO cdev fd), iommu=on|off,
+    /// pasid=on|off, id=ID, pci_segment=N, pci_device_id=SLOT.
     #[arg(long, value_name = "path=..|fd=..,iommu=on|off,pasid=on|off,id=..", num_args = 1..)]
     pub device: Vec<String>,
-    /// Platform: iommufd=on|off|auto,iommu_address_width=<bits>,viommu=vtd|off.
+    /// Platform: iommufd=on|off|auto,iommu_address_width=BITS,viommu=vtd|off.
     #[arg(
         long,
         value_name = "iommufd=on|off|auto,iommu_address_width=<bits>,viommu=vtd|off"
     )]
     pub platform: Option<String>,
-    /// Serial console (COM1): tty|file=<path>|off.
+    /// Serial console (COM1): tty, file=PATH or off.
     #[arg(long, value_name = "tty|file=<path>|off")]
     pub serial: Option<String>,
     /// REST API socket path.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
-    /// Test aid: run a raw payload: FILE[,gpa=<addr>,mode=real|long,irqchip=on|off].
+    /// Test aid: run a raw payload: FILE[,gpa=ADDR,mode=real|long,irqchip=on|off].
     #[arg(
         long,
         hide = true,

@@ -2,12 +2,25 @@
 //!
 //! Owns: the KVM VM ([`vm`]), guest RAM ([`memory`], memfd-backed so it can be mapped for DMA
 //! by file), vCPUs and their run loop ([`vcpu`], [`cpuid`]), interrupt routing ([`irq`]),
-//! Linux and payload boot ([`boot`]), the 16550 console ([`serial`]), the address map
-//! ([`layout`]) and the command line ([`config`]).
+//! Linux and payload boot ([`boot`]), ACPI tables ([`acpi`]), the 16550 console ([`serial`]),
+//! the guest address map ([`layout`]), the command line ([`config`]) and putting it all
+//! together ([`runner`]).
 //!
 //! Must not touch: device internals beyond the `devices::bus` traits, and the kernel IOMMU
 //! uAPI (no iommufd or VFIO ioctls here: the device manager uses the `ioasid` crate, fed with
 //! the RAM regions [`memory::GuestRam::regions`] describes).
+//!
+//! For the device manager:
+//! - guest RAM: [`vm::Vm::ram_regions`] gives each region's memfd, file offset, GPA, size and
+//!   host address;
+//! - buses: [`vm::Vm::add_mmio_device`], [`vm::Vm::add_pio_device`] (or the `Arc<Bus>` from
+//!   [`vm::Vm::mmio_bus`] / [`vm::Vm::pio_bus`], which BAR relocation needs);
+//! - interrupts: [`vm::Vm::gsi_router`] then [`irq::GsiRouter::create_msi_irqfd`] (an MSI
+//!   vector with its eventfd for VFIO), or `add_msi_route` / `register_irqfd` separately;
+//! - the KVM VM fd for the KVM-VFIO device: [`vm::Vm::vm_fd`];
+//! - address windows: [`layout::PCI_MMIO32_START`], [`layout::pci_mmio64_window`],
+//!   [`layout::PCI_ECAM_START`];
+//! - running: [`runner::run_with`] calls an attach step between VM creation and boot.
 
 pub mod acpi;
 pub mod boot;

@@ -47,6 +47,9 @@ pub enum RunError {
     /// Loading a payload failed.
     #[error("Payload setup failed")]
     Payload(#[from] PayloadError),
+    /// The device-attach step failed.
+    #[error("Device setup failed")]
+    Devices(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A vCPU failed.
     #[error("The guest stopped with an error")]
     Guest(#[source] crate::vcpu::VcpuError),
@@ -172,8 +175,28 @@ impl PayloadVm {
 }
 
 /// Builds the VM `cfg` describes, boots it and waits until it ends. Returns the process exit
-/// code (0 for a clean guest stop).
+/// code (0 for a clean guest stop). `--device` entries are reported as not attached; use
+/// [`run_with`] to attach them.
 pub fn run(cfg: &VmConfig) -> Result<i32, RunError> {
+    run_with(cfg, |_vm, cfg| {
+        if !cfg.devices.is_empty() {
+            log::warn!(
+                "{} --device entries parsed but not attached: no device manager is wired",
+                cfg.devices.len()
+            );
+        }
+        Ok(Vec::new())
+    })
+}
+
+/// [`run`] with an `attach` step where the device manager registers its devices on the
+/// buses, sets up interrupt routes and maps guest RAM for DMA. It runs after RAM, the serial
+/// port and the buses exist and before the guest is loaded, and returns extra ACPI tables
+/// (e.g. a DMAR) to link from the XSDT.
+pub fn run_with<'a>(
+    cfg: &VmConfig,
+    attach: impl FnOnce(&mut Vm, &VmConfig) -> Result<Vec<Vec<u8>>, RunError> + 'a,
+) -> Result<i32, RunError> {
     let (irqchip, entry_of): (IrqchipMode, &BootConfig) = match &cfg.boot {
         BootConfig::Linux(_) => (IrqchipMode::InKernel, &cfg.boot),
         BootConfig::Payload(p) => (
@@ -213,9 +236,15 @@ pub fn run(cfg: &VmConfig) -> Result<i32, RunError> {
     } else {
         None
     };
+    let extra_tables = attach(&mut vm, cfg)?;
     let entry: BootEntry = match entry_of {
         BootConfig::Linux(l) => {
-            let rsdp = write_tables(vm.ram().memory(), cfg.cpus.boot, vm.ram().end())?;
+            let rsdp = write_tables(
+                vm.ram().memory(),
+                cfg.cpus.boot,
+                vm.ram().end(),
+                &extra_tables,
+            )?;
             let pm = Arc::new(Mutex::new(AcpiPmDevice::new(vm.stopper().clone())));
             vm.add_pio_device(pm, ACPI_SLEEP_CONTROL_PORT, 3)?;
             load_linux(
@@ -234,12 +263,6 @@ pub fn run(cfg: &VmConfig) -> Result<i32, RunError> {
             load_payload(vm.ram(), &code, p.gpa, p.mode)?
         }
     };
-    if !cfg.devices.is_empty() {
-        log::warn!(
-            "{} --device entries parsed but not attached: the device manager is not wired yet",
-            cfg.devices.len()
-        );
-    }
     let running = vm.start(&entry)?;
     let exit = running.wait();
     for r in &exit.reports {

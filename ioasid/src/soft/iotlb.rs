@@ -9,7 +9,8 @@
 //!
 //! Entries stay until invalidated, as on hardware: a guest that changes a PTE without
 //! invalidating keeps getting the old translation. Stage-2 changes are the host's and are
-//! invalidated by the backend itself on unmap ([`Iotlb::invalidate_stage2`]).
+//! invalidated by the backend itself on unmap ([`Iotlb::invalidate_stage2`]), including every
+//! nested translation over the IOAS (a guest table page may have been unmapped).
 
 use crate::fault_types::FaultPerm;
 
@@ -243,9 +244,16 @@ impl Iotlb {
         self.drop_where(|e| e.tag.dev == dev)
     }
 
-    /// Drops every entry whose output went through `[start, last]` of stage-2 IOAS `ioas`.
+    /// After an unmap of `[start, last]` from stage-2 IOAS `ioas`: drops the stage-2-only
+    /// entries whose output page is in the range, and every nested entry over that IOAS (its
+    /// stage-1 tables may have been in the range too; the kernel likewise flushes nested
+    /// domains whole when their parent's mappings change).
     pub fn invalidate_stage2(&mut self, ioas: u32, start: u64, last: u64) -> u64 {
-        self.drop_where(|e| e.ioas == ioas && e.s2_page <= last && e.s2_page >= (start & !0xfff))
+        self.drop_where(|e| {
+            e.ioas == ioas
+                && (matches!(e.rights, Rights::Nested { .. })
+                    || (e.s2_page <= last && e.s2_page >= (start & !0xfff)))
+        })
     }
 
     /// Drops every entry that went through IOAS `ioas`.

@@ -312,30 +312,24 @@ impl SoftIommu {
     }
 
     /// Walks a guest VT-d second-level table whose table pages are GPAs of `ioas` (for a
-    /// shadowing vIOMMU). No A/D updates; nothing is cached.
+    /// shadowing vIOMMU). No A/D updates; nothing is cached. A missing IOAS is a
+    /// [`FaultReason::NoContext`](crate::FaultReason::NoContext) fault.
     pub fn walk_second_level(
         &self,
         ioas: IoasId,
         cfg: &SlConfig,
         addr: u64,
         access: crate::fault_types::FaultPerm,
-    ) -> Result<SlLeaf> {
+    ) -> std::result::Result<SlLeaf, WalkFault> {
         let st = self.read_state();
-        let a = st
-            .ioas
-            .get(&ioas.0)
-            .ok_or_else(|| kerr(Op::SoftTranslate, Ctx::object(ioas.0), libc::ENOENT))?;
+        let Some(a) = st.ioas.get(&ioas.0) else {
+            return Err(WalkFault::new(crate::FaultReason::NoContext, 0));
+        };
         let mut mem = table::S2Tables::new(a, &self.ram);
         let r = walk_sl::walk_second_level(&mut mem, cfg, addr, access);
         self.table_reads
             .fetch_add(u64::from(mem.reads), Ordering::Relaxed);
-        r.map_err(|_| {
-            kerr(
-                Op::SoftTranslate,
-                Ctx::object(ioas.0).range(addr, 1),
-                libc::EFAULT,
-            )
-        })
+        r
     }
 
     /// Walks a guest VT-d first-stage table whose table pages are GPAs of `ioas` (for a

@@ -121,7 +121,7 @@ pub fn write_gdt_idt(mem: &GuestMemory) -> Result<(), RegsError> {
 }
 
 /// Writes page tables identity-mapping the first [`BOOT_IDENTITY_MAP_GIB`] GiB with 2 MiB
-/// pages: PML4[0] -> PDPT, PDPT[i] -> PD i, PD entries map 2 MiB each.
+/// pages: `PML4[0]` -> PDPT, `PDPT[i]` -> PD i, PD entries map 2 MiB each.
 pub fn write_identity_page_tables(mem: &GuestMemory) -> Result<(), RegsError> {
     // Present | writable.
     const P_RW: u64 = 0x3;
