@@ -1,8 +1,8 @@
 //! ECAM: memory-mapped config access, 4 KiB per function (PCIe enhanced configuration).
 
-use std::sync::MutexGuard;
+use std::sync::Arc;
 
-use super::root::{PciBus, SharedPciBus};
+use super::root::{with_bus, SharedPciBus, WeakPciBus};
 use crate::bus::BusDevice;
 
 /// ECAM bytes per bus (32 devices × 8 functions × 4 KiB).
@@ -11,7 +11,7 @@ pub const ECAM_BUS_SIZE: u64 = 1 << 20;
 /// The ECAM window of one segment, registered on the MMIO bus (at least
 /// [`ECAM_BUS_SIZE`] bytes for bus 0).
 pub struct PciEcam {
-    bus: SharedPciBus,
+    bus: WeakPciBus,
 }
 
 /// Bus, device, function and register of an ECAM offset.
@@ -29,30 +29,28 @@ fn naturally_aligned(reg: u16, len: usize) -> bool {
 }
 
 impl PciEcam {
-    /// An ECAM handler for `bus`.
+    /// An ECAM handler for `bus` (held weakly: the bus owns the MMIO bus this handler sits on).
     pub fn new(bus: SharedPciBus) -> Self {
-        Self { bus }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, PciBus> {
-        self.bus.lock().unwrap_or_else(|e| e.into_inner())
+        Self {
+            bus: Arc::downgrade(&bus),
+        }
     }
 }
 
 impl BusDevice for PciEcam {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
         let (b, d, f, reg) = decode(offset);
         if !naturally_aligned(reg, data.len()) {
-            data.fill(0xff);
             return;
         }
-        self.lock().config_read(b, d, f, reg, data);
+        with_bus(&self.bus, |bus| bus.config_read(b, d, f, reg, data));
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         let (b, d, f, reg) = decode(offset);
         if naturally_aligned(reg, data.len()) {
-            self.lock().config_write(b, d, f, reg, data);
+            with_bus(&self.bus, |bus| bus.config_write(b, d, f, reg, data));
         }
     }
 }

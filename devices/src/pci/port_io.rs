@@ -1,8 +1,8 @@
 //! The legacy config mechanism #1: address at port 0xCF8, data at 0xCFC..=0xCFF.
 
-use std::sync::MutexGuard;
+use std::sync::Arc;
 
-use super::root::{PciBus, SharedPciBus};
+use super::root::{with_bus, SharedPciBus, WeakPciBus};
 use crate::bus::BusDevice;
 
 /// First port of the pair.
@@ -16,18 +16,18 @@ const ADDRESS_MASK: u32 = ENABLE | 0x00ff_fffc;
 
 /// The 0xCF8/0xCFC handler, registered on the PIO bus at [`PCI_CONFIG_IO_PORT`].
 pub struct PciConfigIo {
-    bus: SharedPciBus,
+    bus: WeakPciBus,
     address: u32,
 }
 
 impl PciConfigIo {
-    /// A handler for `bus` with the address register cleared.
+    /// A handler for `bus` (held weakly: the bus owns the PIO bus this handler sits on), with
+    /// the address register cleared.
     pub fn new(bus: SharedPciBus) -> Self {
-        Self { bus, address: 0 }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, PciBus> {
-        self.bus.lock().unwrap_or_else(|e| e.into_inner())
+        Self {
+            bus: Arc::downgrade(&bus),
+            address: 0,
+        }
     }
 
     /// Bus, device, function and byte offset for a data access at `lane` (0..=3).
@@ -59,7 +59,7 @@ impl BusDevice for PciConfigIo {
             return;
         }
         if let Some((b, d, f, reg)) = self.target(lane) {
-            self.lock().config_read(b, d, f, reg, data);
+            with_bus(&self.bus, |bus| bus.config_read(b, d, f, reg, data));
         }
     }
 
@@ -79,7 +79,7 @@ impl BusDevice for PciConfigIo {
             return;
         }
         if let Some((b, d, f, reg)) = self.target(lane) {
-            self.lock().config_write(b, d, f, reg, data);
+            with_bus(&self.bus, |bus| bus.config_write(b, d, f, reg, data));
         }
     }
 }

@@ -186,6 +186,18 @@ pub struct PciBus {
 /// The root bus as the ECAM and 0xCF8 handlers and the device manager share it.
 pub type SharedPciBus = Arc<Mutex<PciBus>>;
 
+/// How config-access handlers (ECAM, 0xCF8/0xCFC) refer to the bus. The bus owns the MMIO and
+/// PIO buses those handlers sit on, so a strong reference back would be a cycle that keeps
+/// every device (and its VFIO fd) alive after the VM drops its bus.
+pub(crate) type WeakPciBus = std::sync::Weak<Mutex<PciBus>>;
+
+/// Runs `f` on the bus behind `bus`; `None` once the bus is gone.
+pub(crate) fn with_bus<R>(bus: &WeakPciBus, f: impl FnOnce(&mut PciBus) -> R) -> Option<R> {
+    let bus = bus.upgrade()?;
+    let mut guard = bus.lock().unwrap_or_else(|e| e.into_inner());
+    Some(f(&mut guard))
+}
+
 fn allocator(space: &'static str, w: AddressWindow) -> Result<AddressAllocator, PciError> {
     AddressAllocator::new(w.base, w.size).map_err(|source| PciError::Window {
         space,

@@ -420,3 +420,27 @@ fn io_bar_without_io_window_is_rejected() {
     // The failed add took no slot.
     assert_eq!(bus.devices().len(), 1);
 }
+
+#[test]
+fn dropping_the_bus_releases_devices_despite_config_handlers() {
+    let rig = Rig::new();
+    let (dev, shared) = test_dev();
+    rig.add(shared, None).unwrap();
+    let device = Arc::downgrade(&dev);
+    drop(dev);
+    let Rig { pci, mmio, pio } = rig;
+    // The ECAM and 0xCF8 handlers stay registered on buses that outlive the PCI bus: they
+    // must not keep it (and its devices) alive.
+    drop(pci);
+    assert!(
+        device.upgrade().is_none(),
+        "the device outlived its PCI bus"
+    );
+    let mut b = [0u8; 4];
+    mmio.read(ECAM_BASE, &mut b).unwrap();
+    assert_eq!(b, [0xff; 4], "ECAM of a dropped bus reads all ones");
+    pio.write(PCI_CONFIG_IO_PORT, &0x8000_0000u32.to_le_bytes())
+        .unwrap();
+    pio.read(PCI_CONFIG_IO_PORT + 4, &mut b).unwrap();
+    assert_eq!(b, [0xff; 4], "0xCFC of a dropped bus reads all ones");
+}

@@ -61,19 +61,12 @@ struct Vm {
     backend: Arc<IommufdBackend>,
     dev: ioasid::DevId,
     slot: u8,
-    bdf: Option<devices::pci::PciBdf>,
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        // The PCI bus holds the PIO bus, which holds the 0xCF8 handler, which holds the PCI
-        // bus: break that cycle, and remove the device, so the VFIO fd really closes.
-        let _ = self.pio.remove(PCI_CONFIG_IO_PORT);
-        if let Ok(mut pci) = self._pci.lock() {
-            if let Some(bdf) = self.bdf {
-                let _ = pci.remove_device(bdf);
-            }
-        }
+        // Dropping `_pci` afterwards drops the device model and closes the VFIO fd; the next
+        // test's bind proves it (a leaked fd makes VFIO_DEVICE_BIND_IOMMUFD fail).
         self.backend.unbind(self.dev);
     }
 }
@@ -119,8 +112,7 @@ fn vm() -> Result<Vm, String> {
     )
     .map_err(|e| chain(&e))?;
     let slot = 3;
-    let bdf = pci
-        .lock()
+    pci.lock()
         .map_err(|_| "PCI bus lock poisoned".to_string())?
         .add_device(Arc::new(Mutex::new(model)), Some(slot))
         .map_err(|e| chain(&e))?;
@@ -131,7 +123,6 @@ fn vm() -> Result<Vm, String> {
         backend,
         dev,
         slot,
-        bdf: Some(bdf),
     })
 }
 
