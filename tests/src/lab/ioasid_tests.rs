@@ -109,6 +109,35 @@ impl Drop for EduIommufd {
     }
 }
 
+/// edu attached to a fresh IOAS, with a source and a destination buffer mapped at
+/// `IOVA_SRC`/`IOVA_DST` and its BAR0 mapped: the setup of every plain DMA test.
+struct EduDma {
+    edu: Edu,
+    src: DmaBuf,
+    dst: DmaBuf,
+    ioas: IoasId,
+    f: EduIommufd,
+}
+
+impl EduDma {
+    fn open() -> Result<Self, String> {
+        let f = EduIommufd::open()?;
+        let ioas = f.backend.ioas_alloc().map_err(s)?;
+        f.backend.attach(f.dev, None, PtId::Ioas(ioas)).map_err(s)?;
+        let (src, dst) = (DmaBuf::new(LEN).map_err(s)?, DmaBuf::new(LEN).map_err(s)?);
+        map(&*f.backend, ioas, IOVA_SRC, &src)?;
+        map(&*f.backend, ioas, IOVA_DST, &dst)?;
+        let edu = f.edu()?;
+        Ok(EduDma {
+            edu,
+            src,
+            dst,
+            ioas,
+            f,
+        })
+    }
+}
+
 fn map(b: &dyn IommuBackend, ioas: IoasId, iova: u64, buf: &DmaBuf) -> Result<(), String> {
     // SAFETY: `buf` is only accessed with volatile operations and outlives the mapping in
     // every test (each test unmaps or drops the IOAS/backend before the buffer).
@@ -154,13 +183,13 @@ fn round_trip(
 }
 
 fn iommufd_ioas_edu_dma() -> TestResult {
-    let f = EduIommufd::open()?;
-    let ioas = f.backend.ioas_alloc().map_err(s)?;
-    f.backend.attach(f.dev, None, PtId::Ioas(ioas)).map_err(s)?;
-    let (src, dst) = (DmaBuf::new(LEN).map_err(s)?, DmaBuf::new(LEN).map_err(s)?);
-    map(&*f.backend, ioas, IOVA_SRC, &src)?;
-    map(&*f.backend, ioas, IOVA_DST, &dst)?;
-    let edu = f.edu()?;
+    let EduDma {
+        edu,
+        src,
+        dst,
+        ioas,
+        f,
+    } = EduDma::open()?;
     round_trip(&edu, &src, &dst, 0x5a, IOVA_SRC, IOVA_DST)?;
     println!(
         "  {}: {} bytes RAM->edu->RAM through IOAS {} at IOVA {IOVA_SRC:#x}/{IOVA_DST:#x}: match",
@@ -170,13 +199,13 @@ fn iommufd_ioas_edu_dma() -> TestResult {
 }
 
 fn iommufd_unmap_blocks_dma() -> TestResult {
-    let f = EduIommufd::open()?;
-    let ioas = f.backend.ioas_alloc().map_err(s)?;
-    f.backend.attach(f.dev, None, PtId::Ioas(ioas)).map_err(s)?;
-    let (src, dst) = (DmaBuf::new(LEN).map_err(s)?, DmaBuf::new(LEN).map_err(s)?);
-    map(&*f.backend, ioas, IOVA_SRC, &src)?;
-    map(&*f.backend, ioas, IOVA_DST, &dst)?;
-    let edu = f.edu()?;
+    let EduDma {
+        edu,
+        src,
+        dst,
+        ioas,
+        f,
+    } = EduDma::open()?;
     // First prove the path works, so an untouched buffer below means "blocked", not "broken".
     round_trip(&edu, &src, &dst, 0x11, IOVA_SRC, IOVA_DST)?;
     let unmapped = f
@@ -421,13 +450,13 @@ fn mdev_has_no_hw_info() -> TestResult {
 }
 
 fn detach_reattach_dma() -> TestResult {
-    let f = EduIommufd::open()?;
-    let ioas = f.backend.ioas_alloc().map_err(s)?;
-    f.backend.attach(f.dev, None, PtId::Ioas(ioas)).map_err(s)?;
-    let (src, dst) = (DmaBuf::new(LEN).map_err(s)?, DmaBuf::new(LEN).map_err(s)?);
-    map(&*f.backend, ioas, IOVA_SRC, &src)?;
-    map(&*f.backend, ioas, IOVA_DST, &dst)?;
-    let edu = f.edu()?;
+    let EduDma {
+        edu,
+        src,
+        dst,
+        ioas,
+        f,
+    } = EduDma::open()?;
     round_trip(&edu, &src, &dst, 1, IOVA_SRC, IOVA_DST)?;
     f.backend.detach(f.dev, None).map_err(s)?;
     // Detached: DMA is blocked.

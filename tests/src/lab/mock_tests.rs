@@ -308,7 +308,8 @@ fn iopf_round_trip() -> TestResult {
     );
     h.respond(g.cookie, PageResponseCode::Success).map_err(s)?;
     ensure!(h.counters().responses == 1, "response not counted");
-    // The kernel accepted it: the group is gone, so a second response is refused.
+    // The kernel took the answer (the write above returned its full size, else respond
+    // errs); the handler now refuses a second answer for the same group.
     ensure!(
         h.respond(g.cookie, PageResponseCode::Success).is_err(),
         "a second response was accepted"
@@ -339,7 +340,8 @@ fn iopf_timeout_answers_invalid() -> TestResult {
         "counters {:?}",
         h.counters()
     );
-    // The kernel took the "invalid" answer: another trigger on the same device is delivered.
+    // The kernel took the "invalid" answer (expire errs otherwise), and the device keeps
+    // working: a new fault is delivered and answered.
     m.b.selftest()
         .trigger_iopf(m.mock.dev, None, 6, PERM_RW, 0x5000)
         .map_err(s)?;
