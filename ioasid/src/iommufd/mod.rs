@@ -390,10 +390,7 @@ impl IommuBackend for IommufdBackend {
 
     fn destroy(&self, id: u32) -> Result<()> {
         self.count();
-        self.hwpt_types
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        lock(&self.hwpt_types).remove(&id);
         self.fd
             .destroy_iommu_object(id)
             .map_err(|e| Error::kernel(Op::Destroy, Ctx::object(id), errno_of(&e)))
@@ -411,31 +408,21 @@ impl IommuBackend for IommufdBackend {
         };
         self.count();
         self.counters.maps.fetch_add(1, Ordering::Relaxed);
-        // iommufd-ioctls takes the struct by shared reference and does not return the chosen
-        // IOVA; for kernel-chosen IOVAs call the ioctl through our own copy.
-        if req.iova.is_some() {
-            self.fd.map_iommu_ioas(&map).map_err(|e| {
-                Error::kernel(
-                    Op::IoasMap,
-                    Ctx::object(ioas.0).range(map.iova, req.len),
-                    errno_of(&e),
-                )
-            })?;
-            Ok(map.iova)
-        } else {
-            let mut m = map;
-            // SAFETY: `m` is a valid iommu_ioas_map; the kernel writes back `iova` only. The
-            // memory contract is the caller's (this fn is unsafe, see the trait).
-            let ret = unsafe { ioctl_with_mut_ref(&*self.fd, map_ioctl::IOMMU_IOAS_MAP(), &mut m) };
-            if ret < 0 {
-                return Err(Error::kernel(
-                    Op::IoasMap,
-                    Ctx::object(ioas.0).range(0, req.len),
-                    Errno::last(),
-                ));
-            }
-            Ok(m.iova)
+        // One ioctl for both cases: iommufd-ioctls' wrapper takes the struct by shared
+        // reference and cannot return a kernel-chosen IOVA, so the write-back needs our own.
+        let mut m = map;
+        // SAFETY: `m` is a valid iommu_ioas_map with its size set, exclusively borrowed for
+        // the call; the kernel writes back `iova` only. The memory contract for `user_va` is
+        // the caller's (this fn is unsafe, see the trait).
+        let ret = unsafe { ioctl_with_mut_ref(&*self.fd, map_ioctl::IOMMU_IOAS_MAP(), &mut m) };
+        if ret < 0 {
+            return Err(Error::kernel(
+                Op::IoasMap,
+                Ctx::object(ioas.0).range(req.iova.unwrap_or(0), req.len),
+                Errno::last(),
+            ));
         }
+        Ok(m.iova)
     }
 
     fn ioas_map_file(&self, ioas: IoasId, req: &MapFile) -> Result<u64> {
