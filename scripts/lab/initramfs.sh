@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Builds the lab's L2 initramfs (gzip'd newc cpio) and prints its path.
 #
-# Usage: scripts/lab/initramfs.sh [--out FILE] LAB_BIN [--add SRC:DEST]...
-#   LAB_BIN         the lab test binary; installed as /bin/ioasid-lab.
+# Usage: scripts/lab/initramfs.sh [--out FILE] [--init FILE] [--bin-name NAME] LAB_BIN
+#                                 [--add SRC:DEST]...
+#   LAB_BIN         the lab test binary; installed as /bin/NAME (default /bin/ioasid-lab).
+#   --init FILE     the /init script (default scripts/lab/init, the L2 init; the L3 guest's
+#                   initramfs uses scripts/lab/l3-init).
+#   --bin-name NAME install LAB_BIN as /bin/NAME.
 #   --add SRC:DEST  also install SRC (a file or a directory) at DEST (an absolute path) in
 #                   the guest, e.g. --add target/release/ioasid-vmm:/bin/ioasid-vmm.
 #   --out FILE      where to write the archive (default ./initramfs.cpio.gz).
@@ -17,6 +21,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 out=$PWD/initramfs.cpio.gz
 lab_bin=""
+init=$here/init
+bin_name=ioasid-lab
 adds=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -25,13 +31,23 @@ while [ $# -gt 0 ]; do
         out=$2
         shift
         ;;
+    --init)
+        [ $# -ge 2 ] || lab_die "initramfs: --init needs a file"
+        init=$2
+        shift
+        ;;
+    --bin-name)
+        [ $# -ge 2 ] || lab_die "initramfs: --bin-name needs a name"
+        bin_name=$2
+        shift
+        ;;
     --add)
         [ $# -ge 2 ] || lab_die "initramfs: --add needs SRC:DEST"
         adds+=("$2")
         shift
         ;;
     -h | --help)
-        sed -n '2,12p' "$0"
+        sed -n '2,16p' "$0"
         exit 0
         ;;
     -*) lab_die "initramfs: unknown option '$1'" ;;
@@ -112,9 +128,10 @@ done < <("$busybox" --list-full)
 # The kernel opens /dev/console before /init mounts devtmpfs; /init copes without it too.
 mknod -m 600 "$stage/dev/console" c 5 1 2>/dev/null || true
 
-install -m 0755 "$here/init" "$stage/init"
-install_path "$lab_bin" /bin/ioasid-lab
-chmod 0755 "$stage/bin/ioasid-lab"
+[ -f "$init" ] || lab_die "initramfs: init script '$init' not found"
+install -m 0755 "$init" "$stage/init"
+install_path "$lab_bin" "/bin/$bin_name"
+chmod 0755 "$stage/bin/$bin_name"
 for a in "${adds[@]}"; do
     case "$a" in *:*) ;; *) lab_die "initramfs: --add wants SRC:DEST, got '$a'" ;; esac
     install_path "${a%:*}" "${a##*:}"

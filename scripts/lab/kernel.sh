@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Prints the path of a lab (L2) kernel bzImage built from exactly scripts/lab/kernel/config.
+# Prints the path of a lab kernel bzImage built from exactly scripts/lab/kernel/config (the L2
+# kernel, flavor l2) or scripts/lab/kernel/l3-config (the small L3 guest kernel, flavor l3).
 #
 # Usage:
-#   scripts/lab/kernel.sh [--config FILE] [--dry-run]
+#   scripts/lab/kernel.sh [--flavor l2|l3] [--config FILE] [--dry-run]
 #       Print the bzImage path (stdout; all messages go to stderr). In order:
 #       1. the cache, $IOASID_LAB_CACHE/kernel/<sha256 of config>/bzImage
 #          (IOASID_LAB_CACHE defaults to ~/.cache/ioasid-vmm);
@@ -13,24 +14,33 @@
 #          else comes from trixie) and the build tools, unpacks it under the cache,
 #          `make olddefconfig` with our config, `make bzImage` (about 20 min on 2 cores;
 #          the object tree is kept, so a later config change is an incremental build).
-#       --config FILE  use FILE instead of scripts/lab/kernel/config (for experiments).
+#       --flavor l2|l3 l2 (default): the L2 lab kernel (defconfig-based, reusable from
+#                      shared/lab); l3: the L3 guest kernel (tinyconfig-based, no prebuilt:
+#                      built once, a few minutes, then cached). Each flavor keeps its own
+#                      object tree.
+#       --config FILE  use FILE instead of the flavor's config (for experiments).
 #       --dry-run      say what would be done; install, unpack and build nothing.
-#   scripts/lab/kernel.sh --regen-config [--dry-run]
-#       Regenerate scripts/lab/kernel/config from scripts/lab/kernel/lab.fragment:
-#       defconfig + kvm_guest.config + the fragment (merge_config.sh) + olddefconfig.
-#       Needs the kernel source (installed as above).
+#   scripts/lab/kernel.sh [--flavor l2|l3] --regen-config [--dry-run]
+#       Regenerate the flavor's config from its fragment: l2: defconfig + kvm_guest.config +
+#       kernel/lab.fragment; l3: tinyconfig + kernel/l3.fragment; merged with
+#       merge_config.sh, then olddefconfig. Needs the kernel source (installed as above).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/lab/lib.sh
 . "$here/lib.sh"
 
-config=$here/kernel/config
-fragment=$here/kernel/lab.fragment
+config=""
+flavor=l2
 dry_run=0
 regen=0
 while [ $# -gt 0 ]; do
     case "$1" in
+    --flavor)
+        [ $# -ge 2 ] || lab_die "kernel: --flavor needs l2 or l3"
+        flavor=$2
+        shift
+        ;;
     --config)
         [ $# -ge 2 ] || lab_die "kernel: --config needs a file"
         config=$2
@@ -39,13 +49,28 @@ while [ $# -gt 0 ]; do
     --dry-run) dry_run=1 ;;
     --regen-config) regen=1 ;;
     -h | --help)
-        sed -n '2,23p' "$0"
+        sed -n '2,29p' "$0"
         exit 0
         ;;
     *) lab_die "kernel: unknown argument '$1'" ;;
     esac
     shift
 done
+case "$flavor" in
+l2)
+    [ -n "$config" ] || config=$here/kernel/config
+    fragment=$here/kernel/lab.fragment
+    base_targets=(defconfig kvm_guest.config)
+    obj_suffix=""
+    ;;
+l3)
+    [ -n "$config" ] || config=$here/kernel/l3-config
+    fragment=$here/kernel/l3.fragment
+    base_targets=(tinyconfig)
+    obj_suffix=-l3
+    ;;
+*) lab_die "kernel: --flavor must be l2 or l3, got '$flavor'" ;;
+esac
 
 apt_etc=${IOASID_LAB_APT_ETC:-/etc/apt}
 cache=$(lab_cache_dir)/kernel
@@ -142,22 +167,23 @@ regen_config() {
     local series
     series=$(config_series "$config")
     [ -n "$series" ] || lab_die "kernel: cannot read the kernel version from $config's header"
-    local src obj=$cache/regen
+    local src obj=$cache/regen$obj_suffix
     src=$(ensure_source "$series")
     if [ "$dry_run" = 1 ]; then
-        lab_say "would run in $obj: make defconfig; make kvm_guest.config;" \
+        lab_say "would run in $obj: make ${base_targets[*]};" \
             "merge_config.sh -m .config $fragment; make olddefconfig; copy .config to $config"
         return 0
     fi
     rm -rf "$obj"
     mkdir -p "$obj"
     local log=$obj/regen.log
-    {
-        make -C "$src" O="$obj" defconfig &&
-            make -C "$src" O="$obj" kvm_guest.config &&
-            (cd "$obj" && "$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "$fragment") &&
+    (
+        for t in "${base_targets[@]}"; do
+            make -C "$src" O="$obj" "$t" || exit 1
+        done
+        (cd "$obj" && "$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "$fragment") &&
             make -C "$src" O="$obj" olddefconfig
-    } >"$log" 2>&1 || {
+    ) >"$log" 2>&1 || {
         tail -n 40 "$log" >&2
         lab_die "kernel: regenerating the config failed (log: $log)"
     }
@@ -242,9 +268,11 @@ build_kernel() {
     local out=$1 series
     series=$(config_series "$config")
     [ -n "$series" ] || lab_die "kernel: cannot read the kernel version from $config's header"
-    lab_say "kernel: no cached or prebuilt kernel for this config; building linux $series" \
-        "(about 20 min on 2 cores from scratch)"
-    local src obj=$cache/build/obj-$series
+    local minutes="about 20 min"
+    [ "$flavor" = l3 ] && minutes="about 6 min"
+    lab_say "kernel: no cached or prebuilt $flavor kernel for this config; building linux $series" \
+        "($minutes on 2 cores from scratch)"
+    local src obj=$cache/build/obj-$series$obj_suffix
     src=$(ensure_source "$series")
     if [ "$dry_run" = 1 ]; then
         lab_say "would run: cp $config $obj/.config; make -C $src O=$obj olddefconfig;" \
@@ -253,7 +281,7 @@ build_kernel() {
     fi
     mkdir -p "$obj"
     cp "$config" "$obj/.config"
-    local log=$cache/build/build-$series.log
+    local log=$cache/build/build-$series$obj_suffix.log
     make -C "$src" O="$obj" olddefconfig >"$log" 2>&1 || {
         tail -n 40 "$log" >&2
         lab_die "kernel: make olddefconfig failed (log: $log)"
@@ -306,6 +334,12 @@ fi
 
 sha=$(lab_sha256 "$config")
 out=$cache/$sha/bzImage
+# One build per flavor at a time (several lab runs may start together).
+if [ "$dry_run" = 0 ] && command -v flock >/dev/null 2>&1; then
+    mkdir -p "$cache"
+    exec 9>"$cache/.lock-$flavor"
+    flock 9
+fi
 if [ -s "$out" ]; then
     printf '%s\n' "$out"
     exit 0

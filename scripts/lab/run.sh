@@ -11,8 +11,11 @@
 #   --lab-bin PATH      use PATH as /bin/ioasid-lab instead of building it with cargo
 #   --kernel BZIMAGE    use this kernel instead of scripts/lab/kernel.sh's
 #   --add SRC:DEST      put SRC into the initramfs at DEST (repeatable)
-# Steps: setup.sh (quiet when done), kernel.sh, cargo build --release -p ioasid-tests
-# --bin ioasid-lab (CARGO_TARGET_DIR is honoured), initramfs.sh, boot.sh, parse.py.
+#   --no-l3             do not build or carry the L3 pieces (the L3 tests then fail)
+# Steps: setup.sh (quiet when done), kernel.sh (L2), cargo build --release of ioasid-lab,
+# ioasid-guest and ioasid-vmm (CARGO_TARGET_DIR is honoured), kernel.sh --flavor l3 and the
+# L3 initramfs (l3-init + ioasid-guest), initramfs.sh for L2 carrying /bin/ioasid-vmm,
+# /l3/bzImage and /l3/initramfs.cpio.gz, boot.sh, parse.py.
 # Work files (initramfs, serial log) go to $IOASID_LAB_WORK, default <cargo target dir>/lab.
 # Exit status: 0 when every test passed (demo: LAB-DONE and no FAIL); 1 otherwise.
 set -euo pipefail
@@ -29,6 +32,7 @@ edu=1
 verbose=0
 lab_bin=""
 kernel=""
+l3=1
 adds=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -45,9 +49,10 @@ while [ $# -gt 0 ]; do
         shift
         ;;
     --no-edu) edu=0 ;;
+    --no-l3) l3=0 ;;
     --verbose) verbose=1 ;;
     -h | --help)
-        sed -n '2,18p' "$0"
+        sed -n '2,22p' "$0"
         exit 0
         ;;
     *) lab_die "run: unknown argument '$1'" ;;
@@ -78,18 +83,41 @@ target_dir() {
     fi
 }
 tdir=$(target_dir)
-if [ -z "$lab_bin" ]; then
-    command -v cargo >/dev/null 2>&1 || lab_die "run: cargo not found (needed to build ioasid-lab)"
-    lab_say "run: cargo build --release -p ioasid-tests --bin ioasid-lab"
-    (cd "$repo" && cargo build --release -p ioasid-tests --bin ioasid-lab) >&2 ||
-        lab_die "run: building ioasid-lab failed"
-    lab_bin=$tdir/release/ioasid-lab
+bins=()
+[ -z "$lab_bin" ] && bins+=(--bin ioasid-lab)
+[ "$l3" = 1 ] && bins+=(--bin ioasid-guest --bin ioasid-vmm)
+if [ ${#bins[@]} != 0 ]; then
+    command -v cargo >/dev/null 2>&1 || lab_die "run: cargo not found (needed to build ${bins[*]})"
+    lab_say "run: cargo build --release -p ioasid-tests -p vmm ${bins[*]}"
+    (cd "$repo" && cargo build --release -p ioasid-tests -p vmm "${bins[@]}") >&2 ||
+        lab_die "run: building the lab binaries failed"
 fi
+[ -n "$lab_bin" ] || lab_bin=$tdir/release/ioasid-lab
 [ -f "$lab_bin" ] || lab_die "run: lab binary '$lab_bin' not found"
 
-# 4. The initramfs.
 work=${IOASID_LAB_WORK:-$tdir/lab}
-mkdir -p "$work"
+mkdir -p "$work/bin"
+# Debug info makes the binaries several times larger, and every byte is unpacked under TCG.
+slim() {
+    local out=$work/bin/$(basename "$1")
+    strip --strip-debug -o "$out" "$1" 2>/dev/null || cp "$1" "$out"
+    printf '%s\n' "$out"
+}
+lab_bin=$(slim "$lab_bin")
+
+# 3b. The L3 guest: its kernel, its initramfs, and the VMM that boots it inside L2.
+if [ "$l3" = 1 ]; then
+    l3_kernel=$("$here/kernel.sh" --flavor l3)
+    [ -f "$l3_kernel" ] || lab_die "run: L3 kernel '$l3_kernel' not found"
+    guest_bin=$(slim "$tdir/release/ioasid-guest")
+    vmm_bin=$(slim "$tdir/release/ioasid-vmm")
+    l3_initrd=$("$here/initramfs.sh" --out "$work/l3-initramfs.cpio.gz" --init "$here/l3-init" \
+        --bin-name ioasid-guest "$guest_bin")
+    adds+=(--add "$vmm_bin:/bin/ioasid-vmm" --add "$l3_kernel:/l3/bzImage"
+        --add "$l3_initrd:/l3/initramfs.cpio.gz")
+fi
+
+# 4. The initramfs.
 initrd=$("$here/initramfs.sh" --out "$work/initramfs-$mode.cpio.gz" "$lab_bin" "${adds[@]}")
 
 # 5. Boot.

@@ -41,8 +41,13 @@ impl Edu {
                 u16::from_le_bytes(cmd)
             ));
         }
-        let len = dev.get_region_size(0) as usize;
-        let off = dev.get_region_offset(0);
+        Self::map_region(dev, dev.get_region_offset(0), dev.get_region_size(0))
+    }
+
+    /// Maps BAR0 from a VFIO device fd at `off` (its region offset), `len` bytes. The caller
+    /// has enabled memory decode and bus mastering.
+    pub fn map_region(fd: &impl AsRawFd, off: u64, len: u64) -> Result<Self, String> {
+        let len = usize::try_from(len).map_err(|_| format!("BAR0 of {len} bytes"))?;
         if len < 0x100 {
             return Err(format!("BAR0 is {len} bytes: not an edu device"));
         }
@@ -54,7 +59,7 @@ impl Edu {
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                dev.as_raw_fd(),
+                fd.as_raw_fd(),
                 off as libc::off_t,
             )
         };

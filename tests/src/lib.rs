@@ -11,5 +11,6 @@
 
 pub mod dmabuf;
 pub mod edu;
+pub mod guest;
 pub mod harness;
 pub mod lab;

@@ -4,6 +4,7 @@ pub mod demo;
 pub mod env;
 pub mod ioasid_tests;
 pub mod kvm;
+pub mod l3_tests;
 pub mod mock_tests;
 pub mod pdev_tests;
 
@@ -15,6 +16,7 @@ pub fn all() -> Vec<LabTest> {
     v.extend(pdev_tests::tests());
     v.extend(mock_tests::tests());
     v.extend(kvm::tests());
+    v.extend(l3_tests::tests());
     v
 }
 

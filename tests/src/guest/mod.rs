@@ -1,0 +1,20 @@
+//! The L3 guest side of the lab: checks that run inside a Linux guest booted by
+//! `ioasid-vmm` in L2, and print `L3-RESULT <name> PASS|FAIL <detail>` lines on the guest's
+//! serial console, which the L2 lab tests read back.
+//!
+//! Owns: the guest-side checks (edu seen, MSI, DMA with guest-physical addresses, mtty echo,
+//! waiting for hotplug). Must not touch: anything of L2; the L3 guest has no IOMMU, so edu is
+//! used through vfio-pci in no-IOMMU mode.
+
+pub mod noiommu;
+pub mod pagemap;
+pub mod pci;
+pub mod tasks;
+
+/// Prints one result line.
+pub fn report(name: &str, r: &Result<String, String>) {
+    match r {
+        Ok(detail) => println!("L3-RESULT {name} PASS {detail}"),
+        Err(why) => println!("L3-RESULT {name} FAIL {}", why.replace('\n', " | ")),
+    }
+}

@@ -1,0 +1,92 @@
+//! The L3 guest's view of its PCI devices, through sysfs.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn read_hex(p: &Path) -> Option<u64> {
+    let s = std::fs::read_to_string(p).ok()?;
+    u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
+}
+
+/// The BDFs of the functions with this vendor and device ID.
+pub fn find(vendor: u16, device: u16) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/sys/bus/pci/devices") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let d = e.path();
+        if read_hex(&d.join("vendor")) == Some(u64::from(vendor))
+            && read_hex(&d.join("device")) == Some(u64::from(device))
+        {
+            out.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Waits up to `limit` for a function with these IDs to appear (or, with `present` false,
+/// for every such function to go); returns the BDFs seen last.
+pub fn wait_for(vendor: u16, device: u16, present: bool, limit: Duration) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let found = find(vendor, device);
+        if found.is_empty() != present || start.elapsed() > limit {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The sysfs directory of `bdf`.
+pub fn dir(bdf: &str) -> PathBuf {
+    PathBuf::from("/sys/bus/pci/devices").join(bdf)
+}
+
+/// BAR `n`'s (start, size, flags) from the `resource` file; size 0 when unused.
+pub fn bar(bdf: &str, n: usize) -> Result<(u64, u64, u64), String> {
+    let text = std::fs::read_to_string(dir(bdf).join("resource"))
+        .map_err(|e| format!("{bdf}: reading resource: {e}"))?;
+    let line = text
+        .lines()
+        .nth(n)
+        .ok_or_else(|| format!("{bdf}: resource has no line for BAR{n}"))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
+        .collect();
+    match v.as_slice() {
+        [start, end, flags] => {
+            let size = if *end > *start { end - start + 1 } else { 0 };
+            Ok((*start, size, *flags))
+        }
+        _ => Err(format!("{bdf}: odd resource line {line:?}")),
+    }
+}
+
+/// The driver bound to `bdf`, if any.
+pub fn driver(bdf: &str) -> Option<String> {
+    std::fs::read_link(dir(bdf).join("driver"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
+/// Binds `bdf` to vfio-pci via driver_override (unbinding another driver first).
+pub fn bind_vfio(bdf: &str) -> Result<(), String> {
+    let d = dir(bdf);
+    match driver(bdf).as_deref() {
+        Some("vfio-pci") => return Ok(()),
+        Some(other) => std::fs::write(d.join("driver/unbind"), bdf)
+            .map_err(|e| format!("{bdf}: unbinding from {other}: {e}"))?,
+        None => {}
+    }
+    std::fs::write(d.join("driver_override"), "vfio-pci")
+        .map_err(|e| format!("{bdf}: writing driver_override: {e}"))?;
+    std::fs::write("/sys/bus/pci/drivers_probe", bdf)
+        .map_err(|e| format!("{bdf}: drivers_probe: {e} (vfio.enable_unsafe_noiommu_mode=1?)"))?;
+    match driver(bdf).as_deref() {
+        Some("vfio-pci") => Ok(()),
+        other => Err(format!("{bdf}: bound to {other:?} instead of vfio-pci")),
+    }
+}

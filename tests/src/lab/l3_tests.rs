@@ -1,0 +1,251 @@
+//! Lab tests that boot a real Linux L3 guest under `ioasid-vmm` inside L2, with edu and the
+//! mtty mdev assigned, and read the guest's `L3-RESULT` lines from its serial console.
+//!
+//! One boot serves the boot/edu/mtty tests: the first of them boots the guest with
+//! `l3.tasks=up,edu,mtty` and keeps the outcome; each test then checks its own facts of
+//! that run. The L3 pieces come from scripts/lab/run.sh: `/bin/ioasid-vmm`, `/l3/bzImage`
+//! (the tinyconfig-based L3 kernel) and `/l3/initramfs.cpio.gz` (scripts/lab/l3-init plus
+//! `ioasid-guest`).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::env;
+use crate::ensure;
+use crate::harness::{LabTest, Outcome, TestResult};
+
+/// Where run.sh puts the VMM and the L3 guest.
+pub const VMM_BIN: &str = "/bin/ioasid-vmm";
+/// The L3 kernel.
+pub const L3_KERNEL: &str = "/l3/bzImage";
+/// The L3 initramfs.
+pub const L3_INITRD: &str = "/l3/initramfs.cpio.gz";
+/// The L3 guest's RAM: below 256 MiB, so every guest-physical address fits edu's DMA mask.
+pub const L3_MEMORY: &str = "size=256M";
+
+/// The lab tests of this module.
+pub fn tests() -> Vec<LabTest> {
+    vec![
+        LabTest {
+            name: "linux_guest_boots",
+            run: linux_guest_boots,
+        },
+        LabTest {
+            name: "linux_guest_sees_edu",
+            run: linux_guest_sees_edu,
+        },
+        LabTest {
+            name: "linux_guest_edu_dma_noiommu",
+            run: linux_guest_edu_dma_noiommu,
+        },
+        LabTest {
+            name: "linux_guest_mtty_serial_io",
+            run: linux_guest_mtty_serial_io,
+        },
+    ]
+}
+
+/// What one L3 run left behind.
+#[derive(Debug, Clone)]
+pub struct L3Outcome {
+    /// The VMM's exit status (None: killed at the deadline).
+    pub status: Option<i32>,
+    /// The guest's serial console.
+    pub serial: String,
+    /// The VMM's stderr (its log, RUST_LOG=info).
+    pub vmm_log: String,
+    /// From the VMM's start to its exit (or the kill).
+    pub elapsed: Duration,
+}
+
+impl L3Outcome {
+    /// The detail of `L3-RESULT <name> PASS <detail>`, or the reason it is not there.
+    pub fn result(&self, name: &str) -> Result<String, String> {
+        let pass = format!("L3-RESULT {name} PASS");
+        let fail = format!("L3-RESULT {name} FAIL");
+        for line in self.serial.lines() {
+            let line = line.trim_end_matches('\r');
+            if let Some(rest) = line.strip_prefix(&pass) {
+                return Ok(rest.trim().to_string());
+            }
+            if let Some(rest) = line.strip_prefix(&fail) {
+                return Err(format!("L3 guest reports {name} failed: {}", rest.trim()));
+            }
+        }
+        Err(format!(
+            "no L3-RESULT {name} line; {}; serial tail: {} ; VMM log tail: {}",
+            self.describe_exit(),
+            tail(&self.serial, 12),
+            tail(&self.vmm_log, 12)
+        ))
+    }
+
+    /// The VMM's exit, in words.
+    pub fn describe_exit(&self) -> String {
+        match self.status {
+            Some(c) => format!(
+                "ioasid-vmm exited with {c} after {:.1} s",
+                self.elapsed.as_secs_f64()
+            ),
+            None => format!(
+                "ioasid-vmm killed after {:.1} s",
+                self.elapsed.as_secs_f64()
+            ),
+        }
+    }
+}
+
+/// The last `n` lines of `s`, joined with " | ".
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().map(|l| l.trim_end_matches('\r')).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// The pieces an L3 run needs, or why one is missing.
+pub fn l3_pieces() -> Result<(), String> {
+    for p in [VMM_BIN, L3_KERNEL, L3_INITRD] {
+        ensure!(
+            Path::new(p).exists(),
+            "{p} is missing from the L2 initramfs (scripts/lab/run.sh carries it unless --no-l3)"
+        );
+    }
+    ensure!(
+        Path::new("/dev/kvm").exists(),
+        "/dev/kvm is absent in L2 (kvm_amd under -cpu max?)"
+    );
+    Ok(())
+}
+
+/// The VMM command line for an L3 guest running `tasks`, with `devices` (--device values)
+/// and `extra` arguments; the serial console goes to `serial`.
+pub fn vmm_command(tasks: &str, devices: &[String], extra: &[String], serial: &Path) -> Command {
+    let mut c = Command::new(VMM_BIN);
+    c.arg("--kernel")
+        .arg(L3_KERNEL)
+        .arg("--initramfs")
+        .arg(L3_INITRD)
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet vfio.enable_unsafe_noiommu_mode=1 l3.tasks={tasks}"
+        ))
+        .arg("--memory")
+        .arg(L3_MEMORY)
+        .arg("--cpus")
+        .arg("boot=1")
+        .arg("--serial")
+        .arg(format!("file={}", serial.display()));
+    for d in devices {
+        c.arg("--device").arg(d);
+    }
+    c.args(extra);
+    c.env("RUST_LOG", "info");
+    c
+}
+
+/// Waits for `child` up to `limit`, killing it at the deadline; returns its status.
+pub fn wait_child(child: &mut Child, limit: Duration) -> Option<i32> {
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Some(st.code().unwrap_or(-1)),
+            Ok(None) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(100)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// Boots an L3 guest to completion (it powers off after its tasks) and collects the outcome.
+pub fn run_l3(
+    name: &str,
+    tasks: &str,
+    devices: &[String],
+    limit: Duration,
+) -> Result<L3Outcome, String> {
+    l3_pieces()?;
+    let serial = PathBuf::from(format!("/tmp/l3-{name}.serial"));
+    let _ = std::fs::remove_file(&serial);
+    let start = Instant::now();
+    let mut child = vmm_command(tasks, devices, &[], &serial)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {VMM_BIN}: {e}"))?;
+    // Drain stderr on a thread so a chatty log cannot block the VMM.
+    let mut err = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+    let status = wait_child(&mut child, limit);
+    let elapsed = start.elapsed();
+    let vmm_log = reader.join().unwrap_or_default();
+    let serial = std::fs::read_to_string(&serial).unwrap_or_default();
+    let out = L3Outcome {
+        status,
+        serial,
+        vmm_log,
+        elapsed,
+    };
+    println!("LAB-INFO l3 run {name}: {}", out.describe_exit());
+    Ok(out)
+}
+
+/// The shared boot of the boot/edu/mtty tests: edu and mtty assigned, tasks up, edu, mtty.
+fn main_run() -> &'static Result<L3Outcome, String> {
+    static RUN: OnceLock<Result<L3Outcome, String>> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let edu = env::edu_path()?;
+        let mtty = env::mtty_path()?;
+        let devices = vec![
+            format!("path={},id=edu0", edu.display()),
+            format!("path={},id=mtty0", mtty.display()),
+        ];
+        run_l3("main", "up,edu,mtty", &devices, Duration::from_secs(240))
+    })
+}
+
+fn main_result(name: &str) -> Result<String, String> {
+    main_run().as_ref().map_err(Clone::clone)?.result(name)
+}
+
+fn linux_guest_boots() -> TestResult {
+    let detail = main_result("up")?;
+    let run = main_run().as_ref().map_err(Clone::clone)?;
+    ensure!(
+        run.status == Some(0),
+        "the guest reached userspace ({detail}) but {}",
+        run.describe_exit()
+    );
+    println!("LAB-INFO L3 up: {detail}; {}", run.describe_exit());
+    Ok(Outcome::Pass)
+}
+
+fn linux_guest_sees_edu() -> TestResult {
+    let seen = main_result("sees_edu")?;
+    let msi = main_result("edu_msi")?;
+    println!("LAB-INFO L3 edu: {seen}; MSI: {msi}");
+    Ok(Outcome::Pass)
+}
+
+fn linux_guest_edu_dma_noiommu() -> TestResult {
+    let dma = main_result("edu_dma")?;
+    println!("LAB-INFO L3 edu DMA: {dma}");
+    Ok(Outcome::Pass)
+}
+
+fn linux_guest_mtty_serial_io() -> TestResult {
+    let echo = main_result("mtty_echo")?;
+    println!("LAB-INFO L3 mtty: {echo}");
+    Ok(Outcome::Pass)
+}
