@@ -3,7 +3,7 @@
 # translation) and the edu device, and saves its serial console to a log file.
 #
 # Usage: scripts/lab/boot.sh --kernel BZIMAGE --initrd INITRD [options]
-#   --mode suite|demo   passed to /init as lab.mode (default suite)
+#   --mode suite|demo|bench  passed to /init as lab.mode (default suite)
 #   --filter SUBSTR     passed to /init as lab.filter (runs matching tests only)
 #   --timeout SECONDS   stop QEMU after this long (default 900); exit status 124 then
 #   --no-edu            leave out -device edu (the suite must then fail)
@@ -52,7 +52,7 @@ while [ $# -gt 0 ]; do
 done
 [ -f "$kernel" ] || lab_die "boot: --kernel '$kernel' not found"
 [ -f "$initrd" ] || lab_die "boot: --initrd '$initrd' not found"
-case "$mode" in suite | demo) ;; *) lab_die "boot: --mode must be suite or demo" ;; esac
+case "$mode" in suite | demo | bench) ;; *) lab_die "boot: --mode must be suite, demo or bench" ;; esac
 case "$timeout_s" in '' | *[!0-9]*) lab_die "boot: --timeout wants whole seconds" ;; esac
 case "$filter" in *[[:space:]]*) lab_die "boot: --filter cannot contain spaces (kernel command line)" ;; esac
 

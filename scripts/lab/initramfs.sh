@@ -109,7 +109,7 @@ install_path() {
     if [ -d "$src" ]; then
         cp -a -L "$src" "$stage$dest"
         while IFS= read -r -d '' f; do
-            [ -x "$f" ] && copy_libs "$f"
+            if [ -x "$f" ]; then copy_libs "$f"; fi
         done < <(find "$stage$dest" -type f -print0)
     else
         cp -L "$src" "$stage$dest"

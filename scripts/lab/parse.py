@@ -13,9 +13,10 @@ Suite mode prints one line per test, any problems, and then exactly one closing 
 FAIL (or malformed LAB-TEST line), when LAB-DONE is missing (crash, hang, timeout), when no
 test ran, or when the run timed out; else 0.
 
-Demo mode succeeds when LAB-DONE appears and no LAB-TEST line says FAIL.
+Demo mode succeeds when LAB-DONE appears and no LAB-TEST line says FAIL. Bench mode does
+too, and repeats the benchmarks' `LAB-BENCH <name> <values>` lines.
 
-Usage: parse.py LOG [--mode suite|demo] [--timed-out SECONDS]
+Usage: parse.py LOG [--mode suite|demo|bench] [--timed-out SECONDS]
 """
 
 import argparse
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 TEST_RE = re.compile(r"LAB-TEST\s+(\S+)(?:\s+(\S+))?(?:\s+(.*?))?\s*$")
 DONE_RE = re.compile(r"(?:^|[^\w-])LAB-DONE(?:$|[^\w-])")
+BENCH_RE = re.compile(r"LAB-BENCH\s+(.*?)\s*$")
 WARN_RE = re.compile(r"LAB-INIT warning: (.*?)\s*$")
 PANIC_RE = re.compile(r"(Kernel panic - not syncing.*?|BUG: .*?|Oops: .*?)\s*$")
 
@@ -42,10 +44,11 @@ class Report:
     done: bool
     warnings: list
     crashes: list
+    benches: list
 
 
 def parse_lines(lines):
-    results, warnings, crashes = [], [], []
+    results, warnings, crashes, benches = [], [], [], []
     done = False
     for raw in lines:
         line = raw.replace("\r", "")
@@ -54,6 +57,9 @@ def parse_lines(lines):
         m = WARN_RE.search(line)
         if m:
             warnings.append(m.group(1))
+        m = BENCH_RE.search(line)
+        if m:
+            benches.append(m.group(1))
         m = PANIC_RE.search(line)
         if m:
             crashes.append(m.group(1))
@@ -68,7 +74,7 @@ def parse_lines(lines):
         else:
             # A result line we cannot read must not pass silently.
             results.append(Result(name, "FAIL", f"malformed result line: {line.strip()!r}"))
-    return Report(results, done, warnings, crashes)
+    return Report(results, done, warnings, crashes, benches)
 
 
 def summary_line(results):
@@ -102,13 +108,15 @@ def report(rep, mode, timed_out, out):
         else:
             print(f"lab test {r.name} ... skipped: {r.reason}", file=out)
 
-    if mode == "demo":
+    if mode in ("demo", "bench"):
+        for b in rep.benches:
+            print(f"bench {b}", file=out)
         ok = rep.done and not failed and timed_out is None
         for p in problems:
-            print(f"lab: demo: {p}", file=out)
+            print(f"lab: {mode}: {p}", file=out)
         if failed:
-            print("lab: demo: a step FAILED", file=out)
-        print("lab demo: ok" if ok else "lab demo: FAILED", file=out)
+            print(f"lab: {mode}: a step FAILED", file=out)
+        print(f"lab {mode}: ok" if ok else f"lab {mode}: FAILED", file=out)
         return 0 if ok else 1
 
     if not rep.results:
@@ -122,7 +130,7 @@ def report(rep, mode, timed_out, out):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("log")
-    ap.add_argument("--mode", choices=("suite", "demo"), default="suite")
+    ap.add_argument("--mode", choices=("suite", "demo", "bench"), default="suite")
     ap.add_argument("--timed-out", metavar="SECONDS", default=None)
     args = ap.parse_args(argv)
     try:

@@ -2,8 +2,10 @@
 # Runs the lab suite (or the demo) inside an L2 Linux guest under QEMU TCG, and reports.
 #
 # Usage: scripts/lab/run.sh [options]
-#   --mode suite|demo   suite (default): run all lab tests, report one line per test and
-#                       "N passed, N failed"; demo: stream the demo's console output
+#   --mode suite|demo|bench
+#                       suite (default): run all lab tests, report one line per test and
+#                       "N passed, N failed"; demo: stream the demo's console output;
+#                       bench: the lab benchmarks (carries QEMU into L2 as the peer)
 #   --filter SUBSTR     run only the tests whose name contains SUBSTR
 #   --timeout SECONDS   stop the guest after this long (default 900)
 #   --no-edu            boot without the edu device (the suite must then fail)
@@ -13,9 +15,10 @@
 #   --add SRC:DEST      put SRC into the initramfs at DEST (repeatable)
 #   --no-l3             do not build or carry the L3 pieces (the L3 tests then fail)
 # Steps: setup.sh (quiet when done), kernel.sh (L2), cargo build --release of ioasid-lab,
-# ioasid-guest and ioasid-vmm (CARGO_TARGET_DIR is honoured), kernel.sh --flavor l3 and the
-# L3 initramfs (l3-init + ioasid-guest), initramfs.sh for L2 carrying /bin/ioasid-vmm,
-# /l3/bzImage and /l3/initramfs.cpio.gz, boot.sh, parse.py.
+# ioasid-guest, ioasid-vmm and ioasid-remote (CARGO_TARGET_DIR is honoured), kernel.sh
+# --flavor l3 and the L3 initramfs (l3-init + ioasid-guest), initramfs.sh for L2 carrying
+# /bin/ioasid-vmm, /bin/ioasid-remote, /l3/bzImage and /l3/initramfs.cpio.gz, boot.sh,
+# parse.py.
 # Work files (initramfs, serial log) go to $IOASID_LAB_WORK, default <cargo target dir>/lab.
 # Exit status: 0 when every test passed (demo: LAB-DONE and no FAIL); 1 otherwise.
 set -euo pipefail
@@ -52,14 +55,14 @@ while [ $# -gt 0 ]; do
     --no-l3) l3=0 ;;
     --verbose) verbose=1 ;;
     -h | --help)
-        sed -n '2,22p' "$0"
+        sed -n '2,25p' "$0"
         exit 0
         ;;
     *) lab_die "run: unknown argument '$1'" ;;
     esac
     shift
 done
-case "$mode" in suite | demo) ;; *) lab_die "run: --mode must be suite or demo" ;; esac
+case "$mode" in suite | demo | bench) ;; *) lab_die "run: --mode must be suite, demo or bench" ;; esac
 
 # 1. Host packages (quiet when already installed).
 "$here/setup.sh"
@@ -85,11 +88,11 @@ target_dir() {
 tdir=$(target_dir)
 bins=()
 [ -z "$lab_bin" ] && bins+=(--bin ioasid-lab)
-[ "$l3" = 1 ] && bins+=(--bin ioasid-guest --bin ioasid-vmm)
+[ "$l3" = 1 ] && bins+=(--bin ioasid-guest --bin ioasid-vmm --bin ioasid-remote)
 if [ ${#bins[@]} != 0 ]; then
     command -v cargo >/dev/null 2>&1 || lab_die "run: cargo not found (needed to build ${bins[*]})"
-    lab_say "run: cargo build --release -p ioasid-tests -p vmm ${bins[*]}"
-    (cd "$repo" && cargo build --release -p ioasid-tests -p vmm "${bins[@]}") >&2 ||
+    lab_say "run: cargo build --release -p ioasid-tests -p vmm -p api ${bins[*]}"
+    (cd "$repo" && cargo build --release -p ioasid-tests -p vmm -p api "${bins[@]}") >&2 ||
         lab_die "run: building the lab binaries failed"
 fi
 [ -n "$lab_bin" ] || lab_bin=$tdir/release/ioasid-lab
@@ -111,10 +114,18 @@ if [ "$l3" = 1 ]; then
     [ -f "$l3_kernel" ] || lab_die "run: L3 kernel '$l3_kernel' not found"
     guest_bin=$(slim "$tdir/release/ioasid-guest")
     vmm_bin=$(slim "$tdir/release/ioasid-vmm")
+    remote_bin=$(slim "$tdir/release/ioasid-remote")
     l3_initrd=$("$here/initramfs.sh" --out "$work/l3-initramfs.cpio.gz" --init "$here/l3-init" \
         --bin-name ioasid-guest "$guest_bin")
-    adds+=(--add "$vmm_bin:/bin/ioasid-vmm" --add "$l3_kernel:/l3/bzImage"
+    adds+=(--add "$vmm_bin:/bin/ioasid-vmm" --add "$remote_bin:/bin/ioasid-remote" --add "$l3_kernel:/l3/bzImage"
         --add "$l3_initrd:/l3/initramfs.cpio.gz")
+fi
+
+# 3c. The peer for the benchmarks: QEMU (its libraries come with it), its firmware and ROMs.
+if [ "$mode" = bench ]; then
+    qemu=$(command -v qemu-system-x86_64) || lab_die "run: qemu-system-x86_64 not found"
+    adds+=(--add "$qemu:/usr/bin/qemu-system-x86_64" --add /usr/share/qemu:/usr/share/qemu
+        --add /usr/share/seabios:/usr/share/seabios)
 fi
 
 # 4. The initramfs.
@@ -125,7 +136,7 @@ log=$work/serial-$mode.log
 boot_args=(--kernel "$kernel" --initrd "$initrd" --mode "$mode" --timeout "$timeout_s" --log "$log")
 [ -n "$filter" ] && boot_args+=(--filter "$filter")
 [ "$edu" = 0 ] && boot_args+=(--no-edu)
-[ "$mode" = demo ] || [ "$verbose" = 1 ] && boot_args+=(--stream)
+[ "$mode" != suite ] || [ "$verbose" = 1 ] && boot_args+=(--stream)
 boot_rc=0
 "$here/boot.sh" "${boot_args[@]}" || boot_rc=$?
 

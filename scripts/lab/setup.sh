@@ -2,7 +2,8 @@
 # Installs what the nested-virt lab needs on the host (Debian 12 bookworm, run as root):
 #   - an apt source for bookworm-backports (deb822, same URIs and Signed-By as the
 #     machine's bookworm source) when none is configured;
-#   - qemu-system-x86 >= 10.0 from bookworm-backports, busybox-static and cpio.
+#   - qemu-system-x86 >= 10.0 from bookworm-backports, busybox-static, cpio, and
+#     acpica-tools (iasl: a vmm test disassembles our DSDT with it).
 # Idempotent: when everything is in place it prints nothing and touches nothing.
 # Kernel build dependencies are not installed here; scripts/lab/kernel.sh installs them
 # only when it actually has to build a kernel.
@@ -49,7 +50,7 @@ pkg_installed() {
 }
 
 missing_pkgs=()
-for p in busybox-static cpio; do
+for p in busybox-static cpio acpica-tools; do
     pkg_installed "$p" || missing_pkgs+=("$p")
 done
 need_qemu=0
