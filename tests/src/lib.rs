@@ -12,5 +12,6 @@
 pub mod dmabuf;
 pub mod edu;
 pub mod guest;
+pub mod guest_ram;
 pub mod harness;
 pub mod lab;

@@ -1,6 +1,8 @@
 //! ACPI tables (hardware-reduced): RSDP, XSDT, FADT, MADT, MCFG and a DSDT describing the
-//! PCIe host bridge (ECAM, 32- and 64-bit MMIO windows), COM1 and the S5 sleep state; plus
-//! the small port device behind the FADT's sleep-control and reset registers.
+//! PCIe host bridge (ECAM, 32- and 64-bit MMIO windows) with its hotplug slots, the PCI
+//! hotplug controller and Generic Event Device ([`crate::hotplug::aml`]), COM1 and the S5
+//! sleep state; plus the small port device behind the FADT's sleep-control and reset
+//! registers.
 
 use std::sync::Arc;
 
@@ -22,6 +24,7 @@ use devices::bus::BusDevice;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::hotplug::aml::{pci_root_objects, sb_devices};
 use crate::layout::{
     pci_mmio64_window, ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT,
     ACPI_SLEEP_STATUS_PORT, ACPI_START, IOAPIC_START, LAPIC_START, PCI_ECAM_SIZE, PCI_ECAM_START,
@@ -105,9 +108,14 @@ pub fn dsdt_aml(ram_end: u64) -> Vec<u8> {
     let n_uid = Name::new("_UID".into(), &zero);
     let n_bbn = Name::new("_BBN".into(), &zero);
     let n_crs = Name::new("_CRS".into(), &pci_crs);
+    // Hotplug slots S01..S1F and the scan method PCNT: always present; without the
+    // controller installed its registers read 0 and nothing happens.
+    let slots = pci_root_objects();
     let pci0 = Device::new(
         "PCI0".into(),
-        vec![&n_hid, &n_cid, &n_adr, &n_seg, &n_uid, &n_bbn, &n_crs],
+        vec![
+            &n_hid, &n_cid, &n_adr, &n_seg, &n_uid, &n_bbn, &n_crs, &slots,
+        ],
     );
 
     let com_hid = EISAName::new("PNP0501");
@@ -120,7 +128,8 @@ pub fn dsdt_aml(ram_end: u64) -> Vec<u8> {
     let c_crs = Name::new("_CRS".into(), &com_crs);
     let com1 = Device::new("COM1".into(), vec![&c_hid, &c_uid, &c_crs]);
 
-    let sb = Scope::new("_SB_".into(), vec![&pci0, &com1]);
+    let hotplug = sb_devices();
+    let sb = Scope::new("_SB_".into(), vec![&pci0, &com1, &hotplug]);
     let s5_typ = SLP_TYP_S5;
     let s5_pkg = Package::new(vec![&s5_typ]);
     let s5 = Name::new("_S5_".into(), &s5_pkg);
@@ -394,5 +403,107 @@ mod tests {
         // Small guests still get the window above 4 GiB.
         assert_eq!(pci_mmio64_window(512 << 20).0, 4 << 30);
         assert_eq!(pci_mmio64_window((4 << 30) + 1).0, 5 << 30);
+    }
+
+    #[test]
+    fn dsdt_has_pci_hotplug_slots_controller_and_ged() {
+        use crate::hotplug::aml::slot_name;
+        use crate::layout::{GED_GSI, PCI_HOTPLUG_SIZE, PCI_HOTPLUG_START};
+        let d = dsdt_aml(512 << 20);
+        let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
+        let count = |needle: &[u8]| d.windows(needle.len()).filter(|w| *w == needle).count();
+        for name in [
+            &b"PCNT"[..],
+            b"DVNT",
+            b"PHPR",
+            b"PCEJ",
+            b"BLCK",
+            b"GED_",
+            b"_EVT",
+        ] {
+            assert!(has(name), "{}", String::from_utf8_lossy(name));
+        }
+        for name in [&b"PCIU"[..], b"PCID", b"B0EJ", b"PSEG", b"GDAT"] {
+            assert!(has(name), "{}", String::from_utf8_lossy(name));
+        }
+        assert!(has(b"ACPI0013"));
+        // One device per slot 1..31, none for the host bridge's slot 0; each has _EJ0.
+        for slot in 1..=31u8 {
+            let name = slot_name(slot);
+            // DeviceOp (0x5b 0x82), a one-byte PkgLength, then the name.
+            let dev = d
+                .windows(7)
+                .any(|w| w[..2] == [0x5b, 0x82] && &w[3..] == name.as_bytes());
+            assert!(dev, "no Device ({name})");
+        }
+        assert!(!has(b"S00_"));
+        assert_eq!(count(b"_EJ0"), 31);
+        assert_eq!(count(b"_SUN"), 31 * 2, "Name (_SUN) and the _EJ0 argument");
+        // The register window: _CRS Memory32Fixed (base, size) and the operation regions.
+        let mut mem32 = vec![0x86, 9, 0, 1];
+        mem32.extend((PCI_HOTPLUG_START as u32).to_le_bytes());
+        mem32.extend((PCI_HOTPLUG_SIZE as u32).to_le_bytes());
+        assert!(has(&mem32));
+        let mut region = vec![0x5b, 0x80];
+        region.extend(b"PCST");
+        region.extend([0x00, 0x0c]);
+        region.extend((PCI_HOTPLUG_START as u32).to_le_bytes());
+        assert!(
+            has(&region),
+            "OperationRegion (PCST, SystemMemory, base, ...)"
+        );
+        // The GED interrupt: Extended IRQ descriptor, consumer + edge, active high, one GSI.
+        let mut irq = vec![0x89, 6, 0, 0b0011, 1];
+        irq.extend(GED_GSI.to_le_bytes());
+        assert!(has(&irq));
+    }
+
+    #[test]
+    fn dsdt_disassembles_with_iasl() {
+        let name = "dsdt_disassembles_with_iasl";
+        let Ok(out) = std::process::Command::new("iasl").arg("-v").output() else {
+            println!("{name}: skipped: iasl not found (apt-get install acpica-tools)");
+            return;
+        };
+        assert!(out.status.success(), "iasl -v failed: {out:?}");
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ioasid-vmm-dsdt").unwrap();
+        let path = dir.as_path();
+        std::fs::write(path.join("dsdt.dat"), dsdt(7 << 30)).unwrap();
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("iasl")
+                .current_dir(path)
+                .args(args)
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "iasl {args:?} failed:\n{text}");
+            text
+        };
+        let text = run(&["-d", "dsdt.dat"]);
+        assert!(!text.contains("Error"), "iasl -d reported errors:\n{text}");
+        let dsl = std::fs::read_to_string(path.join("dsdt.dsl")).unwrap();
+        for needle in [
+            "Device (PCI0)",
+            "Device (S01)",
+            "Device (S1F)",
+            "Method (PCNT, 0, NotSerialized)",
+            "Method (_EJ0, 1, NotSerialized)",
+            "Method (_EVT, 1, Serialized)",
+            "\"ACPI0013\"",
+            "Device (PHPR)",
+        ] {
+            assert!(dsl.contains(needle), "{needle} missing from:\n{dsl}");
+        }
+        assert!(!dsl.contains("Device (S00)"));
+        // The disassembly compiles back without errors (warnings and remarks are fine).
+        let text = run(&["-p", "recompiled", "dsdt.dsl"]);
+        assert!(
+            text.contains(" 0 Errors") || text.contains("0 Errors,"),
+            "iasl reported errors compiling the disassembly:\n{text}"
+        );
     }
 }

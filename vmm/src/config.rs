@@ -148,24 +148,8 @@ pub struct MemoryConfig {
     pub hugepages: bool,
 }
 
-/// `--device`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeviceConfig {
-    /// sysfs path or `/dev/vfio/devices/vfioN`.
-    pub path: Option<PathBuf>,
-    /// A pre-opened VFIO cdev fd.
-    pub fd: Option<i32>,
-    /// Put the device behind the vIOMMU.
-    pub iommu: bool,
-    /// Expose PASID to the guest.
-    pub pasid: bool,
-    /// Device identifier.
-    pub id: Option<String>,
-    /// PCI segment.
-    pub pci_segment: u16,
-    /// PCI slot on the root bus.
-    pub pci_device_id: Option<u8>,
-}
+/// `--device`: the REST API's `DeviceConfig` (one syntax for the flag and `vm.add-device`).
+pub use api::DeviceConfig;
 
 /// On, off, or decided by probing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -425,71 +409,27 @@ fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
     Ok(MemoryConfig { size, hugepages })
 }
 
+/// Parses one `--device` value with [`DeviceConfig::parse`] and checks it as the device
+/// manager will ([`crate::device_manager::check_device_config`]); `fd=N` names a file
+/// descriptor the VMM inherited.
 fn parse_device(s: &str) -> Result<DeviceConfig, ConfigError> {
-    const ACCEPTED: &str =
-        "path=<path>, fd=<fd>, iommu=on|off, pasid=on|off, id=<id>, pci_segment=<n>, pci_device_id=<0-31>";
-    let kv = KeyValues::parse(
-        "--device",
-        s,
-        &[
-            "path",
-            "fd",
-            "iommu",
-            "pasid",
-            "id",
-            "pci_segment",
-            "pci_device_id",
-        ],
-        ACCEPTED,
-    )?;
-    let path = kv.get("path").map(PathBuf::from);
-    if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
-        return Err(kv.invalid("path", "", "a non-empty path"));
-    }
-    let fd: Option<i32> = kv.number("fd", "a file descriptor number (0 or more)")?;
-    match (&path, fd) {
-        (None, None) => {
-            return Err(ConfigError::Invalid {
-                flag: "--device",
-                reason: format!("one of path=<path> or fd=<fd> is required in '{s}'"),
-            })
-        }
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::Invalid {
-                flag: "--device",
-                reason: format!("path= and fd= are mutually exclusive in '{s}'"),
-            })
-        }
-        _ => {}
-    }
-    let id = match kv.get("id") {
-        Some("") => return Err(kv.invalid("id", "", "a non-empty identifier")),
-        Some(v) if v.contains(char::is_whitespace) => {
-            return Err(kv.invalid("id", v, "an identifier without spaces"))
-        }
-        other => other.map(str::to_string),
+    let invalid = |e: &dyn std::fmt::Display| ConfigError::Invalid {
+        flag: "--device",
+        reason: format!("{e} (in '{s}'; syntax: {})", DeviceConfig::SYNTAX),
     };
-    let pci_device_id: Option<u8> = kv.number("pci_device_id", "a PCI slot number from 0 to 31")?;
-    if let Some(d) = pci_device_id {
-        if d > 31 {
-            return Err(kv.invalid(
-                "pci_device_id",
-                kv.get("pci_device_id").unwrap_or_default(),
-                "a PCI slot number from 0 to 31",
-            ));
+    let cfg = DeviceConfig::parse(s).map_err(|e| invalid(&e))?;
+    crate::device_manager::check_device_config(&cfg, cfg.fd.is_some()).map_err(|e| invalid(&e))?;
+    if let Some(fd) = cfg.fd {
+        if fd <= 2 {
+            return Err(ConfigError::Invalid {
+                flag: "--device",
+                reason: format!(
+                    "fd={fd} is stdin, stdout or stderr, not an inherited VFIO cdev (in '{s}')"
+                ),
+            });
         }
     }
-    Ok(DeviceConfig {
-        path,
-        fd,
-        iommu: kv.on_off("iommu", false)?,
-        pasid: kv.on_off("pasid", false)?,
-        id,
-        pci_segment: kv
-            .number("pci_segment", "a PCI segment number from 0 to 65535")?
-            .unwrap_or(0),
-        pci_device_id,
-    })
+    Ok(cfg)
 }
 
 fn parse_platform(s: &str) -> Result<PlatformConfig, ConfigError> {
@@ -649,6 +589,14 @@ impl VmConfig {
                     });
                 }
             }
+            if let Some(fd) = dev.fd {
+                if devices.iter().any(|o: &DeviceConfig| o.fd == Some(fd)) {
+                    return Err(ConfigError::Invalid {
+                        flag: "--device",
+                        reason: format!("fd={fd} is given for more than one device"),
+                    });
+                }
+            }
             devices.push(dev);
         }
         let platform = match &a.platform {
@@ -774,7 +722,13 @@ mod tests {
 
     #[test]
     fn several_devices_after_one_flag() {
-        let c = vm(&["--kernel", "/k", "--device", "path=/a", "path=/b"]);
+        let c = vm(&[
+            "--kernel",
+            "/k",
+            "--device",
+            "path=/sys/bus/pci/devices/0000:00:03.0",
+            "path=/sys/bus/pci/devices/0000:00:04.0",
+        ]);
         assert_eq!(c.devices.len(), 2);
     }
 
@@ -859,75 +813,89 @@ mod tests {
         );
     }
 
+    const EDU: &str = "/sys/bus/pci/devices/0000:00:03.0";
+
     #[test]
     fn bad_device() {
+        let dev = |v: &str| {
+            vec![
+                "--kernel".to_string(),
+                "/k".into(),
+                "--device".into(),
+                v.into(),
+            ]
+        };
+        let cases: Vec<(String, &str)> = vec![
+            ("iommu=on".to_string(), "needs `path`"),
+            (format!("path={EDU},fd=3"), "not both"),
+            ("fd=-1".to_string(), "file descriptor"),
+            ("fd=1".to_string(), "stdin, stdout or stderr"),
+            (format!("path={EDU},iommu=maybe"), "on or off"),
+            (format!("path={EDU},iommu=on,pasid=1"), "on or off"),
+            (format!("path={EDU},pasid=on"), "needs iommu=on"),
+            (format!("path={EDU},pci_device_id=32"), "0-31"),
+            (format!("path={EDU},pci_segment=70000"), "0-65535"),
+            (format!("path={EDU},id="), "empty"),
+            (format!("path={EDU},id=a b"), "only letters"),
+            (format!("path={EDU},colour=red"), "pci_device_id"),
+            ("path=,id=x".to_string(), "sysfs device path"),
+            ("path=/etc/passwd".to_string(), "not allowed"),
+            ("path=/dev/vfio/devices/vfiox".to_string(), "not allowed"),
+            (
+                format!("path={EDU},x_exclude_mmap_bars=[1]"),
+                "not supported",
+            ),
+        ];
+        for (value, hint) in &cases {
+            let args = dev(value);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            rejects(&args, "--device", hint);
+            // The rejected value is quoted, so the user sees which --device was wrong.
+            assert!(err(&args).contains(value), "{value}");
+        }
         rejects(
-            &["--kernel", "/k", "--device", "iommu=on"],
+            &[
+                "--kernel",
+                "/k",
+                "--device",
+                &format!("path={EDU},id=d"),
+                "--device",
+                "path=/sys/bus/pci/devices/0000:00:04.0,id=d",
+            ],
             "--device",
-            "path=<path> or fd=<fd>",
+            "more than one device",
         );
         rejects(
-            &["--kernel", "/k", "--device", "path=/a,fd=3"],
+            &["--kernel", "/k", "--device", "fd=5", "--device", "fd=5"],
             "--device",
-            "mutually exclusive",
-        );
-        rejects(
-            &["--kernel", "/k", "--device", "fd=-1"],
-            "--device",
-            "file descriptor",
-        );
-        rejects(
-            &["--kernel", "/k", "--device", "path=/a,iommu=maybe"],
-            "--device",
-            "on, off",
-        );
-        rejects(
-            &["--kernel", "/k", "--device", "path=/a,pasid=1"],
-            "--device",
-            "on, off",
-        );
-        rejects(
-            &["--kernel", "/k", "--device", "path=/a,pci_device_id=32"],
-            "--device",
-            "0 to 31",
-        );
-        rejects(
-            &["--kernel", "/k", "--device", "path=/a,pci_segment=70000"],
-            "--device",
-            "0 to 65535",
-        );
-        rejects(
-            &["--kernel", "/k", "--device", "path=/a,id="],
-            "--device",
-            "non-empty",
-        );
-        rejects(
-            &["--kernel", "/k", "--device", "path=/a,colour=red"],
-            "--device",
-            "pci_device_id",
-        );
-        rejects(
-            &["--kernel", "/k", "--device", "path=,id=x"],
-            "--device",
-            "non-empty path",
+            "fd=5 is given for more than one device",
         );
         rejects(
             &[
                 "--kernel",
                 "/k",
                 "--device",
-                "path=/a,id=d",
-                "--device",
-                "path=/b,id=d",
+                &format!("path={EDU},iommu=on"),
             ],
-            "--device",
-            "more than one device",
-        );
-        rejects(
-            &["--kernel", "/k", "--device", "path=/a,iommu=on"],
             "--device",
             "viommu=vtd",
         );
+    }
+
+    #[test]
+    fn device_accepts_cdev_paths_and_mdevs() {
+        let c = vm(&[
+            "--kernel",
+            "/k",
+            "--device",
+            "path=/dev/vfio/devices/vfio3,id=c",
+            "path=/sys/bus/mdev/devices/83b8f4f2-509f-382f-3c1e-e6bfe0fa1001",
+        ]);
+        assert_eq!(
+            c.devices[0].path.as_deref(),
+            Some(std::path::Path::new("/dev/vfio/devices/vfio3"))
+        );
+        assert_eq!(c.devices[1].id, None);
     }
 
     #[test]

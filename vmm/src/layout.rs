@@ -4,7 +4,8 @@
 //! 0x0000_0000 .. LOW_RAM_END     RAM (boot structures live in the first MiB)
 //! 0xC000_0000 .. 0xE000_0000     32-bit PCI MMIO window (32-bit BARs)
 //! 0xE000_0000 .. 0xF000_0000     PCIe ECAM (256 buses x 1 MiB)
-//! 0xF000_0000 .. 4 GiB           platform: IOAPIC, LAPIC, KVM TSS/identity map
+//! 0xF000_0000 .. 4 GiB           platform: PCI hotplug/GED registers, IOAPIC, LAPIC,
+//!                                KVM TSS/identity map
 //! 4 GiB .. 4 GiB + high RAM      RAM above the hole
 //! above RAM                      64-bit PCI MMIO window (the device manager allocates it)
 //! ```
@@ -24,6 +25,12 @@ pub const PCI_MMIO32_SIZE: u64 = 512 * MIB;
 pub const PCI_ECAM_START: u64 = 0xE000_0000;
 /// Size of the ECAM window: 256 buses.
 pub const PCI_ECAM_SIZE: u64 = 256 * MIB;
+/// The ACPI PCI hotplug controller's registers (slot bitmaps, eject, segment select and the
+/// GED event register; see `hotplug`). Platform area, below the IOAPIC, outside RAM, the PCI
+/// windows and ECAM.
+pub const PCI_HOTPLUG_START: u64 = 0xFE00_0000;
+/// Size of the PCI hotplug register window.
+pub const PCI_HOTPLUG_SIZE: u64 = 0x20;
 /// The IOAPIC (in-kernel irqchip).
 pub const IOAPIC_START: u64 = 0xFEC0_0000;
 /// The local APIC.
@@ -73,6 +80,9 @@ pub const MSI_GSI_BASE: u32 = 24;
 pub const SERIAL_IRQ: u32 = 4;
 /// I/O port of COM1.
 pub const SERIAL_PORT: u64 = 0x3f8;
+/// GSI of the ACPI Generic Event Device (hotplug notifications): ISA IRQ 5, unused by any
+/// other device, edge-triggered active-high (the irqfd pulses it once per event).
+pub const GED_GSI: u32 = 5;
 
 /// Size of the 64-bit PCI MMIO window (64-bit BARs).
 pub const PCI_MMIO64_SIZE: u64 = 64 * GIB;

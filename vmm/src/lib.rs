@@ -4,11 +4,14 @@
 //! by file), vCPUs and their run loop ([`vcpu`], [`cpuid`]), interrupt routing ([`irq`]),
 //! Linux and payload boot ([`boot`]), ACPI tables ([`acpi`]), the 16550 console ([`serial`]),
 //! the guest address map ([`layout`]), the command line ([`config`]) and putting it all
-//! together ([`runner`]).
+//! together ([`runner`]), and the PCI bus with its assigned VFIO devices ([`device_manager`]:
+//! backend choice, the VM's IOAS with RAM mapped once per region, bind/attach, KVM-VFIO, MSI
+//! routes through irqfds, BAR windows as KVM memory slots, introspection).
 //!
-//! Must not touch: device internals beyond the `devices::bus` traits, and the kernel IOMMU
-//! uAPI (no iommufd or VFIO ioctls here: the device manager uses the `ioasid` crate, fed with
-//! the RAM regions [`memory::GuestRam::regions`] describes).
+//! Must not touch: device internals beyond the `devices` traits (bus, PCI device, interrupt
+//! sink, BAR mapper), and the kernel IOMMU uAPI (no iommufd or VFIO ioctls here: the device
+//! manager uses the `ioasid` crate, fed with the RAM regions [`memory::GuestRam::regions`]
+//! describes; the only VFIO-related call here is KVM's own KVM-VFIO pseudo device).
 //!
 //! For the device manager:
 //! - guest RAM: [`vm::Vm::ram_regions`] gives each region's memfd, file offset, GPA, size and
@@ -20,12 +23,24 @@
 //! - the KVM VM fd for the KVM-VFIO device: [`vm::Vm::vm_fd`];
 //! - address windows: [`layout::PCI_MMIO32_START`], [`layout::pci_mmio64_window`],
 //!   [`layout::PCI_ECAM_START`];
-//! - running: [`runner::run_with`] calls an attach step between VM creation and boot.
+//! - running: [`runner::run_with`] calls an attach step between VM creation and boot;
+//! - PCI hotplug: [`hotplug::PciHotplug::install`], then `notify_added(slot)` after putting a
+//!   function on the bus and `request_eject(slot)` to ask the guest to let go of one (the
+//!   guest's eject comes back through the `on_eject` callback).
+//!
+//! The REST API (`--api-socket`, the `api` crate's server) reaches the VM through [`control`]:
+//! the main thread's loop over the API's eventfd, the guest's ejects and the VM's end, which
+//! adds and removes devices through the device manager and announces them through ACPI
+//! hotplug.
 
 pub mod acpi;
 pub mod boot;
+pub mod cmos;
 pub mod config;
+pub mod control;
 pub mod cpuid;
+pub mod device_manager;
+pub mod hotplug;
 pub mod irq;
 pub mod layout;
 pub mod memory;

@@ -1,4 +1,5 @@
-//! `ioasid-vmm`: the VMM binary. Parsing lives in `vmm::config`, running in `vmm::runner`.
+//! `ioasid-vmm`: the VMM binary. Parsing lives in `vmm::config`, running in `vmm::runner`,
+//! `iommu-info` in `vmm::device_manager::host_iommu_info`.
 
 use std::process::ExitCode;
 
@@ -25,13 +26,25 @@ fn main() -> ExitCode {
         }
     };
     match action {
-        Action::IommuInfo { device } => {
-            eprintln!(
-                "Error: iommu-info for {} is not yet implemented (the ioasid crate will answer it)",
-                device.display()
-            );
-            ExitCode::from(2)
-        }
+        Action::IommuInfo { device } => match vmm::device_manager::host_iommu_info(&device) {
+            Ok(caps) => match serde_json::to_string_pretty(&caps) {
+                Ok(json) => {
+                    println!("{json}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "Error: cannot print the capabilities of {}: {e}",
+                        device.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            },
+            Err(e) => {
+                eprintln!("Error: iommu-info for {}: {e}", device.display());
+                ExitCode::FAILURE
+            }
+        },
         Action::Run(cfg) => match vmm::runner::run(&cfg) {
             Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
             Err(e) => {

@@ -2,6 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
@@ -10,7 +11,10 @@ use crate::acpi::{write_tables, AcpiError, AcpiPmDevice};
 use crate::boot::linux::{load_linux, LinuxBootConfig, LinuxBootError};
 use crate::boot::payload::{load_payload, read_payload, PayloadError, PayloadMode};
 use crate::boot::BootEntry;
-use crate::config::{BootConfig, SerialConfig, VmConfig};
+use crate::config::{BootConfig, DeviceConfig, SerialConfig, VmConfig};
+use crate::control::{eject_channel, Control, ControlError, ControlSetup, EjectReceiver};
+use crate::device_manager::{DeviceManager, DeviceManagerConfig, DeviceManagerError};
+use crate::hotplug::{HotplugError, PciHotplug};
 use crate::irq::{InterruptLine, IrqError, IrqfdLine};
 use crate::layout::{ACPI_SLEEP_CONTROL_PORT, SERIAL_IRQ, SERIAL_PORT};
 use crate::memory::RamConfig;
@@ -50,9 +54,39 @@ pub enum RunError {
     /// The device-attach step failed.
     #[error("Device setup failed")]
     Devices(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The device manager could not be created, or a `--device` could not be assigned.
+    #[error("Device setup failed")]
+    DeviceManager(#[from] DeviceManagerError),
+    /// A `--device fd=N` that is not an open file descriptor of this process.
+    #[error("--device fd={fd}: not an open file descriptor of ioasid-vmm (pass the VFIO cdev open, without close-on-exec)")]
+    InheritedFd {
+        /// The number.
+        fd: i32,
+        /// The errno of fcntl(F_GETFD).
+        #[source]
+        source: std::io::Error,
+    },
     /// A vCPU failed.
     #[error("The guest stopped with an error")]
     Guest(#[source] crate::vcpu::VcpuError),
+    /// The ACPI PCI hotplug controller could not be installed.
+    #[error("PCI hotplug setup failed")]
+    Hotplug(#[from] HotplugError),
+    /// The channel from the hotplug controller to the control loop could not be created.
+    #[error("Cannot create the guest-eject channel")]
+    EjectChannel(#[source] std::io::Error),
+    /// The REST API channel or server could not be set up.
+    #[error("Cannot start the REST API on {path}")]
+    Api {
+        /// The `--api-socket` path.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: api::ServerError,
+    },
+    /// The control loop failed.
+    #[error("The control loop failed")]
+    Control(#[from] ControlError),
 }
 
 /// Where serial output goes.
@@ -174,29 +208,51 @@ impl PayloadVm {
     }
 }
 
-/// Builds the VM `cfg` describes, boots it and waits until it ends. Returns the process exit
-/// code (0 for a clean guest stop). `--device` entries are reported as not attached; use
-/// [`run_with`] to attach them.
+/// The device manager of a running VM, shared with whoever serves the REST API.
+pub type SharedDeviceManager = Arc<Mutex<DeviceManager>>;
+
+/// Builds the VM `cfg` describes, with its device manager and every `--device` assigned,
+/// boots it and waits until it ends. Returns the process exit code (0 for a clean guest stop).
 pub fn run(cfg: &VmConfig) -> Result<i32, RunError> {
-    run_with(cfg, |_vm, cfg| {
-        if !cfg.devices.is_empty() {
-            log::warn!(
-                "{} --device entries parsed but not attached: no device manager is wired",
-                cfg.devices.len()
-            );
-        }
-        Ok(Vec::new())
-    })
+    run_with(cfg, |_vm, _devices, _cfg| Ok(Vec::new()))
 }
 
-/// [`run`] with an `attach` step where the device manager registers its devices on the
-/// buses, sets up interrupt routes and maps guest RAM for DMA. It runs after RAM, the serial
-/// port and the buses exist and before the guest is loaded, and returns extra ACPI tables
-/// (e.g. a DMAR) to link from the XSDT.
+/// Takes ownership of the fds `--device fd=N` names. Done first thing, before the VMM opens
+/// files of its own, so a number can only be one the process inherited.
+pub fn take_inherited_fds(devices: &[DeviceConfig]) -> Result<Vec<Option<OwnedFd>>, RunError> {
+    let mut out = Vec::with_capacity(devices.len());
+    for d in devices {
+        let Some(fd) = d.fd else {
+            out.push(None);
+            continue;
+        };
+        // SAFETY: F_GETFD only reads the fd's flags; an invalid number fails with EBADF.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(RunError::InheritedFd {
+                fd,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `fd` is open (checked above), was named on the command line as a file the
+        // process inherited, is taken before the VMM opens any file of its own, and each
+        // number is taken once (the config refuses duplicates and 0..=2); from here the
+        // OwnedFd is its only owner.
+        out.push(Some(unsafe { OwnedFd::from_raw_fd(fd) }));
+    }
+    Ok(out)
+}
+
+/// [`run`] with an `attach` step. Before it runs, the VM exists with RAM, the serial port and
+/// its buses, the [`DeviceManager`] has created the PCI bus, and every `--device` is assigned
+/// (the first failure aborts the boot, naming the device). `attach` may keep a clone of the
+/// shared device manager (the REST API adds and removes devices through it while the VM
+/// runs) and returns extra ACPI tables (e.g. a DMAR) to link from the XSDT. The device
+/// manager is dropped, removing every device, when the VM has ended.
 pub fn run_with<'a>(
     cfg: &VmConfig,
-    attach: impl FnOnce(&mut Vm, &VmConfig) -> Result<Vec<Vec<u8>>, RunError> + 'a,
+    attach: impl FnOnce(&mut Vm, &SharedDeviceManager, &VmConfig) -> Result<Vec<Vec<u8>>, RunError> + 'a,
 ) -> Result<i32, RunError> {
+    let mut fds = take_inherited_fds(&cfg.devices)?;
     let (irqchip, entry_of): (IrqchipMode, &BootConfig) = match &cfg.boot {
         BootConfig::Linux(_) => (IrqchipMode::InKernel, &cfg.boot),
         BootConfig::Payload(p) => (
@@ -216,6 +272,18 @@ pub fn run_with<'a>(
         },
         irqchip,
     })?;
+    // Declared after `vm`, so it is dropped (devices removed) before the VM.
+    let devices: SharedDeviceManager = Arc::new(Mutex::new(DeviceManager::new(
+        &vm,
+        DeviceManagerConfig::from_platform(&cfg.platform),
+    )?));
+    {
+        let mut dm = devices.lock().unwrap_or_else(|e| e.into_inner());
+        for (d, fd) in cfg.devices.iter().zip(fds.iter_mut()) {
+            let added = dm.add_device(d, fd.take())?;
+            log::info!("--device {}: {} at {}", added.id, describe(d), added.bdf);
+        }
+    }
     let sink = match &cfg.serial {
         SerialConfig::Tty => SerialSink::Stdout,
         SerialConfig::Off => SerialSink::Off,
@@ -236,7 +304,7 @@ pub fn run_with<'a>(
     } else {
         None
     };
-    let extra_tables = attach(&mut vm, cfg)?;
+    let extra_tables = attach(&mut vm, &devices, cfg)?;
     let entry: BootEntry = match entry_of {
         BootConfig::Linux(l) => {
             let rsdp = write_tables(
@@ -247,6 +315,8 @@ pub fn run_with<'a>(
             )?;
             let pm = Arc::new(Mutex::new(AcpiPmDevice::new(vm.stopper().clone())));
             vm.add_pio_device(pm, ACPI_SLEEP_CONTROL_PORT, 3)?;
+            let rtc = Arc::new(Mutex::new(crate::cmos::Cmos::new()));
+            vm.add_pio_device(rtc, crate::cmos::CMOS_PORT, crate::cmos::CMOS_PORT_COUNT)?;
             load_linux(
                 vm.ram(),
                 &LinuxBootConfig {
@@ -263,8 +333,37 @@ pub fn run_with<'a>(
             load_payload(vm.ram(), &code, p.gpa, p.mode)?
         }
     };
+    let (hotplug, ejects) = install_hotplug(&vm)?;
+    let (api_rx, server) = match &cfg.api_socket {
+        Some(path) => {
+            let api_err = |source| RunError::Api {
+                path: path.clone(),
+                source,
+            };
+            let (rx, tx, evt) =
+                api::ApiReceiver::new().map_err(|e| api_err(api::ServerError::EventFd(e)))?;
+            let server = api::start_server(path, tx, evt).map_err(api_err)?;
+            log::info!("REST API listening on {}", path.display());
+            (Some(rx), Some(server))
+        }
+        None => (None, None),
+    };
     let running = vm.start(&entry)?;
-    let exit = running.wait();
+    let control = Control::new(ControlSetup {
+        devices: devices.clone(),
+        hotplug,
+        ejects,
+        api: api_rx,
+        config: cfg,
+        stopper: running.stopper(),
+    });
+    let exit = control.run(running)?;
+    if let Some(server) = server {
+        // After the control loop, so the reply to a shutdown request is delivered first.
+        if let Err(e) = server.stop() {
+            log::warn!("Stopping the REST API: {e}");
+        }
+    }
     for r in &exit.reports {
         log::info!("vCPU {} exits: {:?}", r.id, r.exits);
     }
@@ -285,5 +384,24 @@ pub fn run_with<'a>(
         }
         Some(Err(e)) => Err(RunError::Guest(e)),
         None => Ok(0),
+    }
+}
+
+/// With an in-kernel irqchip: the ACPI PCI hotplug controller (the DSDT always describes
+/// it), feeding the guest's ejects to the control loop.
+fn install_hotplug(vm: &Vm) -> Result<(Option<Arc<PciHotplug>>, Option<EjectReceiver>), RunError> {
+    if vm.irqchip() != IrqchipMode::InKernel {
+        return Ok((None, None));
+    }
+    let (on_eject, ejects) = eject_channel().map_err(RunError::EjectChannel)?;
+    let hotplug = PciHotplug::install(vm, on_eject)?;
+    Ok((Some(hotplug), Some(ejects)))
+}
+
+fn describe(d: &DeviceConfig) -> String {
+    match (&d.path, d.fd) {
+        (Some(p), _) => p.display().to_string(),
+        (None, Some(fd)) => format!("fd {fd}"),
+        (None, None) => "device".to_string(),
     }
 }

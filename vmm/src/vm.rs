@@ -271,6 +271,68 @@ impl Drop for RunningVm {
     }
 }
 
+/// KVM user memory slot numbers: RAM takes the first ones when the VM is created; the rest
+/// are handed out (and taken back) for device memory such as directly mapped BAR windows.
+#[derive(Debug)]
+pub struct MemorySlots {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Debug)]
+struct SlotState {
+    next: u32,
+    limit: u32,
+    free: Vec<u32>,
+    in_use: usize,
+}
+
+impl MemorySlots {
+    /// Slots `first..limit` are free (`limit` is KVM_CAP_NR_MEMSLOTS).
+    pub fn new(first: u32, limit: u32) -> Self {
+        Self {
+            state: Mutex::new(SlotState {
+                next: first,
+                limit,
+                free: Vec::new(),
+                in_use: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A free slot number, or `None` when all `limit` slots are taken.
+    pub fn allocate(&self) -> Option<u32> {
+        let mut s = self.lock();
+        let slot = match s.free.pop() {
+            Some(slot) => slot,
+            None if s.next < s.limit => {
+                s.next += 1;
+                s.next - 1
+            }
+            None => return None,
+        };
+        s.in_use += 1;
+        Some(slot)
+    }
+
+    /// Gives `slot` back (after KVM removed it with a zero-sized region).
+    pub fn free(&self, slot: u32) {
+        let mut s = self.lock();
+        if slot < s.next && !s.free.contains(&slot) {
+            s.free.push(slot);
+            s.in_use = s.in_use.saturating_sub(1);
+        }
+    }
+
+    /// Slots handed out and not freed.
+    pub fn in_use(&self) -> usize {
+        self.lock().in_use
+    }
+}
+
 /// A KVM VM with its RAM, buses, interrupt routing and vCPUs.
 #[derive(Debug)]
 pub struct Vm {
@@ -282,6 +344,7 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     stopper: Arc<VmStopper>,
     irqchip: IrqchipMode,
+    slots: Arc<MemorySlots>,
 }
 
 fn setup<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
@@ -397,6 +460,9 @@ impl Vm {
             tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
             msr_index_list,
         };
+        let ram_slots = ram.regions().len() as u32;
+        let slot_limit = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX);
+        let slots = Arc::new(MemorySlots::new(ram_slots, slot_limit.max(ram_slots)));
         let mut vcpus = Vec::new();
         let mut kickers = Vec::new();
         for id in 0..opts.vcpus {
@@ -420,7 +486,13 @@ impl Vm {
                 reason: Mutex::new(None),
             }),
             irqchip: opts.irqchip,
+            slots,
         })
+    }
+
+    /// The allocator of KVM memory slot numbers above the RAM slots (device memory).
+    pub fn memory_slots(&self) -> &Arc<MemorySlots> {
+        &self.slots
     }
 
     /// The `/dev/kvm` handle.

@@ -20,17 +20,6 @@ fn bad_flag_value_exits_2_naming_flag_and_choices() {
 }
 
 #[test]
-fn iommu_info_is_a_clear_stub() {
-    let out = vmm()
-        .args(["iommu-info", "--device", "/dev/vfio/devices/vfio0"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0));
-    assert!(err.contains("not yet implemented"), "{err}");
-}
-
-#[test]
 fn payload_run_writes_serial_file() {
     if !std::path::Path::new("/dev/kvm").exists() {
         println!("payload_run_writes_serial_file: skipped: no /dev/kvm");

@@ -1,7 +1,7 @@
 //! `ioasid-lab`: the lab suite, run inside the L2 guest by the lab's init.
 //!
 //! `ioasid-lab [--filter SUBSTR]` runs the tests; `ioasid-lab demo` shows the edu DMA round
-//! trip step by step. Both end with `LAB-DONE`.
+//! trip step by step; `ioasid-lab bench` runs the lab benchmarks. All end with `LAB-DONE`.
 
 use std::process::ExitCode;
 
@@ -46,10 +46,12 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut filter = None;
     let mut demo = false;
+    let mut bench = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "demo" => demo = true,
+            "bench" => bench = true,
             "iommu-info" => return iommu_info(it.next().map(String::as_str)),
             "--filter" => filter = it.next().cloned(),
             "--list" => {
@@ -59,12 +61,18 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             other => {
-                eprintln!("ioasid-lab: unknown argument '{other}' (expected: demo, iommu-info PATH, --filter SUBSTR, --list)");
+                eprintln!("ioasid-lab: unknown argument '{other}' (expected: demo, bench, iommu-info PATH, --filter SUBSTR, --list)");
                 return ExitCode::from(2);
             }
         }
     }
-    let tests = if demo { lab::demo() } else { lab::all() };
+    let tests = if demo {
+        lab::demo()
+    } else if bench {
+        lab::bench()
+    } else {
+        lab::all()
+    };
     let failed = harness::run_all(&tests, filter.as_deref().filter(|f| !f.is_empty()));
     println!("LAB-DONE");
     if failed == 0 {

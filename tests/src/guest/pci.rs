@@ -90,3 +90,43 @@ pub fn bind_vfio(bdf: &str) -> Result<(), String> {
         other => Err(format!("{bdf}: bound to {other:?} instead of vfio-pci")),
     }
 }
+
+/// The serial ttys (ttyS*) whose device sits under `bdf` in sysfs, sorted. Serial-core
+/// puts port devices between the PCI function and the tty, so the tty is not a direct child.
+pub fn ttys_of(bdf: &str) -> Result<Vec<String>, String> {
+    let rd = std::fs::read_dir("/sys/class/tty").map_err(|e| format!("/sys/class/tty: {e}"))?;
+    let needle = format!("/{bdf}/");
+    let mut out: Vec<String> = rd
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ttyS"))
+        .filter(|e| {
+            std::fs::canonicalize(e.path())
+                .map(|p| p.to_string_lossy().contains(&needle))
+                .unwrap_or(false)
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort_by_key(|n| (n.len(), n.clone()));
+    Ok(out)
+}
+
+/// A one-line summary of `bdf`'s sysfs state (class, irq, enable, resources) for failures.
+pub fn describe(bdf: &str) -> String {
+    let d = dir(bdf);
+    let get = |f: &str| {
+        std::fs::read_to_string(d.join(f))
+            .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|e| format!("<{e}>"))
+    };
+    let res: Vec<String> = (0..2)
+        .filter_map(|n| bar(bdf, n).ok())
+        .map(|(s, l, f)| format!("{s:#x}+{l:#x}/{f:#x}"))
+        .collect();
+    format!(
+        "class {} irq {} enable {} BARs {}",
+        get("class"),
+        get("irq"),
+        get("enable"),
+        res.join(",")
+    )
+}

@@ -169,16 +169,20 @@ pub fn mtty_echo() -> Result<String, String> {
     let bdf = found
         .first()
         .ok_or("no 4348:3253 (mtty) function in /sys/bus/pci/devices")?;
-    let tty_dir = pci::dir(bdf).join("tty");
-    let mut ttys: Vec<String> = std::fs::read_dir(&tty_dir)
-        .map_err(|e| format!("{bdf}: no tty children ({e}); 8250_pci not bound?"))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    ttys.sort();
-    let tty = ttys
-        .first()
-        .ok_or(format!("{bdf}: no tty under {}", tty_dir.display()))?;
+    if pci::driver(bdf).is_none() {
+        // Ask the 8250 PCI driver ("serial") explicitly, so a probe failure shows its errno.
+        if let Err(e) = std::fs::write("/sys/bus/pci/drivers/serial/bind", bdf) {
+            return Err(format!(
+                "{bdf}: no driver bound, and binding it to 8250_pci (\"serial\") failed: {e}; {}",
+                pci::describe(bdf)
+            ));
+        }
+    }
+    let tty = pci::ttys_of(bdf)?.into_iter().next().ok_or(format!(
+        "{bdf}: no ttyS* under it in /sys/class/tty (driver: {:?}); {}",
+        pci::driver(bdf),
+        pci::describe(bdf)
+    ))?;
     let path = format!("/dev/{tty}");
     let mut f = std::fs::OpenOptions::new()
         .read(true)

@@ -45,6 +45,10 @@ pub fn tests() -> Vec<LabTest> {
             name: "linux_guest_mtty_serial_io",
             run: linux_guest_mtty_serial_io,
         },
+        LabTest {
+            name: "linux_guest_hotplug_via_rest",
+            run: linux_guest_hotplug_via_rest,
+        },
     ]
 }
 
@@ -161,6 +165,100 @@ pub fn wait_child(child: &mut Child, limit: Duration) -> Option<i32> {
     }
 }
 
+/// A running L3 guest: the VMM process, its serial file and its stderr reader.
+pub struct L3Session {
+    name: String,
+    child: Child,
+    serial: PathBuf,
+    start: Instant,
+    reader: Option<std::thread::JoinHandle<String>>,
+}
+
+impl L3Session {
+    /// Starts `ioasid-vmm` for an L3 guest running `tasks`, with `devices` and `extra` args.
+    pub fn start(
+        name: &str,
+        tasks: &str,
+        devices: &[String],
+        extra: &[String],
+    ) -> Result<Self, String> {
+        l3_pieces()?;
+        let serial = PathBuf::from(format!("/tmp/l3-{name}.serial"));
+        let _ = std::fs::remove_file(&serial);
+        let start = Instant::now();
+        let mut child = vmm_command(tasks, devices, extra, &serial)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {VMM_BIN}: {e}"))?;
+        // Drain stderr on a thread so a chatty log cannot block the VMM.
+        let mut err = child.stderr.take();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(e) = err.as_mut() {
+                let _ = e.read_to_string(&mut s);
+            }
+            s
+        });
+        Ok(L3Session {
+            name: name.to_string(),
+            child,
+            serial,
+            start,
+            reader: Some(reader),
+        })
+    }
+
+    /// The guest's serial output so far.
+    pub fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Waits until the serial output contains `marker`; false at the deadline or when the
+    /// VMM exits first.
+    pub fn wait_serial(&mut self, marker: &str, limit: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            if self.serial().contains(marker) {
+                return true;
+            }
+            if start.elapsed() > limit || matches!(self.child.try_wait(), Ok(Some(_))) {
+                return self.serial().contains(marker);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the VMM to exit (killing it at the deadline) and collects the outcome.
+    pub fn finish(mut self, limit: Duration) -> L3Outcome {
+        let status = wait_child(&mut self.child, limit);
+        let elapsed = self.start.elapsed();
+        let vmm_log = self
+            .reader
+            .take()
+            .and_then(|r| r.join().ok())
+            .unwrap_or_default();
+        let out = L3Outcome {
+            status,
+            serial: self.serial(),
+            vmm_log,
+            elapsed,
+        };
+        println!("LAB-INFO l3 run {}: {}", self.name, out.describe_exit());
+        out
+    }
+}
+
+impl Drop for L3Session {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Boots an L3 guest to completion (it powers off after its tasks) and collects the outcome.
 pub fn run_l3(
     name: &str,
@@ -168,37 +266,7 @@ pub fn run_l3(
     devices: &[String],
     limit: Duration,
 ) -> Result<L3Outcome, String> {
-    l3_pieces()?;
-    let serial = PathBuf::from(format!("/tmp/l3-{name}.serial"));
-    let _ = std::fs::remove_file(&serial);
-    let start = Instant::now();
-    let mut child = vmm_command(tasks, devices, &[], &serial)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {VMM_BIN}: {e}"))?;
-    // Drain stderr on a thread so a chatty log cannot block the VMM.
-    let mut err = child.stderr.take();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(e) = err.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    });
-    let status = wait_child(&mut child, limit);
-    let elapsed = start.elapsed();
-    let vmm_log = reader.join().unwrap_or_default();
-    let serial = std::fs::read_to_string(&serial).unwrap_or_default();
-    let out = L3Outcome {
-        status,
-        serial,
-        vmm_log,
-        elapsed,
-    };
-    println!("LAB-INFO l3 run {name}: {}", out.describe_exit());
-    Ok(out)
+    Ok(L3Session::start(name, tasks, devices, &[])?.finish(limit))
 }
 
 /// The shared boot of the boot/edu/mtty tests: edu and mtty assigned, tasks up, edu, mtty.
@@ -247,5 +315,88 @@ fn linux_guest_edu_dma_noiommu() -> TestResult {
 fn linux_guest_mtty_serial_io() -> TestResult {
     let echo = main_result("mtty_echo")?;
     println!("LAB-INFO L3 mtty: {echo}");
+    Ok(Outcome::Pass)
+}
+
+/// Where run.sh puts the REST client.
+pub const REMOTE_BIN: &str = "/bin/ioasid-remote";
+
+/// Runs `ioasid-remote --api-socket SOCK ARGS...`; Ok(stdout) on success.
+pub fn remote(sock: &Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(REMOTE_BIN)
+        .arg("--api-socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {REMOTE_BIN}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "ioasid-remote {} failed ({}): {} {}",
+            args.join(" "),
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn linux_guest_hotplug_via_rest() -> TestResult {
+    ensure!(
+        Path::new(REMOTE_BIN).exists(),
+        "{REMOTE_BIN} is missing from the L2 initramfs"
+    );
+    let edu = env::edu_path()?;
+    let sock = PathBuf::from("/tmp/l3-hotplug.sock");
+    let _ = std::fs::remove_file(&sock);
+    let extra = vec!["--api-socket".to_string(), sock.display().to_string()];
+    let mut vm = L3Session::start("hotplug", "hotplug", &[], &extra)?;
+    if !vm.wait_serial("L3-READY hotplug", Duration::from_secs(120)) {
+        let out = vm.finish(Duration::from_secs(1));
+        return Err(format!(
+            "the L3 guest never got ready for hotplug; {}; serial tail: {}; VMM log tail: {}",
+            out.describe_exit(),
+            tail(&out.serial, 10),
+            tail(&out.vmm_log, 10)
+        ));
+    }
+    let added = remote(
+        &sock,
+        &["add-device", &format!("path={},id=hot0", edu.display())],
+    )?;
+    println!(
+        "LAB-INFO add-device answered: {}",
+        added.trim().replace('\n', " ")
+    );
+    ensure!(
+        added.contains("hot0"),
+        "add-device reply lacks the id: {added}"
+    );
+    let ready = vm.wait_serial("L3-READY unplug", Duration::from_secs(120));
+    if ready {
+        let removed = remote(&sock, &["remove-device", "hot0"]);
+        if let Err(e) = removed {
+            let out = vm.finish(Duration::from_secs(1));
+            return Err(format!("{e}; serial tail: {}", tail(&out.serial, 10)));
+        }
+    }
+    let out = vm.finish(Duration::from_secs(150));
+    for name in [
+        "hotplug_added",
+        "hotplug_sees_edu",
+        "hotplug_edu_msi",
+        "hotplug_edu_dma",
+        "hotplug_removed",
+    ] {
+        let detail = out.result(name)?;
+        println!("LAB-INFO {name}: {detail}");
+    }
+    ensure!(
+        out.status == Some(0),
+        "the guest passed every check but {}",
+        out.describe_exit()
+    );
     Ok(Outcome::Pass)
 }

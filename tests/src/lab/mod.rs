@@ -1,11 +1,15 @@
 //! The lab tests, in the order they run.
 
+pub mod api_bench;
+pub mod api_tests;
+pub mod bench;
 pub mod demo;
 pub mod env;
 pub mod ioasid_tests;
 pub mod kvm;
 pub mod l3_tests;
 pub mod mock_tests;
+pub mod pdev_dma_tests;
 pub mod pdev_tests;
 
 use crate::harness::LabTest;
@@ -14,10 +18,17 @@ use crate::harness::LabTest;
 pub fn all() -> Vec<LabTest> {
     let mut v = ioasid_tests::tests();
     v.extend(pdev_tests::tests());
+    v.extend(pdev_dma_tests::tests());
     v.extend(mock_tests::tests());
     v.extend(kvm::tests());
     v.extend(l3_tests::tests());
+    v.extend(api_tests::tests());
     v
+}
+
+/// The benchmarks (`ioasid-lab bench`).
+pub fn bench() -> Vec<LabTest> {
+    bench::tests()
 }
 
 /// The main-job demo.

@@ -1,0 +1,639 @@
+//! Adding a device: resolve, choose the backend (first device), bind, register with
+//! KVM-VFIO, map guest RAM (first device), attach, build the model, put it on the bus; and
+//! undoing those steps in reverse when one fails.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use api::{DeviceConfig, DeviceConfigError};
+use devices::pci::{PciBdf, PciError, SharedPciDevice};
+use devices::vfio::{
+    CapPolicy, VfioDeviceId, VfioPciDevice, VfioPciError, VfioPciOptions, VfioRegions, VpasidConfig,
+};
+use ioasid::{
+    BackendChoice, BackendKind, DevId, DeviceName, HostFacts, IommuBackend, IommufdBackend, PtId,
+    Type1Backend,
+};
+use log::{info, warn};
+
+use super::assign::{self, KvmVfio, Source, CDEV_DIR};
+use super::bar_mapper::KvmBarMapper;
+use super::dma::{self, Backend, DmaState, RamMapMode};
+use super::interrupts::KvmInterruptSink;
+use super::{
+    check_device_config, lock, AddedDevice, Assigned, DeviceManager, DeviceManagerError, Placed,
+    Progress, Reason, PCI_SEGMENT,
+};
+
+impl DeviceManager {
+    /// Assigns the device `cfg` names (or the cdev `fd`): resolve, choose the backend (first
+    /// device), bind, map RAM (first device), attach to the VM's IOAS, register with
+    /// KVM-VFIO, build the model and put it on the PCI bus (at `pci_device_id` if given).
+    /// `cfg.fd` is ignored: the open cdev is `fd`. On failure nothing is left behind.
+    pub fn add_device(
+        &mut self,
+        cfg: &DeviceConfig,
+        fd: Option<OwnedFd>,
+    ) -> Result<AddedDevice, DeviceManagerError> {
+        let given = match (&cfg.path, &fd) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(f)) => format!("cdev fd {}", f.as_raw_fd()),
+            (None, None) => "a device without path or fd".to_string(),
+        };
+        check_device_config(cfg, fd.is_some()).map_err(|source| DeviceManagerError::Config {
+            device: given.clone(),
+            source,
+        })?;
+        if cfg.pci_segment != PCI_SEGMENT {
+            return Err(DeviceManagerError::Unsupported {
+                device: given,
+                reason: format!(
+                    "pci_segment={} does not exist: this VM has only segment {PCI_SEGMENT}",
+                    cfg.pci_segment
+                ),
+            });
+        }
+        if let Some(id) = &cfg.id {
+            if let Some(d) = self.find(id) {
+                return Err(DeviceManagerError::DuplicateId {
+                    id: id.clone(),
+                    host: d.host.to_string(),
+                });
+            }
+        }
+        if let Some(slot) = cfg.pci_device_id {
+            let bdf = PciBdf::root_slot(PCI_SEGMENT, slot);
+            if slot == 0 || lock(&self.pci).device(bdf).is_some() {
+                return Err(DeviceManagerError::step(
+                    &given,
+                    "choosing the PCI slot",
+                    if slot == 0 {
+                        PciError::InvalidSlot { slot }
+                    } else {
+                        PciError::SlotInUse { bdf }
+                    },
+                ));
+            }
+        }
+        let source = self.resolve(cfg, fd, &given)?;
+        if !matches!(source.name, DeviceName::Fd(_)) {
+            if let Some(d) = self.devices.iter().find(|d| d.host == source.name) {
+                return Err(DeviceManagerError::AlreadyAssigned {
+                    device: source.name.to_string(),
+                    id: d.id.clone(),
+                });
+            }
+        }
+        let device = source.given.clone();
+        let fresh_backend = self.dma.is_none();
+        self.ensure_backend(&source)?;
+        let (id, auto) = match &cfg.id {
+            Some(id) => (id.clone(), None),
+            None => {
+                let (id, n) = self.auto_id();
+                (id, Some(n))
+            }
+        };
+        let mut progress = Progress::default();
+        match self.assign(&id, source, cfg, &mut progress) {
+            Ok(assigned) => {
+                let added = AddedDevice {
+                    id: assigned.id.clone(),
+                    bdf: assigned.bdf,
+                };
+                info!(
+                    "{}: {} assigned at {} ({} backend, RAM map calls so far: {} for {} RAM regions)",
+                    added.id,
+                    assigned.host,
+                    added.bdf,
+                    self.backend_kind().map_or("no", BackendKind::name),
+                    self.ram_map_calls,
+                    self.ram.len()
+                );
+                self.devices.push(assigned);
+                if let Some(n) = auto {
+                    self.next_auto_id = n + 1;
+                }
+                Ok(added)
+            }
+            Err(e) => {
+                warn!("{id}: {}; undoing", e.message());
+                self.rollback(&device, progress);
+                if fresh_backend || !self.devices.iter().any(|d| d.dev.is_some()) {
+                    self.teardown_dma();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn resolve(
+        &self,
+        cfg: &DeviceConfig,
+        fd: Option<OwnedFd>,
+        given: &str,
+    ) -> Result<Source, DeviceManagerError> {
+        let source = match (fd, &cfg.path) {
+            (Some(fd), _) => assign::resolve_fd(fd).map_err(|why| {
+                DeviceManagerError::step(given, "identifying the device", Reason(why))
+            })?,
+            (None, Some(path)) => {
+                let spec = assign::resolve_path(path)
+                    .map_err(|e| DeviceManagerError::step(given, "resolving the device", e))?;
+                Source {
+                    name: spec.name.clone(),
+                    given: if path.starts_with(CDEV_DIR) {
+                        format!("{} ({})", spec.name, path.display())
+                    } else {
+                        spec.name.to_string()
+                    },
+                    spec: Some(spec),
+                    file: None,
+                }
+            }
+            (None, None) => {
+                return Err(DeviceManagerError::Config {
+                    device: given.to_string(),
+                    source: DeviceConfigError::NoPathOrFd,
+                })
+            }
+        };
+        info!(
+            "Resolved {given} to {}{}{}",
+            source.name,
+            source
+                .spec
+                .as_ref()
+                .and_then(|s| s.cdev.as_ref())
+                .map(|c| format!(", cdev {}", c.display()))
+                .unwrap_or_default(),
+            source
+                .spec
+                .as_ref()
+                .and_then(|s| s.group)
+                .map(|g| format!(", IOMMU group {g}"))
+                .unwrap_or_default()
+        );
+        Ok(source)
+    }
+
+    /// Chooses and opens the backend and allocates the VM's IOAS, on the first device.
+    fn ensure_backend(&mut self, source: &Source) -> Result<(), DeviceManagerError> {
+        let device = source.given.as_str();
+        if let Some(d) = &self.dma {
+            if source.file.is_some() && d.backend.kind() != BackendKind::Iommufd {
+                return Err(DeviceManagerError::Unsupported {
+                    device: device.to_string(),
+                    reason: format!(
+                        "an open cdev needs the iommufd backend, but this VM uses {}",
+                        d.backend.kind()
+                    ),
+                });
+            }
+            return Ok(());
+        }
+        let host = HostFacts::probe();
+        let kind = if source.file.is_some() {
+            // A cdev fd can only be bound to an iommufd.
+            match self.config.backend {
+                BackendChoice::Type1 => {
+                    return Err(DeviceManagerError::Unsupported {
+                        device: device.to_string(),
+                        reason: "an open cdev needs the iommufd backend, but --platform \
+                                 iommufd=off asks for type1"
+                            .to_string(),
+                    })
+                }
+                c => ioasid::choose(
+                    if c == BackendChoice::Auto {
+                        BackendChoice::Iommufd
+                    } else {
+                        c
+                    },
+                    host,
+                    None,
+                ),
+            }
+        } else {
+            ioasid::choose(self.config.backend, host, source.spec.as_ref())
+        }
+        .map_err(|e| DeviceManagerError::step(device, "choosing the IOMMU backend", e))?;
+        let backend = match kind {
+            BackendKind::Iommufd => {
+                Backend::Iommufd(Arc::new(IommufdBackend::open().map_err(|e| {
+                    DeviceManagerError::step(device, "opening /dev/iommu", e)
+                })?))
+            }
+            BackendKind::Type1 => {
+                Backend::Type1(Arc::new(Type1Backend::open().map_err(|e| {
+                    DeviceManagerError::step(device, "opening the VFIO container", e)
+                })?))
+            }
+            BackendKind::Soft => {
+                return Err(DeviceManagerError::Unsupported {
+                    device: device.to_string(),
+                    reason: "the soft backend serves emulated devices, not VFIO devices"
+                        .to_string(),
+                })
+            }
+        };
+        let ioas = backend
+            .as_dyn()
+            .ioas_alloc()
+            .map_err(|e| DeviceManagerError::step(device, "allocating the VM's IOAS", e))?;
+        info!(
+            "IOMMU backend {kind} chosen (choice {:?}); IOAS {} allocated for the VM",
+            self.config.backend, ioas.0
+        );
+        self.dma = Some(DmaState {
+            backend,
+            ioas,
+            ram: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// The steps after the backend exists; records what it did in `p`.
+    fn assign(
+        &mut self,
+        id: &str,
+        source: Source,
+        cfg: &DeviceConfig,
+        p: &mut Progress,
+    ) -> Result<Assigned, DeviceManagerError> {
+        let device = source.given.clone();
+        let dev_str = device.as_str();
+        let Some(dma) = self.dma.as_ref() else {
+            return Err(DeviceManagerError::step(
+                dev_str,
+                "choosing the IOMMU backend",
+                Reason("no backend".to_string()),
+            ));
+        };
+        let backend = dma.backend.clone();
+        let ioas = dma.ioas;
+        let need_ram = dma.ram.is_empty();
+
+        // Bind, and register the VFIO file with KVM.
+        let (dev, vfio, kvm_raw): (DevId, Arc<dyn VfioRegions>, Option<RawFd>) =
+            match (&backend, source.file, &source.spec) {
+                (Backend::Iommufd(b), Some(file), _) => {
+                    let (d, v) = b
+                        .bind_file(file, source.name.clone())
+                        .map_err(|e| DeviceManagerError::step(dev_str, "binding to iommufd", e))?;
+                    let raw = v.as_raw_fd();
+                    (d, v, Some(raw))
+                }
+                (Backend::Iommufd(b), None, Some(spec)) => {
+                    let (d, v) = b
+                        .bind(spec)
+                        .map_err(|e| DeviceManagerError::step(dev_str, "binding to iommufd", e))?;
+                    let raw = v.as_raw_fd();
+                    (d, v, Some(raw))
+                }
+                (Backend::Type1(b), None, Some(spec)) => {
+                    let (d, v) = b.bind(spec, ioas).map_err(|e| {
+                        DeviceManagerError::step(dev_str, "opening it through its VFIO group", e)
+                    })?;
+                    let raw = spec.group.and_then(assign::find_group_fd);
+                    if raw.is_none() {
+                        warn!(
+                            "{dev_str}: the fd of its VFIO group was not found; not registered \
+                             with the KVM-VFIO device"
+                        );
+                    }
+                    (d, v, raw)
+                }
+                _ => {
+                    return Err(DeviceManagerError::Unsupported {
+                        device: device.clone(),
+                        reason: "the type1 backend needs a sysfs path, not an open cdev"
+                            .to_string(),
+                    })
+                }
+            };
+        p.dev = Some(dev);
+        p.vfio = Some(vfio.clone());
+        if let Some(raw) = kvm_raw {
+            self.register_kvm(dev_str, raw, p)?;
+        }
+        info!(
+            "{id}: {device} bound to the {} backend as dev_id {}",
+            backend.kind(),
+            dev.0
+        );
+
+        // Capabilities (iommufd only; an mdev answers "no hardware info", which is not an error).
+        let caps = match &backend {
+            Backend::Iommufd(b) => b.hw_info(dev).map_err(|e| e.to_string()),
+            Backend::Type1(_) => {
+                Err("the type1 backend has no IOMMU_GET_HW_INFO (use iommufd)".to_string())
+            }
+        };
+        match &caps {
+            Ok(c) => info!(
+                "{id}: IOMMU caps: hw info {}, nesting {}, PASID width {}, PRS {}",
+                if c.has_hw_info() { "present" } else { "none" },
+                c.supports_nesting(),
+                c.max_pasid_bits(),
+                c.supports_prs()
+            ),
+            Err(e) => info!("{id}: IOMMU caps unknown: {e}"),
+        }
+        let mut options = VfioPciOptions::default();
+        if cfg.pasid {
+            let c = caps.as_ref().map_err(|e| {
+                DeviceManagerError::step(dev_str, "checking PASID support", Reason(e.clone()))
+            })?;
+            if c.max_pasid_bits() == 0 {
+                return Err(DeviceManagerError::Unsupported {
+                    device: device.clone(),
+                    reason: "pasid=on, but GET_HW_INFO reports no PASID support \
+                             (out_max_pasid_log2 = 0)"
+                        .to_string(),
+                });
+            }
+            options.vpasid = Some(VpasidConfig {
+                max_pasid_width: c.max_pasid_bits().min(20),
+                execute: c.pasid_exec,
+                privileged: c.pasid_priv,
+            });
+        }
+        if cfg.iommu {
+            warn!(
+                "{id}: iommu=on: no vIOMMU model is wired yet; the guest sees the device with \
+                 DMA addresses equal to guest physical addresses"
+            );
+        }
+
+        // RAM, once per VM (type1 needs a group in the container first, hence after bind).
+        if need_ram {
+            let mode = RamMapMode::for_kind(backend.kind());
+            let result = dma::map_ram(backend.as_dyn(), ioas, &self.ram, mode);
+            match result {
+                Ok((maps, calls)) => {
+                    self.ram_map_calls += calls;
+                    if let Some(d) = self.dma.as_mut() {
+                        d.ram = maps;
+                    }
+                    p.ram_mapped = true;
+                    info!(
+                        "Guest RAM mapped into IOAS {} with {calls} map calls for {} RAM regions \
+                         (total RAM map calls: {})",
+                        ioas.0,
+                        self.ram.len(),
+                        self.ram_map_calls
+                    );
+                }
+                Err(f) => {
+                    self.ram_map_calls += f.calls;
+                    return Err(DeviceManagerError::step(
+                        dev_str,
+                        "mapping guest RAM for DMA",
+                        f.error,
+                    ));
+                }
+            }
+        }
+
+        // Attach.
+        if let Backend::Iommufd(b) = &backend {
+            b.attach(dev, None, PtId::Ioas(ioas))
+                .map_err(|e| DeviceManagerError::step(dev_str, "attaching to the VM's IOAS", e))?;
+            p.attached = true;
+        }
+        info!("{id}: attached to IOAS {}", ioas.0);
+
+        let (bdf, model, sink, mapper) = self.place(
+            id,
+            dev_str,
+            &source.name,
+            vfio.clone(),
+            options,
+            cfg.pci_device_id,
+            p,
+        )?;
+        Ok(Assigned {
+            id: id.to_string(),
+            bdf,
+            host: source.name,
+            given: device,
+            dev: Some(dev),
+            config: cfg.clone(),
+            _vfio: vfio,
+            model,
+            sink,
+            mapper,
+            caps,
+            kvm_file: p.kvm_file,
+        })
+    }
+
+    /// Builds the model of `vfio` with its interrupt sink and BAR mapper and puts it on the
+    /// PCI bus at `slot` (or the first free one); records what it did in `p`.
+    #[allow(clippy::too_many_arguments)]
+    fn place(
+        &mut self,
+        id: &str,
+        device: &str,
+        name: &DeviceName,
+        vfio: Arc<dyn VfioRegions>,
+        options: VfioPciOptions,
+        slot: Option<u8>,
+        p: &mut Progress,
+    ) -> Result<Placed, DeviceManagerError> {
+        let model_id = match name {
+            DeviceName::Mdev(uuid) => VfioDeviceId::Mdev(uuid.clone()),
+            other => VfioDeviceId::Pdev(other.to_string()),
+        };
+        let sink = Arc::new(KvmInterruptSink::new(id, self.router.clone()));
+        p.sink = Some(sink.clone());
+        let model = VfioPciDevice::new(model_id, vfio, sink.clone(), options).map_err(
+            |e: VfioPciError| DeviceManagerError::step(device, "building the PCI model", e),
+        )?;
+        let mapper = Arc::new(KvmBarMapper::new(
+            id,
+            self.vm_fd.clone(),
+            self.slots.clone(),
+        ));
+        p.mapper = Some(mapper.clone());
+        let model = Arc::new(Mutex::new(model));
+        {
+            let mut m = lock(&model);
+            m.set_bar_mapper(mapper.clone());
+            let windows: usize = m.bar_plans().iter().map(|b| b.mmap.len()).sum();
+            let has = |cap: u16| {
+                if m.capabilities()
+                    .iter()
+                    .any(|c| c.id == cap && !c.extended && c.policy != CapPolicy::Hide)
+                {
+                    "on"
+                } else {
+                    "off"
+                }
+            };
+            info!(
+                "{id}: model built: {} BARs ({windows} mmapped windows, mapped into the guest \
+                 when decoded), MSI {}, MSI-X {}",
+                m.bar_plans().len(),
+                has(0x05),
+                has(0x11)
+            );
+        }
+        p.model = Some(model.clone());
+        let shared: SharedPciDevice = model.clone();
+        let bdf = lock(&self.pci)
+            .add_device(shared, slot)
+            .map_err(|e| DeviceManagerError::step(device, "placing it on the PCI bus", e))?;
+        p.bdf = Some(bdf);
+        if let Some(states) = lock(&self.pci).bar_states(bdf) {
+            for s in states {
+                info!(
+                    "{id}: at {bdf}, BAR{} ({:?}, {:#x} bytes) assigned at {:#x}",
+                    s.info.index, s.info.kind, s.info.size, s.assigned
+                );
+            }
+        }
+        Ok((bdf, model, sink, mapper))
+    }
+
+    /// Adds `raw` (a cdev or group fd) to the KVM-VFIO device, creating it on first use.
+    fn register_kvm(
+        &mut self,
+        device: &str,
+        raw: RawFd,
+        p: &mut Progress,
+    ) -> Result<(), DeviceManagerError> {
+        if self.kvm_vfio.is_none() {
+            let kv = KvmVfio::create(&self.vm_fd)
+                .map_err(|e| DeviceManagerError::step(device, "creating the KVM-VFIO device", e))?;
+            self.kvm_vfio = Some(kv);
+        }
+        if let Some(kv) = &self.kvm_vfio {
+            kv.add(raw)
+                .map_err(|e| DeviceManagerError::step(device, "KVM_DEV_VFIO_FILE_ADD", e))?;
+        }
+        p.kvm_file = Some(raw);
+        info!("{device}: VFIO file (fd {raw}) registered with the KVM-VFIO device");
+        Ok(())
+    }
+
+    /// Undoes a partial add, in reverse order.
+    fn rollback(&mut self, device: &str, p: Progress) {
+        if let Some(bdf) = p.bdf {
+            if let Err(e) = lock(&self.pci).remove_device(bdf) {
+                warn!("{device}: {e}");
+            }
+        }
+        if let Some(s) = &p.sink {
+            s.release_all();
+        }
+        if let Some(m) = &p.mapper {
+            m.unmap_all();
+        }
+        drop(p.model);
+        if let (Some(raw), Some(kv)) = (p.kvm_file, &self.kvm_vfio) {
+            if let Err(e) = kv.del(raw) {
+                warn!("{device}: KVM_DEV_VFIO_FILE_DEL: {e}");
+            }
+        }
+        if let Some(d) = &self.dma {
+            if let (true, Some(dev)) = (p.attached, p.dev) {
+                if let Err(e) = d.backend.as_dyn().detach(dev, None) {
+                    warn!("{device}: {e}");
+                }
+            }
+            if p.ram_mapped && self.devices.is_empty() {
+                dma::unmap_ram(d.backend.as_dyn(), d.ioas, &d.ram);
+            }
+            if let Some(dev) = p.dev {
+                match &d.backend {
+                    Backend::Iommufd(b) => b.unbind(dev),
+                    Backend::Type1(b) => b.unbind(dev),
+                }
+            }
+        }
+        if p.ram_mapped && self.devices.is_empty() {
+            if let Some(d) = self.dma.as_mut() {
+                d.ram.clear();
+            }
+        }
+        drop(p.sink);
+        drop(p.mapper);
+        drop(p.vfio);
+    }
+
+    /// Adds a PCI function whose VFIO regions come from `regions`, without an IOMMU backend:
+    /// no bind, no IOAS, no RAM mapping, so the device cannot do DMA. Its interrupts and BAR
+    /// windows go through the same KVM sink and mapper as an assigned device's. A seam for
+    /// tests (a fake `VfioRegions`) and for VMM-internal device models; `name` names the host
+    /// side in errors and introspection.
+    pub fn add_unbacked_device(
+        &mut self,
+        id: Option<&str>,
+        name: &str,
+        regions: Arc<dyn VfioRegions>,
+        slot: Option<u8>,
+    ) -> Result<AddedDevice, DeviceManagerError> {
+        if let Some(id) = id {
+            api::device_config::validate_id(id).map_err(|source| DeviceManagerError::Config {
+                device: name.to_string(),
+                source,
+            })?;
+            if let Some(d) = self.find(id) {
+                return Err(DeviceManagerError::DuplicateId {
+                    id: id.to_string(),
+                    host: d.host.to_string(),
+                });
+            }
+        }
+        let (id, auto) = match id {
+            Some(id) => (id.to_string(), None),
+            None => {
+                let (id, n) = self.auto_id();
+                (id, Some(n))
+            }
+        };
+        let host = DeviceName::Emulated(name.to_string());
+        let mut p = Progress::default();
+        let placed = self.place(
+            &id,
+            name,
+            &host,
+            regions.clone(),
+            VfioPciOptions::default(),
+            slot,
+            &mut p,
+        );
+        let (bdf, model, sink, mapper) = match placed {
+            Ok(placed) => placed,
+            Err(e) => {
+                self.rollback(name, p);
+                return Err(e);
+            }
+        };
+        if let Some(n) = auto {
+            self.next_auto_id = n + 1;
+        }
+        info!("{id}: {host} added at {bdf} without an IOMMU backend");
+        self.devices.push(Assigned {
+            id: id.clone(),
+            bdf,
+            host,
+            given: name.to_string(),
+            dev: None,
+            config: DeviceConfig {
+                id: Some(id.clone()),
+                pci_device_id: slot,
+                ..Default::default()
+            },
+            _vfio: regions,
+            model,
+            sink,
+            mapper,
+            caps: Err("no IOMMU backend: the device was added without one".to_string()),
+            kvm_file: None,
+        });
+        Ok(AddedDevice { id, bdf })
+    }
+}

@@ -1,0 +1,362 @@
+//! The VM's DMA address space: the `ioasid` backend chosen for it, its one IOAS, and guest
+//! RAM mapped there at IOVA = GPA, once per RAM region.
+//!
+//! iommufd maps each region by file (`IOMMU_IOAS_MAP_FILE` on the RAM memfd, at the region's
+//! file offset), so the kernel pins pages of the file, not of a process mapping. type1 maps each
+//! region by its host address (`VFIO_IOMMU_MAP_DMA`). Either way: one call per region, never
+//! per page.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use ioasid::{
+    BackendKind, IoasId, IommuBackend, IommufdBackend, MapFile, MapUser, Perm, Type1Backend,
+};
+use log::{info, warn};
+
+use crate::memory::RamRegion;
+
+/// The backend in use, typed, because binding differs between them.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// `/dev/iommu` and VFIO cdevs.
+    Iommufd(Arc<IommufdBackend>),
+    /// VFIO container and groups.
+    Type1(Arc<Type1Backend>),
+}
+
+impl Backend {
+    /// The backend behind the common seam.
+    pub fn as_dyn(&self) -> &dyn IommuBackend {
+        match self {
+            Backend::Iommufd(b) => b.as_ref(),
+            Backend::Type1(b) => b.as_ref(),
+        }
+    }
+
+    /// Which one.
+    pub fn kind(&self) -> BackendKind {
+        self.as_dyn().kind()
+    }
+}
+
+/// The DMA side of the VM: backend, IOAS, and guest RAM mapped into it.
+pub struct DmaState {
+    /// The backend.
+    pub backend: Backend,
+    /// The VM's IOAS.
+    pub ioas: IoasId,
+    /// Guest RAM mapped into it (empty until the first device is bound).
+    pub ram: Vec<RamMapping>,
+}
+
+/// One RAM region mapped for DMA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamMapping {
+    /// IOVA (= GPA).
+    pub iova: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// How RAM is handed to the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RamMapMode {
+    /// `ioas_map_file` with the region's memfd and file offset.
+    ByFile,
+    /// `ioas_map` with the region's host address.
+    ByAddress,
+}
+
+impl RamMapMode {
+    /// The mode a backend needs: by file where it can (iommufd), else by address.
+    pub fn for_kind(kind: BackendKind) -> Self {
+        match kind {
+            BackendKind::Iommufd => RamMapMode::ByFile,
+            BackendKind::Type1 | BackendKind::Soft => RamMapMode::ByAddress,
+        }
+    }
+}
+
+/// A RAM region that could not be mapped, with how many map calls were issued in all.
+#[derive(Debug)]
+pub struct RamMapFailure {
+    /// The region's GPA.
+    pub gpa: u64,
+    /// Its size.
+    pub size: u64,
+    /// The backend's error.
+    pub error: Box<ioasid::Error>,
+    /// Map calls issued before and including the failed one.
+    pub calls: u64,
+}
+
+/// Maps every region of `regions` into `ioas` at IOVA = GPA, one call per region. On failure
+/// the regions already mapped are unmapped again. Returns the mappings and the number of map
+/// calls issued.
+pub fn map_ram(
+    backend: &dyn IommuBackend,
+    ioas: IoasId,
+    regions: &[RamRegion],
+    mode: RamMapMode,
+) -> Result<(Vec<RamMapping>, u64), RamMapFailure> {
+    let mut done: Vec<RamMapping> = Vec::with_capacity(regions.len());
+    let mut calls = 0u64;
+    for r in regions {
+        calls += 1;
+        let result = match mode {
+            RamMapMode::ByFile => backend.ioas_map_file(
+                ioas,
+                &MapFile {
+                    iova: Some(r.gpa),
+                    fd: r.memfd.as_raw_fd(),
+                    start: r.file_offset,
+                    len: r.size,
+                    perm: Perm::RW,
+                },
+            ),
+            // SAFETY: `host_addr..+size` is the VM's shared RAM mapping, which lives as long as
+            // the VM; guest RAM is only ever accessed through vm-memory's volatile accessors and
+            // raw pointers, never through Rust references, so device DMA into it aliases no
+            // reference. The kernel pins the pages, so even a later munmap cannot hand them to
+            // another user while they are mapped for DMA.
+            RamMapMode::ByAddress => unsafe {
+                backend.ioas_map(
+                    ioas,
+                    &MapUser {
+                        iova: Some(r.gpa),
+                        user_va: r.host_addr,
+                        len: r.size,
+                        perm: Perm::RW,
+                    },
+                )
+            },
+        };
+        match result {
+            Ok(iova) => {
+                info!(
+                    "Guest RAM GPA {:#x}+{:#x} mapped for DMA at IOVA {iova:#x} in IOAS {} ({})",
+                    r.gpa,
+                    r.size,
+                    ioas.0,
+                    match mode {
+                        RamMapMode::ByFile => "by memfd",
+                        RamMapMode::ByAddress => "by host address",
+                    }
+                );
+                done.push(RamMapping { iova, len: r.size });
+            }
+            Err(error) => {
+                unmap_ram(backend, ioas, &done);
+                return Err(RamMapFailure {
+                    gpa: r.gpa,
+                    size: r.size,
+                    error: Box::new(error),
+                    calls,
+                });
+            }
+        }
+    }
+    Ok((done, calls))
+}
+
+/// Unmaps `mappings` from `ioas`, logging (not failing on) errors.
+pub fn unmap_ram(backend: &dyn IommuBackend, ioas: IoasId, mappings: &[RamMapping]) {
+    for m in mappings.iter().rev() {
+        match backend.ioas_unmap(ioas, m.iova, m.len) {
+            Ok(_) => info!(
+                "Guest RAM IOVA {:#x}+{:#x} unmapped from IOAS {}",
+                m.iova, m.len, ioas.0
+            ),
+            Err(e) => warn!("{e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use std::sync::Mutex;
+
+    use ioasid::{
+        CopyRequest, DevId, Error, FaultQueue, HwptAlloc, HwptId, InvalidateOutcome, Invalidation,
+        IovaRange, IovaRanges, Op, Pasid, PtId,
+    };
+
+    use super::*;
+    use crate::memory::{GuestRam, RamConfig};
+
+    /// Records map/unmap calls; fails the map of IOVA `fail_at`, if set.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        calls: Mutex<Vec<String>>,
+        fail_at: Option<u64>,
+    }
+
+    impl Recorder {
+        fn log(&self, s: String) {
+            self.calls.lock().unwrap().push(s);
+        }
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+        fn unsupported<T>(op: Op) -> ioasid::Result<T> {
+            Err(Error::Unsupported {
+                op,
+                backend: "recorder",
+            })
+        }
+    }
+
+    impl IommuBackend for Recorder {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Soft
+        }
+        fn ioas_alloc(&self) -> ioasid::Result<IoasId> {
+            Ok(IoasId(1))
+        }
+        fn destroy(&self, _id: u32) -> ioasid::Result<()> {
+            Ok(())
+        }
+        unsafe fn ioas_map(&self, ioas: IoasId, req: &MapUser) -> ioasid::Result<u64> {
+            let iova = req.iova.unwrap_or(0);
+            if self.fail_at == Some(iova) {
+                return Err(Error::kernel(
+                    Op::DmaMap,
+                    ioasid::Ctx::object(ioas.0).range(iova, req.len),
+                    ioasid::Errno(libc::ENOMEM),
+                ));
+            }
+            self.log(format!(
+                "map va {:#x} iova {iova:#x} len {:#x}",
+                req.user_va, req.len
+            ));
+            Ok(iova)
+        }
+        fn ioas_map_file(&self, _ioas: IoasId, req: &MapFile) -> ioasid::Result<u64> {
+            let iova = req.iova.unwrap_or(0);
+            self.log(format!(
+                "map_file off {:#x} iova {iova:#x} len {:#x}",
+                req.start, req.len
+            ));
+            Ok(iova)
+        }
+        fn ioas_unmap(&self, _ioas: IoasId, iova: u64, len: u64) -> ioasid::Result<u64> {
+            self.log(format!("unmap iova {iova:#x} len {len:#x}"));
+            Ok(len)
+        }
+        fn ioas_unmap_all(&self, _ioas: IoasId) -> ioasid::Result<u64> {
+            Ok(0)
+        }
+        fn ioas_copy(&self, _req: &CopyRequest) -> ioasid::Result<u64> {
+            Self::unsupported(Op::IoasCopy)
+        }
+        fn iova_ranges(&self, _ioas: IoasId) -> ioasid::Result<IovaRanges> {
+            Self::unsupported(Op::IovaRanges)
+        }
+        fn allow_iovas(&self, _ioas: IoasId, _ranges: &[IovaRange]) -> ioasid::Result<()> {
+            Self::unsupported(Op::AllowIovas)
+        }
+        fn attach(&self, _dev: DevId, _pasid: Option<Pasid>, _pt: PtId) -> ioasid::Result<()> {
+            Ok(())
+        }
+        fn detach(&self, _dev: DevId, _pasid: Option<Pasid>) -> ioasid::Result<()> {
+            Ok(())
+        }
+        fn hwpt_alloc(&self, _req: &HwptAlloc) -> ioasid::Result<HwptId> {
+            Self::unsupported(Op::HwptAlloc)
+        }
+        fn hwpt_invalidate(
+            &self,
+            _hwpt: HwptId,
+            _batch: &[Invalidation],
+        ) -> ioasid::Result<InvalidateOutcome> {
+            Self::unsupported(Op::HwptInvalidate)
+        }
+        fn fault_queue_alloc(&self) -> ioasid::Result<Box<dyn FaultQueue>> {
+            Self::unsupported(Op::FaultQueueAlloc)
+        }
+    }
+
+    /// 3 GiB + 8 MiB: two regions split around the PCI hole (cheap: MAP_NORESERVE).
+    fn split_ram() -> GuestRam {
+        GuestRam::new(RamConfig {
+            size: (3 << 30) + (8 << 20),
+            hugepages: false,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn by_file_maps_each_region_once_at_its_file_offset() {
+        let ram = split_ram();
+        let b = Recorder::default();
+        let (maps, calls) = map_ram(&b, IoasId(1), ram.regions(), RamMapMode::ByFile).unwrap();
+        assert_eq!(calls, ram.regions().len() as u64);
+        assert_eq!(
+            maps,
+            vec![
+                RamMapping {
+                    iova: 0,
+                    len: 3 << 30
+                },
+                RamMapping {
+                    iova: 4 << 30,
+                    len: 8 << 20
+                }
+            ]
+        );
+        assert_eq!(
+            b.calls(),
+            vec![
+                "map_file off 0x0 iova 0x0 len 0xc0000000".to_string(),
+                "map_file off 0xc0000000 iova 0x100000000 len 0x800000".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn by_address_uses_host_addresses_and_rolls_back_on_failure() {
+        let ram = split_ram();
+        let r = ram.regions();
+        let ok = Recorder::default();
+        let (_, calls) = map_ram(&ok, IoasId(1), r, RamMapMode::ByAddress).unwrap();
+        assert_eq!(calls, 2);
+        assert_eq!(
+            ok.calls()[1],
+            format!("map va {:#x} iova 0x100000000 len 0x800000", r[1].host_addr)
+        );
+
+        let failing = Recorder {
+            fail_at: Some(4 << 30),
+            ..Default::default()
+        };
+        let e = map_ram(&failing, IoasId(1), r, RamMapMode::ByAddress).unwrap_err();
+        assert_eq!((e.gpa, e.calls), (4 << 30, 2));
+        assert!(
+            e.error.to_string().contains("RLIMIT_MEMLOCK"),
+            "{}",
+            e.error
+        );
+        // The first region was mapped, then unmapped again.
+        assert_eq!(
+            failing.calls(),
+            vec![
+                format!("map va {:#x} iova 0x0 len 0xc0000000", r[0].host_addr),
+                "unmap iova 0x0 len 0xc0000000".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn mode_follows_backend() {
+        assert_eq!(
+            RamMapMode::for_kind(BackendKind::Iommufd),
+            RamMapMode::ByFile
+        );
+        assert_eq!(
+            RamMapMode::for_kind(BackendKind::Type1),
+            RamMapMode::ByAddress
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! The KVM [`InterruptSink`]: one per assigned device, turning the model's MSI and MSI-X
+//! vectors into GSI routes with irqfds.
+//!
+//! Each vector gets a GSI routed to its MSI message ([`GsiRouter::add_msi_route`]) and an
+//! eventfd. The model hands the eventfd to VFIO, so the device signals KVM directly. Masking
+//! deassigns the irqfd and leaves the eventfd alone: signals from the device accumulate in
+//! its counter and nothing reaches the guest. Unmasking assigns the irqfd again, and KVM checks
+//! the eventfd at assign time and injects once if it was signalled while masked. That is the
+//! pending bit of the PCI spec. A masked vector keeps its GSI and route.
+//!
+//! INTx is not wired: the guest's DSDT has no `_PRT` routing the PCI pins to GSIs. With
+//! `intx()` left at the default `None`, the model shows the guest no interrupt pin, so drivers
+//! use MSI or MSI-X.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use devices::pci::{InterruptError, InterruptSink, MsiKind, MsiMessage, MsiVector};
+use log::{info, warn};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::irq::{self, GsiRouter, IrqError};
+
+/// One routed vector.
+#[derive(Debug)]
+struct Route {
+    gsi: u32,
+    /// A duplicate of the eventfd the model gave VFIO (same file), for KVM_IRQFD.
+    eventfd: EventFd,
+    /// The irqfd is assigned (the vector is unmasked).
+    delivering: bool,
+    msg: MsiMessage,
+}
+
+/// A vector's route as introspection shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteInfo {
+    /// The vector.
+    pub vector: MsiVector,
+    /// Its GSI.
+    pub gsi: u32,
+    /// Whether it is masked (irqfd deassigned).
+    pub masked: bool,
+    /// The message it is routed to.
+    pub address: u64,
+    /// The message data.
+    pub data: u32,
+}
+
+/// The interrupt sink of one device.
+pub struct KvmInterruptSink {
+    device: String,
+    router: Option<Arc<GsiRouter>>,
+    routes: Mutex<BTreeMap<MsiVector, Route>>,
+}
+
+impl std::fmt::Debug for KvmInterruptSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmInterruptSink")
+            .field("device", &self.device)
+            .field("routes", &self.lock().len())
+            .finish()
+    }
+}
+
+fn kind_name(kind: MsiKind) -> &'static str {
+    match kind {
+        MsiKind::Msi => "MSI",
+        MsiKind::Msix => "MSI-X",
+    }
+}
+
+fn route_err(vector: MsiVector, e: IrqError) -> InterruptError {
+    InterruptError::Route {
+        vector,
+        source: io::Error::other(e),
+    }
+}
+
+fn not_routed(vector: MsiVector) -> InterruptError {
+    InterruptError::Route {
+        vector,
+        source: io::Error::new(io::ErrorKind::NotFound, "The vector has no route"),
+    }
+}
+
+fn kvm_msg(msg: MsiMessage) -> irq::MsiMessage {
+    irq::MsiMessage {
+        address: msg.address,
+        data: msg.data,
+    }
+}
+
+impl KvmInterruptSink {
+    /// A sink for `device` (its id, for logs). Without a router (no in-kernel irqchip) every
+    /// route request fails with [`IrqError::NoIrqchip`].
+    pub fn new(device: &str, router: Option<Arc<GsiRouter>>) -> Self {
+        Self {
+            device: device.to_string(),
+            router,
+            routes: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<MsiVector, Route>> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn router(&self, vector: MsiVector) -> Result<&Arc<GsiRouter>, InterruptError> {
+        self.router
+            .as_ref()
+            .ok_or_else(|| route_err(vector, IrqError::NoIrqchip))
+    }
+
+    /// The vectors routed now.
+    pub fn routes(&self) -> Vec<RouteInfo> {
+        self.lock()
+            .iter()
+            .map(|(v, r)| RouteInfo {
+                vector: *v,
+                gsi: r.gsi,
+                masked: !r.delivering,
+                address: r.msg.address,
+                data: r.msg.data,
+            })
+            .collect()
+    }
+
+    /// Releases every route (device removal; the model normally releases them first).
+    pub fn release_all(&self) {
+        let vectors: Vec<MsiVector> = self.lock().keys().copied().collect();
+        for v in vectors {
+            self.msi_release(v);
+        }
+    }
+}
+
+impl InterruptSink for KvmInterruptSink {
+    fn msi_route(
+        &self,
+        vector: MsiVector,
+        msg: MsiMessage,
+        masked: bool,
+    ) -> Result<EventFd, InterruptError> {
+        let router = self.router(vector)?.clone();
+        // A vector routed twice (the model re-enabling without a release) replaces the old route.
+        if self.lock().contains_key(&vector) {
+            self.msi_release(vector);
+        }
+        let gsi = router
+            .add_msi_route(kvm_msg(msg))
+            .map_err(|e| route_err(vector, e))?;
+        let undo = |e: InterruptError| {
+            if let Err(r) = router.remove_msi_route(gsi) {
+                warn!("{}: {r}", self.device);
+            }
+            e
+        };
+        let eventfd = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|source| undo(InterruptError::Route { vector, source }))?;
+        let for_model = eventfd
+            .try_clone()
+            .map_err(|source| undo(InterruptError::Route { vector, source }))?;
+        if !masked {
+            router
+                .register_irqfd(&eventfd, gsi)
+                .map_err(|e| undo(route_err(vector, e)))?;
+        }
+        info!(
+            "{}: {} vector {} routed to GSI {gsi} (address {:#x}, data {:#x}){}",
+            self.device,
+            kind_name(vector.kind),
+            vector.index,
+            msg.address,
+            msg.data,
+            if masked { ", masked" } else { "" }
+        );
+        self.lock().insert(
+            vector,
+            Route {
+                gsi,
+                eventfd,
+                delivering: !masked,
+                msg,
+            },
+        );
+        Ok(for_model)
+    }
+
+    fn msi_update(&self, vector: MsiVector, msg: MsiMessage) -> Result<(), InterruptError> {
+        let router = self.router(vector)?;
+        let mut routes = self.lock();
+        let Some(r) = routes.get_mut(&vector) else {
+            return Err(not_routed(vector));
+        };
+        if r.msg == msg {
+            return Ok(());
+        }
+        router
+            .update_msi_route(r.gsi, kvm_msg(msg))
+            .map_err(|e| route_err(vector, e))?;
+        r.msg = msg;
+        info!(
+            "{}: {} vector {} (GSI {}) now targets address {:#x}, data {:#x}",
+            self.device,
+            kind_name(vector.kind),
+            vector.index,
+            r.gsi,
+            msg.address,
+            msg.data
+        );
+        Ok(())
+    }
+
+    fn msi_mask(&self, vector: MsiVector, masked: bool) -> Result<(), InterruptError> {
+        let router = self.router(vector)?;
+        let mut routes = self.lock();
+        let Some(r) = routes.get_mut(&vector) else {
+            return Err(not_routed(vector));
+        };
+        if r.delivering != masked {
+            return Ok(());
+        }
+        if masked {
+            router
+                .unregister_irqfd(&r.eventfd, r.gsi)
+                .map_err(|e| route_err(vector, e))?;
+        } else {
+            // KVM polls the eventfd when the irqfd is assigned: a signal that arrived while
+            // masked is injected now.
+            router
+                .register_irqfd(&r.eventfd, r.gsi)
+                .map_err(|e| route_err(vector, e))?;
+        }
+        r.delivering = !masked;
+        Ok(())
+    }
+
+    fn msi_release(&self, vector: MsiVector) {
+        let Some(r) = self.lock().remove(&vector) else {
+            return;
+        };
+        let Some(router) = self.router.as_ref() else {
+            return;
+        };
+        if r.delivering {
+            if let Err(e) = router.unregister_irqfd(&r.eventfd, r.gsi) {
+                warn!("{}: {e}", self.device);
+            }
+        }
+        if let Err(e) = router.remove_msi_route(r.gsi) {
+            warn!("{}: {e}", self.device);
+        }
+        info!(
+            "{}: {} vector {} released (GSI {})",
+            self.device,
+            kind_name(vector.kind),
+            vector.index,
+            r.gsi
+        );
+    }
+}
+
+impl Drop for KvmInterruptSink {
+    fn drop(&mut self) {
+        self.release_all();
+    }
+}

@@ -1,0 +1,239 @@
+//! Introspection: the device manager's real state in the REST API's types
+//! (`vm.iommu`, `vm.ioasids`, `vm.pasids`, `vm.counters`, and the device part of `vm.info`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use api::types::{
+    Attachment, DeviceIommuCaps, DeviceNode, IoasInfo, IoasidsInfo, IommuInfo, PasidEntry,
+    PasidsInfo, PciDeviceInfo, PtType, VmCounters,
+};
+use ioasid::HwCaps;
+use serde_json::json;
+
+use super::dma::Backend;
+use super::{lock, DeviceManager};
+
+/// One `vm.iommu` device entry from decoded capabilities.
+pub fn caps_entry(id: &str, host: Option<String>, caps: &HwCaps) -> DeviceIommuCaps {
+    DeviceIommuCaps {
+        id: id.to_string(),
+        host,
+        nesting: caps.supports_nesting(),
+        pasid_width: caps.max_pasid_bits(),
+        prs: caps.supports_prs(),
+        dmwr: caps.dmwr,
+        details: json!({
+            "hw_info": caps,
+            "has_hw_info": caps.has_hw_info(),
+            "nesting_unsupported_reason": caps.nesting_unsupported_reason(),
+        }),
+    }
+}
+
+impl DeviceManager {
+    /// `vm.iommu`: the backend in use (`none` before the first device) and each device's
+    /// decoded `IOMMU_GET_HW_INFO`. A device whose capabilities are unknown (type1 has no
+    /// GET_HW_INFO) reports no nesting, PASID, PRS or DMWr, with the reason in `details`.
+    /// `viommu` is absent: no vIOMMU model is wired yet.
+    pub fn iommu_info(&self) -> IommuInfo {
+        IommuInfo {
+            backend: self
+                .backend_kind()
+                .map_or("none", ioasid::BackendKind::name)
+                .to_string(),
+            viommu: None,
+            devices: self
+                .devices
+                .iter()
+                .map(|d| match &d.caps {
+                    Ok(c) => caps_entry(&d.id, Some(d.host.to_string()), c),
+                    Err(reason) => DeviceIommuCaps {
+                        id: d.id.clone(),
+                        host: Some(d.host.to_string()),
+                        details: json!({ "unknown": reason }),
+                        ..Default::default()
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    /// `vm.ioasids`: the VM's IOAS with its RAM mappings, and each device's attachment (RID,
+    /// no PASID) to it. `hwpts` is empty: devices attach to the IOAS and the kernel picks
+    /// the paging HWPT, whose id iommufd does not report back; type1 has no HWPTs.
+    pub fn ioasids(&self) -> IoasidsInfo {
+        let Some(d) = &self.dma else {
+            return IoasidsInfo::default();
+        };
+        IoasidsInfo {
+            ioases: vec![IoasInfo {
+                id: d.ioas.0,
+                mappings: d.ram.len() as u64,
+                mapped_bytes: d.ram.iter().map(|m| m.len).sum(),
+            }],
+            hwpts: Vec::new(),
+            attachments: self
+                .devices
+                .iter()
+                .filter(|a| a.dev.is_some())
+                .map(|a| Attachment {
+                    device: a.id.clone(),
+                    pasid: None,
+                    pt_type: PtType::Ioas,
+                    pt_id: d.ioas.0,
+                })
+                .collect(),
+        }
+    }
+
+    /// `vm.pasids`: the guest-to-host PASID table. Bindings are made when a guest programs a
+    /// PASID through the vIOMMU; until one is wired the table stays empty.
+    pub fn pasids(&self) -> PasidsInfo {
+        PasidsInfo {
+            entries: self
+                .pasids
+                .bindings()
+                .into_iter()
+                .map(|b| PasidEntry {
+                    device: self
+                        .devices
+                        .iter()
+                        .find(|d| d.dev == Some(b.dev))
+                        .map_or_else(|| format!("dev_id {}", b.dev.0), |d| d.id.clone()),
+                    gpasid: b.guest.0,
+                    hpasid: b.host.0,
+                    hwpt: None,
+                })
+                .collect(),
+        }
+    }
+
+    /// `vm.counters`. `host_ioctls` and `invalidations` are the iommufd backend's own
+    /// counters (0 with type1, which does not count its calls; they restart when the backend
+    /// is reopened after the last device left). Fault and page-request counters are 0: no
+    /// fault queue is wired yet. Per device: `dev_id` (devices bound to a backend), `msi_vectors`, `msi_vectors_masked`,
+    /// `bar_windows_mapped`; the VM-wide `ram_map_calls` and `ram_regions` are under `_vm`.
+    pub fn counters(&self) -> VmCounters {
+        let (host_ioctls, invalidations) = match self.dma.as_ref().map(|d| &d.backend) {
+            Some(Backend::Iommufd(b)) => (
+                b.counters().ioctls.load(Ordering::Relaxed),
+                b.counters().invalidations.load(Ordering::Relaxed),
+            ),
+            _ => (0, 0),
+        };
+        let mut devices = BTreeMap::new();
+        devices.insert(
+            "_vm".to_string(),
+            BTreeMap::from([
+                ("ram_map_calls".to_string(), self.ram_map_calls),
+                ("ram_regions".to_string(), self.ram.len() as u64),
+            ]),
+        );
+        for d in &self.devices {
+            let routes = d.sink.routes();
+            let mut c = BTreeMap::from([
+                ("msi_vectors".to_string(), routes.len() as u64),
+                (
+                    "msi_vectors_masked".to_string(),
+                    routes.iter().filter(|r| r.masked).count() as u64,
+                ),
+                (
+                    "bar_windows_mapped".to_string(),
+                    d.mapper.windows().len() as u64,
+                ),
+            ]);
+            if let Some(dev) = d.dev {
+                c.insert("dev_id".to_string(), u64::from(dev.0));
+            }
+            devices.insert(d.id.clone(), c);
+        }
+        VmCounters {
+            host_ioctls,
+            invalidations,
+            devices,
+            ..Default::default()
+        }
+    }
+
+    /// The assigned devices as `vm.add-device` reported them.
+    pub fn pci_devices(&self) -> Vec<PciDeviceInfo> {
+        self.devices
+            .iter()
+            .map(|d| PciDeviceInfo {
+                id: d.id.clone(),
+                bdf: d.bdf.to_string(),
+            })
+            .collect()
+    }
+
+    /// The device part of `vm.info`: one node per assigned device with its BARs (assigned and
+    /// live addresses), MSI routes, directly mapped BAR windows and host device.
+    pub fn device_tree(&self) -> BTreeMap<String, DeviceNode> {
+        let pci = lock(&self.pci);
+        self.devices
+            .iter()
+            .map(|d| {
+                let mut resources: Vec<serde_json::Value> = pci
+                    .bar_states(d.bdf)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "type": "bar",
+                            "index": b.info.index,
+                            "kind": format!("{:?}", b.info.kind),
+                            "size": b.info.size,
+                            "assigned": b.assigned,
+                            "live": b.live,
+                        })
+                    })
+                    .collect();
+                resources.extend(d.sink.routes().iter().map(|r| {
+                    json!({
+                        "type": "msi",
+                        "kind": format!("{:?}", r.vector.kind),
+                        "vector": r.vector.index,
+                        "gsi": r.gsi,
+                        "masked": r.masked,
+                        "address": r.address,
+                        "data": r.data,
+                    })
+                }));
+                resources.extend(d.mapper.windows().iter().map(|w| {
+                    json!({
+                        "type": "bar_window",
+                        "gpa": w.guest_addr,
+                        "len": w.len,
+                        "kvm_slot": w.slot,
+                    })
+                }));
+                resources.push(json!({
+                    "type": "host",
+                    "device": d.host.to_string(),
+                    "given": d.given,
+                    "dev_id": d.dev.map(|d| d.0),
+                    "config": d.config,
+                }));
+                (
+                    d.id.clone(),
+                    DeviceNode {
+                        id: d.id.clone(),
+                        resources,
+                        children: Vec::new(),
+                        pci_bdf: Some(d.bdf.to_string()),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Whether the guest enabled MSI or MSI-X on device `id` (from the model), for tests and
+    /// diagnostics.
+    pub fn interrupt_state(&self, id: &str) -> Option<(bool, bool)> {
+        self.find(id).map(|d| {
+            let m = lock(&d.model);
+            (m.msi_enabled(), m.msix_enabled())
+        })
+    }
+}

@@ -1,0 +1,779 @@
+//! The device manager on the host's /dev/kvm (no VFIO, no /dev/iommu here): the PCI bus of a
+//! VM without devices, add-device errors that leave nothing behind, and a fake VFIO device
+//! (added without an IOMMU backend) whose MSI reaches a guest handler through the KVM sink
+//! and whose BAR window the guest reads through a KVM memory slot.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use api::DeviceConfig;
+use devices::bus::BusDevice;
+use devices::pci::{InterruptSink, MsiKind, MsiMessage, MsiVector};
+use devices::vfio::backend::{CONFIG_REGION, MSI_IRQ};
+use devices::vfio::{IrqInfo, MmapArea, RegionInfo, VfioRegions};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::boot::payload::{PayloadMode, DEFAULT_LONG_GPA};
+use vmm::device_manager::interrupts::KvmInterruptSink;
+use vmm::device_manager::{DeviceManager, DeviceManagerConfig, DeviceManagerError};
+use vmm::layout::{PCI_ECAM_START, PCI_MMIO32_START};
+use vmm::memory::RamConfig;
+use vmm::runner::{PayloadOutcome, PayloadVm};
+use vmm::vcpu::VcpuStop;
+use vmm::vm::{IrqchipMode, Vm, VmOptions};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM: u64 = 16 << 20;
+/// A guard against a guest that never stops: not a timing assertion, a hang breaker.
+const HANG_GUARD: Duration = Duration::from_secs(20);
+/// The host bridge's vendor/device dword (Red Hat 1b36:0008).
+const HOST_BRIDGE_ID: u32 = 0x0008_1b36;
+/// The fake device's vendor/device dword (edu's 1234:11e8).
+const FAKE_ID: u32 = 0x11e8_1234;
+
+fn kvm_available(test: &str) -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        println!("{test}: running on /dev/kvm");
+        true
+    } else {
+        println!("{test}: skipped: no /dev/kvm");
+        false
+    }
+}
+
+fn plain_vm() -> Vm {
+    Vm::new(VmOptions {
+        vcpus: 1,
+        ram: RamConfig {
+            size: MEM,
+            hugepages: false,
+        },
+        irqchip: IrqchipMode::Off,
+    })
+    .unwrap()
+}
+
+fn manager(vm: &Vm) -> DeviceManager {
+    DeviceManager::new(vm, DeviceManagerConfig::default()).unwrap()
+}
+
+fn ecam_read32(vm: &Vm, slot: u8, reg: u64) -> u32 {
+    let mut b = [0u8; 4];
+    vm.mmio_bus()
+        .read(PCI_ECAM_START + (u64::from(slot) << 15) + reg, &mut b)
+        .unwrap();
+    u32::from_le_bytes(b)
+}
+
+fn ecam_write(vm: &Vm, slot: u8, reg: u64, data: &[u8]) {
+    vm.mmio_bus()
+        .write(PCI_ECAM_START + (u64::from(slot) << 15) + reg, data)
+        .unwrap();
+}
+
+fn cf8_read32(vm: &Vm, slot: u8, reg: u32) -> u32 {
+    let addr = 0x8000_0000u32 | (u32::from(slot) << 11) | (reg & 0xfc);
+    vm.pio_bus().write(0xcf8, &addr.to_le_bytes()).unwrap();
+    let mut b = [0u8; 4];
+    vm.pio_bus().read(0xcfc, &mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn host_bridge_answers_through_ecam_and_cf8_without_devices() {
+    let name = "host_bridge_answers_through_ecam_and_cf8_without_devices";
+    if !kvm_available(name) {
+        return;
+    }
+    let vm = plain_vm();
+    let dm = manager(&vm);
+    assert_eq!(ecam_read32(&vm, 0, 0), HOST_BRIDGE_ID);
+    assert_eq!(
+        ecam_read32(&vm, 0, 8) >> 8,
+        0x06_00_00,
+        "class: host bridge"
+    );
+    assert_eq!(ecam_read32(&vm, 1, 0), u32::MAX, "slot 1 is empty");
+    assert_eq!(cf8_read32(&vm, 0, 0), HOST_BRIDGE_ID);
+    assert_eq!(cf8_read32(&vm, 0, 8) >> 8, 0x06_00_00);
+    assert_eq!(cf8_read32(&vm, 31, 0), u32::MAX);
+    let bus = dm.pci_bus().lock().unwrap().devices();
+    assert_eq!(
+        bus.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+        vec!["0000:00:00.0"]
+    );
+    // No device: no backend was chosen or opened, nothing is mapped.
+    assert_eq!(dm.backend_kind(), None);
+    assert_eq!(dm.iommu_info().backend, "none");
+    assert!(dm.ioasids().ioases.is_empty());
+    assert!(dm.pasids().entries.is_empty());
+    assert_eq!(dm.ram_map_calls(), 0);
+    drop(dm);
+    // The manager takes its config handlers off the VM's buses when it goes.
+    assert!(vm.mmio_bus().read(PCI_ECAM_START, &mut [0u8; 4]).is_err());
+}
+
+/// Runs `code` on `pvm` in long mode, stopping it if it hangs.
+fn run_guarded(pvm: &mut PayloadVm, code: &[u8]) -> PayloadOutcome {
+    let running = pvm
+        .start(code, DEFAULT_LONG_GPA, PayloadMode::Long)
+        .unwrap();
+    let stopper = running.stopper();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let guard = std::thread::spawn(move || {
+        if done_rx.recv_timeout(HANG_GUARD).is_err() {
+            stopper.stop();
+        }
+    });
+    let out = pvm.finish(running);
+    let _ = done_tx.send(());
+    guard.join().unwrap();
+    out
+}
+
+#[test]
+fn guest_reads_host_bridge_through_ecam_and_cf8() {
+    let name = "guest_reads_host_bridge_through_ecam_and_cf8";
+    if !kvm_available(name) {
+        return;
+    }
+    let mut pvm = PayloadVm::new(MEM, IrqchipMode::Off).unwrap();
+    let _dm = manager(pvm.vm());
+    // mov rbx,0xe0000000; mov eax,[rbx]; mov [0x8000],eax
+    // mov dx,0xcf8; mov eax,0x80000008; out dx,eax; mov dx,0xcfc; in eax,dx; mov [0x8004],eax
+    // hlt
+    let code = [
+        0x48, 0xbb, 0x00, 0x00, 0x00, 0xe0, 0x00, 0x00, 0x00, 0x00, 0x8b, 0x03, 0x89, 0x04, 0x25,
+        0x00, 0x80, 0x00, 0x00, 0x66, 0xba, 0xf8, 0x0c, 0xb8, 0x08, 0x00, 0x00, 0x80, 0xef, 0x66,
+        0xba, 0xfc, 0x0c, 0xed, 0x89, 0x04, 0x25, 0x04, 0x80, 0x00, 0x00, 0xf4,
+    ];
+    let out = run_guarded(&mut pvm, &code);
+    println!("{name}: exit {:?}", out.exit);
+    assert!(
+        matches!(out.stop(), Some(Ok(VcpuStop::Halted))),
+        "{:?}",
+        out.exit
+    );
+    let m = pvm.vm().ram().memory();
+    let id: u32 = m.read_obj(GuestAddress(0x8000)).unwrap();
+    let class: u32 = m.read_obj(GuestAddress(0x8004)).unwrap();
+    assert_eq!(id, HOST_BRIDGE_ID, "ECAM read from the guest");
+    assert_eq!(class >> 8, 0x06_00_00, "0xCFC read from the guest");
+    let exits = &out.exit.first_report().unwrap().exits;
+    assert_eq!((exits.mmio_read, exits.unclaimed), (1, 0));
+}
+
+/// Everything introspection and the buses show, to compare before and after a failed add.
+fn snapshot(vm: &Vm, dm: &DeviceManager) -> String {
+    let bus = dm.pci_bus().lock().unwrap().devices();
+    serde_json::json!({
+        "iommu": dm.iommu_info(),
+        "ioasids": dm.ioasids(),
+        "pasids": dm.pasids(),
+        "counters": dm.counters(),
+        "devices": dm.pci_devices(),
+        "tree": dm.device_tree(),
+        "ids": dm.device_ids(),
+        "bus": bus.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+        "mmio": vm.mmio_bus().ranges(),
+        "pio": vm.pio_bus().ranges(),
+        "slots": vm.memory_slots().in_use(),
+        "backend": format!("{:?}", dm.backend_kind()),
+        "ram_map_calls": dm.ram_map_calls(),
+    })
+    .to_string()
+}
+
+fn cfg(s: &str) -> DeviceConfig {
+    DeviceConfig::parse(s).unwrap()
+}
+
+/// Asserts that adding fails with a message containing every `want`, and changes nothing.
+fn refused(vm: &Vm, dm: &mut DeviceManager, c: &DeviceConfig, fd: Option<OwnedFd>, want: &[&str]) {
+    let before = snapshot(vm, dm);
+    let e = dm.add_device(c, fd).unwrap_err();
+    let msg = e.message();
+    println!("{c:?} -> {msg}");
+    for w in want {
+        assert!(msg.contains(w), "missing {w:?} in: {msg}");
+    }
+    assert_eq!(snapshot(vm, dm), before, "state changed after: {msg}");
+}
+
+#[test]
+fn failed_adds_name_the_device_and_leave_nothing_behind() {
+    let name = "failed_adds_name_the_device_and_leave_nothing_behind";
+    if !kvm_available(name) {
+        return;
+    }
+    let vm = plain_vm();
+    let mut dm = manager(&vm);
+    let fds = fd_count();
+    let uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            "path=/sys/bus/pci/devices/0000:7f:1f.7".into(),
+            vec!["0000:7f:1f.7", "resolving the device", "no PCI device"],
+        ),
+        (
+            format!("path=/sys/bus/mdev/devices/{uuid}"),
+            vec![uuid, "resolving the device"],
+        ),
+        (
+            "path=/dev/vfio/devices/vfio42".into(),
+            vec!["/dev/vfio/devices/vfio42", "/sys/class/vfio-dev/vfio42"],
+        ),
+        (
+            "path=/etc/passwd".into(),
+            vec!["/etc/passwd", "not allowed"],
+        ),
+        (
+            "path=/sys/bus/pci/devices/0000:00:03.0,pci_segment=1".into(),
+            vec!["0000:00:03.0", "pci_segment=1"],
+        ),
+        (
+            "path=/sys/bus/pci/devices/0000:00:03.0,pci_device_id=0".into(),
+            vec!["0000:00:03.0", "PCI slot", "not a device slot"],
+        ),
+        (
+            "path=/sys/bus/pci/devices/0000:00:03.0,pasid=on".into(),
+            vec!["0000:00:03.0", "pasid=on needs iommu=on"],
+        ),
+        ("iommu=off".into(), vec!["needs `path`"]),
+    ];
+    for (c, want) in &cases {
+        refused(&vm, &mut dm, &cfg(c), None, want);
+    }
+    // Open fds that are not VFIO cdevs: refused by number, and closed (ownership was taken).
+    let tmp = std::env::temp_dir().join(format!("dm-fd-{}", std::process::id()));
+    std::fs::write(&tmp, b"x").unwrap();
+    for (path, why) in [
+        ("/dev/null", "not a VFIO cdev"),
+        (tmp.to_str().unwrap(), "not a character device"),
+    ] {
+        let f = File::open(path).unwrap();
+        let n = std::os::fd::AsRawFd::as_raw_fd(&f);
+        let number = format!("cdev fd {n}");
+        refused(
+            &vm,
+            &mut dm,
+            &DeviceConfig::default(),
+            Some(OwnedFd::from(f)),
+            &[&number, why],
+        );
+    }
+    let _ = std::fs::remove_file(&tmp);
+    // A path and an fd together are refused before the fd is looked at.
+    let f = File::open("/dev/null").unwrap();
+    refused(
+        &vm,
+        &mut dm,
+        &cfg("path=/sys/bus/pci/devices/0000:00:03.0"),
+        Some(OwnedFd::from(f)),
+        &["not both"],
+    );
+    assert_eq!(fd_count(), fds, "an fd was left open");
+    assert_eq!(dm.backend_kind(), None);
+}
+
+/// A fake VFIO device: edu's IDs, a 4 KiB mmap-able BAR0 holding a pattern, and a 64-bit MSI
+/// capability with one vector. The eventfds the model enables are kept to fire them.
+struct FakeVfio {
+    config: Mutex<[u8; 256]>,
+    msi_fds: Mutex<Vec<EventFd>>,
+}
+
+const BAR0_PATTERN: u64 = 0x1122_3344_5566_7788;
+const MSI_CAP: usize = 0x40;
+
+impl FakeVfio {
+    fn new() -> Arc<Self> {
+        let mut c = [0u8; 256];
+        c[0..4].copy_from_slice(&FAKE_ID.to_le_bytes());
+        c[6] = 0x10; // status: capability list
+        c[0x0a] = 0xff; // class 00ff00
+        c[0x34] = MSI_CAP as u8;
+        c[MSI_CAP] = 0x05; // MSI, last capability
+        c[MSI_CAP + 2] = 0x80; // 64-bit address, one vector
+        Arc::new(Self {
+            config: Mutex::new(c),
+            msi_fds: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn fire_msi(&self) {
+        self.msi_fds.lock().unwrap()[0].write(1).unwrap();
+    }
+}
+
+impl VfioRegions for FakeVfio {
+    fn region_info(&self, index: u32) -> Option<RegionInfo> {
+        let (size, mmap) = match index {
+            0 => (0x1000, true),
+            CONFIG_REGION => (256, false),
+            _ => return None,
+        };
+        Some(RegionInfo {
+            size,
+            read: true,
+            write: true,
+            mmap,
+            sparse_mmap: None,
+            msix_mappable: false,
+        })
+    }
+    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        match index {
+            CONFIG_REGION => {
+                let c = self.config.lock().unwrap();
+                let o = offset as usize;
+                data.copy_from_slice(&c[o..o + data.len()]);
+            }
+            _ => data.fill(0xee),
+        }
+        Ok(())
+    }
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+        if index == CONFIG_REGION {
+            let o = offset as usize;
+            self.config.lock().unwrap()[o..o + data.len()].copy_from_slice(data);
+        }
+        Ok(())
+    }
+    fn irq_info(&self, index: u32) -> Option<IrqInfo> {
+        (index == MSI_IRQ).then_some(IrqInfo {
+            count: 1,
+            eventfd: true,
+            maskable: false,
+            automasked: false,
+        })
+    }
+    fn enable_irq(&self, _index: u32, fds: &[&EventFd]) -> io::Result<()> {
+        let mut v = self.msi_fds.lock().unwrap();
+        v.clear();
+        for f in fds {
+            v.push(f.try_clone()?);
+        }
+        Ok(())
+    }
+    fn disable_irq(&self, _index: u32) -> io::Result<()> {
+        self.msi_fds.lock().unwrap().clear();
+        Ok(())
+    }
+    fn set_intx_resample(&self, _fd: &EventFd) -> io::Result<()> {
+        Ok(())
+    }
+    fn reset(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn mmap_region(&self, _index: u32, offset: u64, len: u64, _w: bool) -> io::Result<MmapArea> {
+        let area = MmapArea::anonymous(len)?;
+        if offset == 0 {
+            area.write(0, &BAR0_PATTERN.to_le_bytes());
+        }
+        Ok(area)
+    }
+}
+
+#[test]
+fn ids_slots_duplicates_and_removal() {
+    let name = "ids_slots_duplicates_and_removal";
+    if !kvm_available(name) {
+        return;
+    }
+    let vm = plain_vm();
+    let mut dm = manager(&vm);
+    let fake = FakeVfio::new();
+    let added = dm
+        .add_unbacked_device(Some("edu0"), "fake-edu", fake.clone(), Some(3))
+        .unwrap();
+    assert_eq!(added.bdf.to_string(), "0000:00:03.0");
+    assert_eq!(added.to_api().bdf, "0000:00:03.0");
+    assert_eq!(ecam_read32(&vm, 3, 0), FAKE_ID);
+    assert_eq!(cf8_read32(&vm, 3, 0), FAKE_ID);
+
+    // A duplicate id and a taken slot are refused before the host is touched.
+    refused(
+        &vm,
+        &mut dm,
+        &cfg("path=/sys/bus/pci/devices/0000:00:04.0,id=edu0"),
+        None,
+        &["edu0", "already in use", "fake-edu"],
+    );
+    let e = dm
+        .add_device(&cfg("path=/sys/bus/pci/devices/0000:00:04.0,id=edu0"), None)
+        .unwrap_err();
+    assert!(matches!(e, DeviceManagerError::DuplicateId { .. }));
+    assert_eq!(e.to_api_error().status(), 409);
+    refused(
+        &vm,
+        &mut dm,
+        &cfg("path=/sys/bus/pci/devices/0000:00:04.0,pci_device_id=3"),
+        None,
+        &["0000:00:04.0", "0000:00:03.0 is already in use"],
+    );
+    let e = dm
+        .add_unbacked_device(Some("edu0"), "other", FakeVfio::new(), None)
+        .unwrap_err();
+    assert!(e.message().contains("edu0"), "{}", e.message());
+
+    // Generated ids, like Cloud Hypervisor's; a failed add does not use one up.
+    let auto = dm
+        .add_unbacked_device(None, "fake-2", FakeVfio::new(), None)
+        .unwrap();
+    assert_eq!(
+        (auto.id.as_str(), auto.bdf.to_string()),
+        ("_vfio0", "0000:00:01.0".to_string())
+    );
+    assert_eq!(dm.device_ids(), vec!["edu0", "_vfio0"]);
+    let tree = dm.device_tree();
+    assert_eq!(tree["edu0"].pci_bdf.as_deref(), Some("0000:00:03.0"));
+    assert!(tree["edu0"]
+        .resources
+        .iter()
+        .any(|r| r["type"] == "bar" && r["size"] == 0x1000));
+    // Unbacked devices have no backend: no attachment, and no capability claims.
+    assert!(dm.ioasids().attachments.is_empty());
+    let caps = dm.iommu_info();
+    assert_eq!(caps.devices.len(), 2);
+    assert!(!caps.devices[0].nesting && caps.devices[0].pasid_width == 0);
+
+    let removed = dm.remove_device("_vfio0").unwrap();
+    assert_eq!(removed.bdf.to_string(), "0000:00:01.0");
+    assert!(removed.warnings.is_empty(), "{:?}", removed.warnings);
+    assert_eq!(ecam_read32(&vm, 1, 0), u32::MAX);
+    let e = dm.remove_device("_vfio0").unwrap_err();
+    assert!(e.message().contains("_vfio0"), "{}", e.message());
+    assert_eq!(e.to_api_error().status(), 404);
+    dm.remove_device("edu0").unwrap();
+    assert_eq!(ecam_read32(&vm, 3, 0), u32::MAX);
+    assert!(dm.device_ids().is_empty());
+    // The model (and with it the fake) is gone: only our handle is left.
+    assert_eq!(Arc::strong_count(&fake), 1);
+}
+
+#[test]
+fn bar_window_reaches_the_guest_through_a_memory_slot() {
+    let name = "bar_window_reaches_the_guest_through_a_memory_slot";
+    if !kvm_available(name) {
+        return;
+    }
+    let mut pvm = PayloadVm::new(MEM, IrqchipMode::Off).unwrap();
+    let mut dm = manager(pvm.vm());
+    let slots_before = pvm.vm().memory_slots().in_use();
+    dm.add_unbacked_device(Some("bar"), "fake-bar", FakeVfio::new(), Some(3))
+        .unwrap();
+    let bar0 = u64::from(ecam_read32(pvm.vm(), 3, 0x10) & !0xf);
+    assert!(bar0 >= PCI_MMIO32_START, "BAR0 at {bar0:#x}");
+    // Memory decode on: the bus puts the BAR on the MMIO bus and the model maps its window.
+    ecam_write(pvm.vm(), 3, 0x04, &2u16.to_le_bytes());
+    assert_eq!(pvm.vm().memory_slots().in_use(), slots_before + 1);
+    let windows = dm.counters().devices["bar"]["bar_windows_mapped"];
+    assert_eq!(windows, 1);
+
+    // mov rbx,bar0; mov rax,[rbx]; mov [0x8000],rax; hlt
+    let mut code = vec![0x48, 0xbb];
+    code.extend_from_slice(&bar0.to_le_bytes());
+    code.extend_from_slice(&[
+        0x48, 0x8b, 0x03, 0x48, 0x89, 0x04, 0x25, 0x00, 0x80, 0x00, 0x00, 0xf4,
+    ]);
+    let out = run_guarded(&mut pvm, &code);
+    println!("{name}: exit {:?}", out.exit);
+    assert!(
+        matches!(out.stop(), Some(Ok(VcpuStop::Halted))),
+        "{:?}",
+        out.exit
+    );
+    let got: u64 = pvm
+        .vm()
+        .ram()
+        .memory()
+        .read_obj(GuestAddress(0x8000))
+        .unwrap();
+    assert_eq!(got, BAR0_PATTERN);
+    // Served by the memory slot, not trapped to the VMM.
+    assert_eq!(out.exit.first_report().unwrap().exits.mmio_read, 0);
+
+    // Decode off and removal take the slot away again.
+    ecam_write(pvm.vm(), 3, 0x04, &0u16.to_le_bytes());
+    assert_eq!(pvm.vm().memory_slots().in_use(), slots_before);
+    ecam_write(pvm.vm(), 3, 0x04, &2u16.to_le_bytes());
+    dm.remove_device("bar").unwrap();
+    assert_eq!(pvm.vm().memory_slots().in_use(), slots_before);
+}
+
+#[test]
+fn memory_slots_start_above_ram_and_are_reused() {
+    if !kvm_available("memory_slots_start_above_ram_and_are_reused") {
+        return;
+    }
+    let vm = plain_vm();
+    let slots = vm.memory_slots();
+    let first = slots.allocate().unwrap();
+    assert_eq!(first as usize, vm.ram_regions().len());
+    let second = slots.allocate().unwrap();
+    assert_eq!(second, first + 1);
+    slots.free(first);
+    assert_eq!(slots.allocate(), Some(first));
+    assert_eq!(slots.in_use(), 2);
+}
+
+const MSI_VECTOR: u8 = 0x40;
+const IDTR_GPA: u64 = 0x3000;
+const IDT_GPA: u64 = 0x4000;
+const HANDLER_OFFSET: u64 = 0x40;
+
+/// Signals a channel when the guest writes port 0x520 (it is ready for interrupts).
+struct ReadyPort(mpsc::Sender<()>);
+impl BusDevice for ReadyPort {
+    fn read(&mut self, _b: u64, _o: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _b: u64, _o: u64, _data: &[u8]) {
+        let _ = self.0.send(());
+    }
+}
+
+/// Long mode: load the IDT, enable the LAPIC, sti, report ready on port 0x520, hlt. The
+/// handler for vector 0x40 writes 0xc0ffee to 0x8000, EOIs and exits with 0x42 on 0x501.
+const MSI_PAYLOAD: [u8; 101] = [
+    0x0f, 0x01, 0x1c, 0x25, 0x00, 0x30, 0x00, 0x00, 0x48, 0xbb, 0xf0, 0x00, 0xe0, 0xfe, 0x00, 0x00,
+    0x00, 0x00, 0xc7, 0x03, 0xff, 0x01, 0x00, 0x00, 0x48, 0xbb, 0x80, 0x00, 0xe0, 0xfe, 0x00, 0x00,
+    0x00, 0x00, 0xc7, 0x03, 0x00, 0x00, 0x00, 0x00, 0xfb, 0x66, 0xba, 0x20, 0x05, 0xb0, 0x01, 0xee,
+    0xf4, 0xeb, 0xfd, 0x66, 0x66, 0x2e, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00, 0x66, 0x90,
+    0xc7, 0x04, 0x25, 0x00, 0x80, 0x00, 0x00, 0xee, 0xff, 0xc0, 0x00, 0x48, 0xbb, 0xb0, 0x00, 0xe0,
+    0xfe, 0x00, 0x00, 0x00, 0x00, 0xc7, 0x03, 0x00, 0x00, 0x00, 0x00, 0x66, 0xba, 0x01, 0x05, 0xb0,
+    0x42, 0xee, 0xf4, 0xeb, 0xfd,
+];
+
+/// Writes the IDT gate for MSI_VECTOR and the IDTR image the payload loads.
+fn write_idt(vm: &Vm) {
+    let handler = DEFAULT_LONG_GPA + HANDLER_OFFSET;
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+    gate[2..4].copy_from_slice(&0x10u16.to_le_bytes());
+    gate[5] = 0x8e;
+    gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+    gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+    let m = vm.ram().memory();
+    m.write_slice(&gate, GuestAddress(IDT_GPA + u64::from(MSI_VECTOR) * 16))
+        .unwrap();
+    let mut idtr = [0u8; 10];
+    idtr[0..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
+    idtr[2..10].copy_from_slice(&IDT_GPA.to_le_bytes());
+    m.write_slice(&idtr, GuestAddress(IDTR_GPA)).unwrap();
+}
+
+/// Runs the MSI payload; `on_ready` fires the interrupt once the guest waits for it.
+/// Returns `None` (skipping) when this KVM cannot make an irqchip VM.
+fn run_msi_payload(
+    name: &str,
+    setup: impl FnOnce(&Vm),
+    on_ready: impl FnOnce(),
+) -> Option<(PayloadVm, PayloadOutcome)> {
+    let mut pvm = match PayloadVm::new(MEM, IrqchipMode::InKernel) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("{name}: skipped: this KVM cannot create an in-kernel irqchip VM: {e:?}");
+            return None;
+        }
+    };
+    write_idt(pvm.vm());
+    let (ready_tx, ready_rx) = mpsc::channel();
+    pvm.vm()
+        .add_pio_device(Arc::new(Mutex::new(ReadyPort(ready_tx))), 0x520, 1)
+        .unwrap();
+    setup(pvm.vm());
+    let running = pvm
+        .start(&MSI_PAYLOAD, DEFAULT_LONG_GPA, PayloadMode::Long)
+        .unwrap();
+    let stopper = running.stopper();
+    let ready = ready_rx.recv_timeout(HANG_GUARD).is_ok();
+    if ready {
+        on_ready();
+    }
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let guard = std::thread::spawn(move || {
+        if done_rx.recv_timeout(HANG_GUARD).is_err() {
+            stopper.stop();
+        }
+    });
+    let out = pvm.finish(running);
+    let _ = done_tx.send(());
+    guard.join().unwrap();
+    println!("{name}: exit {:?}", out.exit);
+    if let Some(Err(e)) = out.stop() {
+        panic!("{name}: the payload failed before the MSI could be checked: {e}");
+    }
+    assert!(
+        ready,
+        "{name}: the payload never reported ready: {:?}",
+        out.exit
+    );
+    Some((pvm, out))
+}
+
+fn assert_handler_ran(name: &str, pvm: &PayloadVm, out: &PayloadOutcome) {
+    let marker: u32 = pvm
+        .vm()
+        .ram()
+        .memory()
+        .read_obj(GuestAddress(0x8000))
+        .unwrap();
+    assert_eq!(
+        out.guest_exit_code(),
+        Some(0x42),
+        "{name}: the MSI handler did not run (marker {marker:#x}): {:?}",
+        out.exit
+    );
+    assert_eq!(marker, 0xc0ffee);
+}
+
+#[test]
+fn device_msi_reaches_the_guest_through_the_kvm_sink() {
+    let name = "device_msi_reaches_the_guest_through_the_kvm_sink";
+    if !kvm_available(name) {
+        return;
+    }
+    let fake = FakeVfio::new();
+    let dm: Arc<Mutex<Option<DeviceManager>>> = Arc::new(Mutex::new(None));
+    let (f, d) = (fake.clone(), dm.clone());
+    let Some((pvm, out)) = run_msi_payload(
+        name,
+        move |vm| {
+            let mut m = manager(vm);
+            m.add_unbacked_device(Some("msi0"), "fake-msi", f, Some(3))
+                .unwrap();
+            // The guest driver's part, through ECAM: message address/data, then MSI enable.
+            let c = PCI_ECAM_START + (3 << 15) + MSI_CAP as u64;
+            let bus = vm.mmio_bus();
+            bus.write(c + 4, &0xfee0_0000u32.to_le_bytes()).unwrap();
+            bus.write(c + 8, &0u32.to_le_bytes()).unwrap();
+            bus.write(c + 12, &u16::from(MSI_VECTOR).to_le_bytes())
+                .unwrap();
+            bus.write(c + 2, &0x0081u16.to_le_bytes()).unwrap();
+            assert_eq!(m.interrupt_state("msi0"), Some((true, false)));
+            let routes = vm.gsi_router().unwrap().msi_routes();
+            assert_eq!(routes.len(), 1, "{routes:?}");
+            assert_eq!(routes[0].1.data, u32::from(MSI_VECTOR));
+            assert_eq!(m.counters().devices["msi0"]["msi_vectors"], 1);
+            *d.lock().unwrap() = Some(m);
+        },
+        || fake.fire_msi(),
+    ) else {
+        return;
+    };
+    assert_handler_ran(name, &pvm, &out);
+    // Removal releases the route.
+    let mut m = dm.lock().unwrap().take().unwrap();
+    m.remove_device("msi0").unwrap();
+    assert!(pvm.vm().gsi_router().unwrap().msi_routes().is_empty());
+}
+
+#[test]
+fn masked_vector_holds_its_interrupt_until_unmasked() {
+    let name = "masked_vector_holds_its_interrupt_until_unmasked";
+    if !kvm_available(name) {
+        return;
+    }
+    let vector = MsiVector {
+        kind: MsiKind::Msix,
+        index: 0,
+    };
+    let sink: Arc<Mutex<Option<(KvmInterruptSink, EventFd)>>> = Arc::new(Mutex::new(None));
+    let s = sink.clone();
+    let Some((pvm, out)) = run_msi_payload(
+        name,
+        move |vm| {
+            let k = KvmInterruptSink::new("masked", Some(vm.gsi_router().unwrap().clone()));
+            let msg = MsiMessage {
+                address: 0xfee0_0000,
+                data: u32::from(MSI_VECTOR),
+            };
+            // Routed masked; the device signals before the guest even runs.
+            let fd = k.msi_route(vector, msg, true).unwrap();
+            fd.write(1).unwrap();
+            assert!(k.routes()[0].masked);
+            *s.lock().unwrap() = Some((k, fd));
+        },
+        || {
+            let guard = sink.lock().unwrap();
+            let (k, _) = guard.as_ref().unwrap();
+            // Unmasking delivers the signal that arrived while masked (the pending bit).
+            k.msi_mask(vector, false).unwrap();
+        },
+    ) else {
+        return;
+    };
+    assert_handler_ran(name, &pvm, &out);
+    let guard = sink.lock().unwrap();
+    let (k, _) = guard.as_ref().unwrap();
+    assert!(!k.routes()[0].masked);
+    k.msi_release(vector);
+    assert!(pvm.vm().gsi_router().unwrap().msi_routes().is_empty());
+}
+
+#[test]
+fn iommu_info_without_vfio_fails_naming_the_device() {
+    for (dev, want) in [
+        ("/dev/vfio/devices/vfio0", "/sys/class/vfio-dev/vfio0"),
+        (
+            "/sys/bus/pci/devices/0000:7f:1f.7",
+            "no PCI device 0000:7f:1f.7",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ioasid-vmm"))
+            .args(["iommu-info", "--device", dev])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        println!("{dev}: {err}");
+        assert_ne!(out.status.code(), Some(0));
+        assert!(err.contains(dev) && err.contains(want), "{err}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn a_bad_device_aborts_boot_naming_it() {
+    let name = "a_bad_device_aborts_boot_naming_it";
+    if !kvm_available(name) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vmm-dm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let payload = dir.join("hlt.bin");
+    std::fs::write(&payload, [0xf4]).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ioasid-vmm"))
+        .arg("--payload")
+        .arg(payload.display().to_string())
+        .args(["--memory", "size=16M", "--serial", "off"])
+        .args([
+            "--device",
+            "path=/sys/bus/pci/devices/0000:7f:1f.7,id=missing",
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("{name}: {err}");
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        err.contains("0000:7f:1f.7") && err.contains("resolving the device"),
+        "{err}"
+    );
+}
+
+#[test]
+fn device_manager_can_be_shared_with_the_api_thread() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<std::sync::Mutex<DeviceManager>>();
+}
