@@ -10,7 +10,8 @@
 #   --log FILE          serial log (default: a new file under $TMPDIR); its path is printed
 #   --stream            also copy the serial console to stdout while it runs
 # Environment: IOASID_LAB_TSC_KHZ overrides the host TSC frequency given to L2
-# (tsc_early_khz=), IOASID_LAB_MEM (default 4G), IOASID_LAB_SMP (default 2).
+# (tsc_early_khz=), IOASID_LAB_MEM (default 6G: room for a 3 GiB VM whose RAM is pinned
+# for DMA, in vm_memory_mapped_by_region), IOASID_LAB_SMP (default 2).
 # Exit status: QEMU's (0 after the guest powers off), 124 on timeout.
 set -euo pipefail
 
@@ -98,7 +99,7 @@ mkdir -p "$(dirname "$log")"
 : >"$log"
 
 qemu=(qemu-system-x86_64 -accel tcg -cpu max -machine "q35,kernel-irqchip=split"
-    -m "${IOASID_LAB_MEM:-4G}" -smp "${IOASID_LAB_SMP:-2}" -nographic -no-reboot
+    -m "${IOASID_LAB_MEM:-6G}" -smp "${IOASID_LAB_SMP:-2}" -nographic -no-reboot
     -device "intel-iommu,intremap=on,caching-mode=on,x-scalable-mode=on,x-flts=on")
 [ "$edu" = 1 ] && qemu+=(-device edu)
 qemu+=(-kernel "$kernel" -initrd "$initrd" -append "$append")

@@ -11,6 +11,7 @@ pub mod l3_tests;
 pub mod mock_tests;
 pub mod pdev_dma_tests;
 pub mod pdev_tests;
+pub mod vmm_tests;
 
 use crate::harness::LabTest;
 
@@ -22,6 +23,7 @@ pub fn all() -> Vec<LabTest> {
     v.extend(mock_tests::tests());
     v.extend(kvm::tests());
     v.extend(l3_tests::tests());
+    v.extend(vmm_tests::tests());
     v.extend(api_tests::tests());
     v
 }
