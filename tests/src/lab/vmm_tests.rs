@@ -8,10 +8,16 @@ use crate::harness::{LabTest, Outcome, TestResult};
 
 /// The lab tests of this module.
 pub fn tests() -> Vec<LabTest> {
-    vec![LabTest {
-        name: "vm_memory_mapped_by_region",
-        run: vm_memory_mapped_by_region,
-    }]
+    vec![
+        LabTest {
+            name: "vm_memory_mapped_by_region",
+            run: vm_memory_mapped_by_region,
+        },
+        LabTest {
+            name: "vmm_iommu_info_cli",
+            run: vmm_iommu_info_cli,
+        },
+    ]
 }
 
 /// 3 GiB below the PCI hole plus 64 MiB above 4 GiB: two RAM regions.
@@ -70,5 +76,85 @@ fn vm_memory_mapped_by_region() -> TestResult {
         "{left} IOAS mappings left after removing {id}: {after}"
     );
     vmm.shutdown()?;
+    Ok(Outcome::Pass)
+}
+
+/// The first value stored under `key` anywhere in `v`.
+fn find_key<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .get(key)
+            .or_else(|| m.values().find_map(|x| find_key(x, key))),
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
+        _ => None,
+    }
+}
+
+fn read_hex(p: &std::path::Path) -> Result<u64, String> {
+    let s = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    u64::from_str_radix(s.trim().trim_start_matches("0x"), 16)
+        .map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// `ioasid-vmm iommu-info --device PATH` on edu (VT-d caps equal to sysfs), on the mtty mdev
+/// (no hardware info, not an error), and on a path that is no device (error naming it).
+fn vmm_iommu_info_cli() -> TestResult {
+    let run = |path: &str| {
+        std::process::Command::new(super::l3_tests::VMM_BIN)
+            .args(["iommu-info", "--device", path])
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", super::l3_tests::VMM_BIN))
+    };
+    let edu = env::edu_path()?;
+    let out = run(&edu.display().to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "iommu-info {} failed: {}",
+        edu.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("iommu-info printed no JSON ({e}): {text}"))?;
+    let iommu = std::fs::canonicalize(edu.join("iommu"))
+        .map_err(|e| format!("{}/iommu: {e}", edu.display()))?;
+    let ecap = read_hex(&iommu.join("intel-iommu/ecap"))?;
+    let got = find_key(&json, "ecap_reg").and_then(|v| v.as_u64());
+    ensure!(
+        got == Some(ecap),
+        "iommu-info ecap_reg {got:?}, sysfs says {ecap:#x}: {text}"
+    );
+    ensure!(
+        json["nesting"] == false,
+        "edu behind QEMU's VT-d cannot nest: {text}"
+    );
+    ensure!(json["pasid_width"] == 0, "edu has no PASID: {text}");
+    println!(
+        "LAB-INFO iommu-info {}: ecap {ecap:#x}, nesting false, PASID width 0",
+        edu.display()
+    );
+
+    let mtty = env::mtty_path()?;
+    let out = run(&mtty.display().to_string())?;
+    ensure!(
+        out.status.success(),
+        "iommu-info on the mdev {} failed: {}",
+        mtty.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bogus = "/sys/bus/pci/devices/0000:ff:1f.7";
+    let out = run(bogus)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "iommu-info on {bogus} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ensure!(
+        err.contains("0000:ff:1f.7"),
+        "the error does not name the device: {err}"
+    );
+    println!("LAB-INFO iommu-info {bogus}: {}", err.trim());
     Ok(Outcome::Pass)
 }
