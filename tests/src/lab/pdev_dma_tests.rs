@@ -898,6 +898,29 @@ fn mdev_mtty_region_io() -> TestResult {
         ports.len()
     );
     m.outb(p + UART_MCR, 0)?;
+
+    // Reset, as a guest's bus reset or a VMM reboot does: VFIO_DEVICE_RESET on the mdev
+    // (mtty accepts it), the config space back to power-on: decode off, so the ports vanish.
+    m.bus()?.reset();
+    let cmd = m.cfg_read(MTTY_SLOT, 4, 2)?;
+    ensure!(
+        cmd & u32::from(CMD_IO) == 0,
+        "command register {cmd:#06x} after reset: I/O decode still on"
+    );
+    ensure!(
+        m.inb(p + UART_LSR).is_err(),
+        "port {:#x} still answers after reset",
+        p + UART_LSR
+    );
+    let id = m.cfg_read(MTTY_SLOT, 0, 4)?;
+    ensure!(id == 0x3253_4348, "after reset the IDs read {id:#x}");
+    m.enable(MTTY_SLOT, CMD_IO)?;
+    m.outb(p + UART_SCR, 0x3c)?;
+    ensure!(
+        m.inb(p + UART_SCR)? == 0x3c,
+        "the port does not work again after reset and re-enable"
+    );
+    println!("  {uuid}: bus reset: decode off, ports gone, IDs kept; re-enabled and working");
     drop(m);
     drop(iommu);
     Ok(Outcome::Pass)
