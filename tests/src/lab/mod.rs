@@ -10,6 +10,7 @@ pub mod kvm;
 pub mod l3_tests;
 pub mod mock_tests;
 pub mod pdev_dma_tests;
+pub mod pdev_fixture;
 pub mod pdev_tests;
 pub mod vmm_tests;
 
@@ -30,7 +31,9 @@ pub fn all() -> Vec<LabTest> {
 
 /// The benchmarks (`ioasid-lab bench`).
 pub fn bench() -> Vec<LabTest> {
-    bench::tests()
+    let mut v = bench::tests();
+    v.extend(api_bench::tests());
+    v
 }
 
 /// The main-job demo.
