@@ -92,7 +92,10 @@ impl Vmm {
                 let log = vmm.stderr();
                 panic!("ioasid-vmm exited ({st}) before answering: {log}");
             }
-            assert!(start.elapsed() < GUARD, "ioasid-vmm never answered vmm.ping");
+            assert!(
+                start.elapsed() < GUARD,
+                "ioasid-vmm never answered vmm.ping"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         vmm
@@ -131,10 +134,16 @@ impl Vmm {
 
     /// What bad requests must leave unchanged.
     fn snapshot(&self) -> Vec<(String, serde_json::Value)> {
-        ["vm.info", "vm.iommu", "vm.ioasids", "vm.pasids", "vm.counters"]
-            .iter()
-            .map(|e| (e.to_string(), self.get(e)))
-            .collect()
+        [
+            "vm.info",
+            "vm.iommu",
+            "vm.ioasids",
+            "vm.pasids",
+            "vm.counters",
+        ]
+        .iter()
+        .map(|e| (e.to_string(), self.get(e)))
+        .collect()
     }
 
     /// The VMM's open fds, as `fd -> target` lines (sockets of API connections the server
@@ -146,7 +155,11 @@ impl Vmm {
                 .flatten()
                 .map(|e| {
                     let target = std::fs::read_link(e.path()).unwrap_or_default();
-                    format!("{} -> {}", e.file_name().to_string_lossy(), target.display())
+                    format!(
+                        "{} -> {}",
+                        e.file_name().to_string_lossy(),
+                        target.display()
+                    )
                 })
                 .collect();
             v.sort();
@@ -174,7 +187,10 @@ impl Vmm {
             if start.elapsed() > GUARD {
                 let _ = self.child.kill();
                 let st = self.child.wait().unwrap();
-                panic!("ioasid-vmm did not exit within {GUARD:?} ({st}): {}", self.stderr());
+                panic!(
+                    "ioasid-vmm did not exit within {GUARD:?} ({st}): {}",
+                    self.stderr()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -290,7 +306,13 @@ struct Case {
     mentions: Vec<&'static str>,
 }
 
-fn put(name: &'static str, endpoint: &'static str, body: &str, status: u16, mentions: &[&'static str]) -> Case {
+fn put(
+    name: &'static str,
+    endpoint: &'static str,
+    body: &str,
+    status: u16,
+    mentions: &[&'static str],
+) -> Case {
     Case {
         name,
         method: HttpMethod::Put,
@@ -317,9 +339,18 @@ fn api_bad_inputs_state_unchanged() {
 
     let missing_pci = "/sys/bus/pci/devices/0000:ff:1f.7";
     let missing_mdev = "/sys/bus/mdev/devices/83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
-    let big = format!(r#"{{"path":"{missing_pci}","id":"{}"}}"#, "a".repeat(60_000));
+    let big = format!(
+        r#"{{"path":"{missing_pci}","id":"{}"}}"#,
+        "a".repeat(60_000)
+    );
     let mut cases = vec![
-        put("malformed JSON", "vm.add-device", r#"{"path": "#, 400, &["Invalid DeviceConfig"]),
+        put(
+            "malformed JSON",
+            "vm.add-device",
+            r#"{"path": "#,
+            400,
+            &["Invalid DeviceConfig"],
+        ),
         put(
             "unknown field",
             "vm.add-device",
@@ -447,7 +478,13 @@ fn api_bad_inputs_state_unchanged() {
             400,
             &["a b"],
         ),
-        put("body on vm.shutdown", "vm.shutdown", "{}", 400, &["no request body"]),
+        put(
+            "body on vm.shutdown",
+            "vm.shutdown",
+            "{}",
+            400,
+            &["no request body"],
+        ),
     ];
     cases.push(Case {
         name: "unknown route",
@@ -480,8 +517,16 @@ fn api_bad_inputs_state_unchanged() {
         mentions: vec!["Malformed HTTP"],
     });
     for (name, path, mentions) in [
-        ("/dev/null fd", "/dev/null", vec!["cdev fd", "not a VFIO cdev"]),
-        ("regular file fd", "REGULAR", vec!["cdev fd", "not a character device"]),
+        (
+            "/dev/null fd",
+            "/dev/null",
+            vec!["cdev fd", "not a VFIO cdev"],
+        ),
+        (
+            "regular file fd",
+            "REGULAR",
+            vec!["cdev fd", "not a character device"],
+        ),
     ] {
         cases.push(Case {
             name,
@@ -533,7 +578,10 @@ fn api_bad_inputs_state_unchanged() {
         let msg = r.error_message();
         println!("{:<40} {} {msg}", c.name, r.status);
         if r.status != c.status {
-            failures.push(format!("{}: status {} (expected {}): {msg}", c.name, r.status, c.status));
+            failures.push(format!(
+                "{}: status {} (expected {}): {msg}",
+                c.name, r.status, c.status
+            ));
         } else if body.is_err() {
             failures.push(format!("{}: body is not a JSON error: {msg}", c.name));
         } else if let Some(m) = c.mentions.iter().find(|m| !msg.contains(*m)) {
@@ -558,6 +606,14 @@ fn api_bad_inputs_state_unchanged() {
     assert_eq!(r.status, 204);
     assert_eq!(vmm.wait_exit().code(), Some(0));
     let log = vmm.stderr();
-    assert!(failures.is_empty(), "{} failures:\n{}\nVMM log:\n{log}", failures.len(), failures.join("\n"));
-    println!("{} bad inputs refused; state and fd count unchanged", cases.len());
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}\nVMM log:\n{log}",
+        failures.len(),
+        failures.join("\n")
+    );
+    println!(
+        "{} bad inputs refused; state and fd count unchanged",
+        cases.len()
+    );
 }

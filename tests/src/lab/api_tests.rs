@@ -91,7 +91,12 @@ impl LabVmm {
         let start = Instant::now();
         loop {
             if let Ok(r) = vmm.client.request(HttpMethod::Get, "vmm.ping", None, &[]) {
-                ensure!(r.status == 200, "vmm.ping: {} {}", r.status, r.error_message());
+                ensure!(
+                    r.status == 200,
+                    "vmm.ping: {} {}",
+                    r.status,
+                    r.error_message()
+                );
                 return Ok(vmm);
             }
             if let Ok(Some(st)) = vmm.child.try_wait() {
@@ -141,8 +146,14 @@ impl LabVmm {
     /// A GET that must answer 200 with JSON.
     pub fn get(&self, endpoint: &str) -> Result<Value, String> {
         let r = self.call(HttpMethod::Get, endpoint, None, &[])?;
-        ensure!(r.status == 200, "GET {endpoint}: {} {}", r.status, r.error_message());
-        r.json().map_err(|e| format!("GET {endpoint}: not JSON: {e}"))
+        ensure!(
+            r.status == 200,
+            "GET {endpoint}: {} {}",
+            r.status,
+            r.error_message()
+        );
+        r.json()
+            .map_err(|e| format!("GET {endpoint}: not JSON: {e}"))
     }
 
     /// `vm.add-device` that must succeed; returns `(id, bdf)`.
@@ -155,10 +166,15 @@ impl LabVmm {
             r.error_message(),
             tail(&self.log(), 6)
         );
-        let v = r.json().map_err(|e| format!("vm.add-device: not JSON: {e}"))?;
+        let v = r
+            .json()
+            .map_err(|e| format!("vm.add-device: not JSON: {e}"))?;
         let id = v["id"].as_str().unwrap_or_default().to_string();
         let bdf = v["bdf"].as_str().unwrap_or_default().to_string();
-        ensure!(!id.is_empty() && !bdf.is_empty(), "vm.add-device reply: {v}");
+        ensure!(
+            !id.is_empty() && !bdf.is_empty(),
+            "vm.add-device reply: {v}"
+        );
         Ok((id, bdf))
     }
 
@@ -179,7 +195,13 @@ impl LabVmm {
     /// The introspection a bad request must leave unchanged.
     pub fn snapshot(&self) -> Result<Vec<(&'static str, Value)>, String> {
         let mut v = Vec::new();
-        for e in ["vm.info", "vm.iommu", "vm.ioasids", "vm.pasids", "vm.counters"] {
+        for e in [
+            "vm.info",
+            "vm.iommu",
+            "vm.ioasids",
+            "vm.pasids",
+            "vm.counters",
+        ] {
             v.push((e, self.get(e)?));
         }
         Ok(v)
@@ -217,14 +239,21 @@ impl LabVmm {
     /// `vm.shutdown`, then the process must exit with 0 and remove its socket.
     pub fn shutdown(mut self) -> Result<(), String> {
         let r = self.call(HttpMethod::Put, "vm.shutdown", None, &[])?;
-        ensure!(r.status == 204, "vm.shutdown: {} {}", r.status, r.error_message());
+        ensure!(
+            r.status == 204,
+            "vm.shutdown: {} {}",
+            r.status,
+            r.error_message()
+        );
         let start = Instant::now();
         let status = loop {
             if let Ok(Some(st)) = self.child.try_wait() {
                 break st;
             }
             if start.elapsed() > GUARD {
-                return Err(format!("ioasid-vmm did not exit within {GUARD:?} of vm.shutdown"));
+                return Err(format!(
+                    "ioasid-vmm did not exit within {GUARD:?} of vm.shutdown"
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -255,7 +284,12 @@ impl Drop for LabVmm {
 pub fn cdev_of(dev: &Path) -> Result<PathBuf, String> {
     let dir = dev.join("vfio-dev");
     let name = std::fs::read_dir(&dir)
-        .map_err(|e| format!("{}: {e} (is the device bound to a VFIO driver?)", dir.display()))?
+        .map_err(|e| {
+            format!(
+                "{}: {e} (is the device bound to a VFIO driver?)",
+                dir.display()
+            )
+        })?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.starts_with("vfio"))
@@ -287,6 +321,23 @@ fn vfio_links(fds: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// The one fd the VMM opens with its first VFIO device and keeps for the VM's life: the
+/// KVM-VFIO pseudo device (`KVM_CREATE_DEVICE` has no destroy; it goes with the VM).
+const KVM_VFIO: &str = "anon_inode:kvm-vfio";
+
+/// Whether `after` is `before` plus, at most, the VM's one KVM-VFIO device.
+fn vm_scoped(after: &[String], before: &[String]) -> bool {
+    let strip = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .filter(|l| !l.ends_with(KVM_VFIO))
+            .cloned()
+            .collect()
+    };
+    let extra = after.iter().filter(|l| l.ends_with(KVM_VFIO)).count();
+    extra <= 1 + before.iter().filter(|l| l.ends_with(KVM_VFIO)).count()
+        && strip(after) == strip(before)
+}
+
 /// Checks that `vm.ioasids` shows `id` attached to an IOAS with all of the VM's RAM mapped.
 fn check_attached(vmm: &LabVmm, id: &str, ram: u64) -> Result<(), String> {
     let io = vmm.get("vm.ioasids")?;
@@ -297,10 +348,14 @@ fn check_attached(vmm: &LabVmm, id: &str, ram: u64) -> Result<(), String> {
         ioas["mappings"].as_u64().unwrap_or(0) > 0 && ioas["mapped_bytes"].as_u64() == Some(ram),
         "vm.ioasids: the IOAS does not map the VM's {ram} bytes of RAM: {io}"
     );
-    let attached = io["attachments"]
-        .as_array()
-        .is_some_and(|a| a.iter().any(|x| x["device"] == id && x["pt_id"].as_u64() == ioas_id));
-    ensure!(attached, "vm.ioasids has no attachment of {id} to IOAS {ioas_id:?}: {io}");
+    let attached = io["attachments"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|x| x["device"] == id && x["pt_id"].as_u64() == ioas_id)
+    });
+    ensure!(
+        attached,
+        "vm.ioasids has no attachment of {id} to IOAS {ioas_id:?}: {io}"
+    );
     Ok(())
 }
 
@@ -309,7 +364,11 @@ fn check_empty(vmm: &LabVmm) -> Result<(), String> {
     let io = vmm.get("vm.ioasids")?;
     let mapped: u64 = io["ioases"]
         .as_array()
-        .map(|a| a.iter().map(|x| x["mapped_bytes"].as_u64().unwrap_or(0)).sum())
+        .map(|a| {
+            a.iter()
+                .map(|x| x["mapped_bytes"].as_u64().unwrap_or(0))
+                .sum()
+        })
         .unwrap_or(0);
     ensure!(mapped == 0, "IOAS mappings left: {io}");
     ensure!(
@@ -338,14 +397,20 @@ fn api_add_device_fd_passing() -> TestResult {
     let vmm = LabVmm::start("fd", "size=64M")?;
     let fds_before = vmm.fds();
 
-    // 1. The library client: our open cdev goes over with SCM_RIGHTS.
+    // 1. The library client: our open cdev goes over with SCM_RIGHTS, and we close our
+    //    copy (a VFIO cdev stays bound to the iommufd as long as any copy of the open file
+    //    lives, so a client must not keep it).
     let file = open_inheritable(&cdev)?;
     let (id, bdf) = vmm.add(
         &format!(r#"{{"fd":{},"id":"edu_fd"}}"#, file.as_raw_fd()),
         &[file.as_fd()],
     )?;
+    drop(file);
     ensure!(id == "edu_fd", "reply id {id}");
-    println!("LAB-INFO edu added from cdev fd ({}) as {id} at {bdf}", cdev.display());
+    println!(
+        "LAB-INFO edu added from cdev fd ({}) as {id} at {bdf}",
+        cdev.display()
+    );
     check_attached(&vmm, &id, RAM)?;
     let info = vmm.get("vm.info")?;
     ensure!(
@@ -357,13 +422,22 @@ fn api_add_device_fd_passing() -> TestResult {
         .as_array()
         .and_then(|r| r.iter().find(|x| x["type"] == "host").cloned())
         .unwrap_or_default();
-    let edu_bdf = edu.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let edu_bdf = edu
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     ensure!(
-        host["device"].as_str().is_some_and(|d| d.contains(&edu_bdf)),
+        host["device"]
+            .as_str()
+            .is_some_and(|d| d.contains(&edu_bdf)),
         "the VMM did not trace the fd back to {edu_bdf}: {host}"
     );
     let iommu = vmm.get("vm.iommu")?;
-    ensure!(iommu["backend"] == "iommufd", "a cdev fd needs iommufd: {iommu}");
+    ensure!(
+        iommu["backend"] == "iommufd",
+        "a cdev fd needs iommufd: {iommu}"
+    );
     let links = vfio_links(&vmm.fds());
     ensure!(
         links.iter().any(|l| l.ends_with(&*cdev.to_string_lossy())),
@@ -372,22 +446,36 @@ fn api_add_device_fd_passing() -> TestResult {
     );
     vmm.remove(&id)?;
     check_empty(&vmm)?;
+    let links = vfio_links(&vmm.fds());
+    ensure!(
+        links.is_empty(),
+        "VFIO fds left after removing {id}: {links:?}"
+    );
 
-    // 2. ioasid-remote fd=N: the child inherits our fd and sends it.
+    // 2. ioasid-remote fd=N: the child inherits a fresh open of the cdev and sends it.
+    let file = open_inheritable(&cdev)?;
     let out = remote(
         vmm.sock(),
-        &["add-device", &format!("fd={},id=edu_remote", file.as_raw_fd())],
-    )?;
-    let v: Value = serde_json::from_str(&out).map_err(|e| format!("ioasid-remote output {out}: {e}"))?;
-    ensure!(v["id"] == "edu_remote", "ioasid-remote add-device answered {v}");
+        &[
+            "add-device",
+            &format!("fd={},id=edu_remote", file.as_raw_fd()),
+        ],
+    );
+    drop(file);
+    let out = out?;
+    let v: Value =
+        serde_json::from_str(&out).map_err(|e| format!("ioasid-remote output {out}: {e}"))?;
+    ensure!(
+        v["id"] == "edu_remote",
+        "ioasid-remote add-device answered {v}"
+    );
     check_attached(&vmm, "edu_remote", RAM)?;
     remote(vmm.sock(), &["remove-device", "edu_remote"])?;
     check_empty(&vmm)?;
-    drop(file);
 
     let fds_after = vmm.fds();
     ensure!(
-        fds_after == fds_before,
+        vm_scoped(&fds_after, &fds_before),
         "the VMM's fds changed: before {fds_before:?} after {fds_after:?}"
     );
     vmm.shutdown()?;
@@ -407,9 +495,16 @@ struct Bad<'a> {
 fn api_bad_inputs_state_unchanged_lab() -> TestResult {
     let edu = env::edu_path()?;
     let mtty = env::mtty_path()?;
-    let edu_bdf = edu.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let edu_bdf = edu
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     let vmm = LabVmm::start("bad", "size=64M")?;
-    let (id, bdf) = vmm.add(&format!(r#"{{"path":"{}","id":"edu0"}}"#, edu.display()), &[])?;
+    let (id, bdf) = vmm.add(
+        &format!(r#"{{"path":"{}","id":"edu0"}}"#, edu.display()),
+        &[],
+    )?;
     let slot = bdf
         .rsplit(':')
         .next()
@@ -463,7 +558,10 @@ fn api_bad_inputs_state_unchanged_lab() -> TestResult {
         Bad {
             name: "x_ option set",
             endpoint: "vm.add-device",
-            body: format!(r#"{{"path":"{}","x_exclude_mmap_bars":[2]}}"#, mtty.display()),
+            body: format!(
+                r#"{{"path":"{}","x_exclude_mmap_bars":[2]}}"#,
+                mtty.display()
+            ),
             fd: None,
             status: 400,
             mentions: vec!["x_exclude_mmap_bars".into()],
@@ -492,7 +590,10 @@ fn api_bad_inputs_state_unchanged_lab() -> TestResult {
         let msg = r.error_message();
         println!("LAB-INFO bad input {}: {} {msg}", c.name, r.status);
         if r.status != c.status {
-            failures.push(format!("{}: {} (expected {}): {msg}", c.name, r.status, c.status));
+            failures.push(format!(
+                "{}: {} (expected {}): {msg}",
+                c.name, r.status, c.status
+            ));
         } else if serde_json::from_slice::<api::ErrorBody>(&r.body).is_err() {
             failures.push(format!("{}: not a JSON error: {msg}", c.name));
         } else if let Some(m) = c.mentions.iter().find(|m| !msg.contains(m.as_str())) {
@@ -507,7 +608,9 @@ fn api_bad_inputs_state_unchanged_lab() -> TestResult {
     }
     let fds_after = vmm.fds();
     if fds_after != fds_before {
-        failures.push(format!("fds changed: before {fds_before:?} after {fds_after:?}"));
+        failures.push(format!(
+            "fds changed: before {fds_before:?} after {fds_after:?}"
+        ));
     }
     ensure!(failures.is_empty(), "{}", failures.join("; "));
     // edu0 still works as a device: remove it and nothing is left.
@@ -527,11 +630,18 @@ fn api_hotplug_churn_no_leaks() -> TestResult {
         "VFIO fds open before any add: {fds_before:?}"
     );
     let start = Instant::now();
+    let mut after_first = Vec::new();
     for i in 0..CHURN {
         let (id, _) = vmm
-            .add(&format!(r#"{{"path":"{}","id":"churn"}}"#, edu.display()), &[])
+            .add(
+                &format!(r#"{{"path":"{}","id":"churn"}}"#, edu.display()),
+                &[],
+            )
             .map_err(|e| format!("cycle {i}: {e}"))?;
         vmm.remove(&id).map_err(|e| format!("cycle {i}: {e}"))?;
+        if i == 0 {
+            after_first = vmm.fds();
+        }
         if (i + 1) % 50 == 0 {
             println!(
                 "LAB-INFO churn: {} edu add/remove cycles in {:.1} s",
@@ -544,7 +654,8 @@ fn api_hotplug_churn_no_leaks() -> TestResult {
         let (id, _) = vmm
             .add(&format!(r#"{{"path":"{}"}}"#, mtty.display()), &[])
             .map_err(|e| format!("mtty cycle {i}: {e}"))?;
-        vmm.remove(&id).map_err(|e| format!("mtty cycle {i}: {e}"))?;
+        vmm.remove(&id)
+            .map_err(|e| format!("mtty cycle {i}: {e}"))?;
     }
     // Both at once, removed in the order they came.
     let (a, _) = vmm.add(&format!(r#"{{"path":"{}"}}"#, edu.display()), &[])?;
@@ -555,15 +666,22 @@ fn api_hotplug_churn_no_leaks() -> TestResult {
     let fds_after = vmm.fds();
     let left = vfio_links(&fds_after);
     ensure!(left.is_empty(), "VFIO/iommufd fds left open: {left:?}");
+    // Exactly the fds of the first cycle's end (no growth over the cycles), and those are
+    // the fds before the first add plus only the VM's KVM-VFIO device.
     ensure!(
-        fds_after.len() == fds_before.len(),
-        "the VMM had {} fds before the first add and {} after: before {fds_before:?} after {fds_after:?}",
-        fds_before.len(),
-        fds_after.len()
+        fds_after == after_first,
+        "fds grew over {CHURN} cycles: after the first {after_first:?}, at the end {fds_after:?}"
+    );
+    ensure!(
+        vm_scoped(&fds_after, &fds_before),
+        "the VMM's fds differ from before the first add by more than the KVM-VFIO device: \
+         before {fds_before:?} after {fds_after:?}"
     );
     let counters = vmm.get("vm.counters")?;
     println!(
-        "LAB-INFO churn: {CHURN} edu + 6 mtty cycles, fds {} before and after, ram_map_calls {}",
+        "LAB-INFO churn: {CHURN} edu + 6 mtty cycles, fds {} before the first add, {} after \
+         (the VM's KVM-VFIO device), ram_map_calls {}",
+        fds_before.len(),
         fds_after.len(),
         counters["devices"]["_vm"]["ram_map_calls"]
     );
@@ -571,8 +689,24 @@ fn api_hotplug_churn_no_leaks() -> TestResult {
     if let Ok(mut f) = File::open(&vmm.log) {
         let _ = f.read_to_string(&mut log);
     }
-    let warnings = log.lines().filter(|l| l.contains(" WARN ")).count();
-    println!("LAB-INFO churn: {warnings} warnings in the VMM log");
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+    let mut kinds: Vec<&str> = warnings
+        .iter()
+        .map(|l| l.split_once("] ").map_or(*l, |(_, m)| m))
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    println!(
+        "LAB-INFO churn: {} warnings in the VMM log, {} distinct: {}",
+        warnings.len(),
+        kinds.len(),
+        kinds
+            .iter()
+            .take(4)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
     vmm.shutdown()?;
     Ok(Outcome::Pass)
 }

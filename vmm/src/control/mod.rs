@@ -240,3 +240,6 @@ impl Control {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
