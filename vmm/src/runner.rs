@@ -206,6 +206,22 @@ impl PayloadVm {
             serial: self.serial.contents(),
         }
     }
+
+    /// Like [`Self::finish`], but stops the VM when it has not ended within `limit`: the
+    /// guard tests use against a payload that hangs.
+    pub fn finish_within(&self, running: RunningVm, limit: std::time::Duration) -> PayloadOutcome {
+        let stopper = running.stopper();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let guard = std::thread::spawn(move || {
+            if done_rx.recv_timeout(limit).is_err() {
+                stopper.stop();
+            }
+        });
+        let out = self.finish(running);
+        let _ = done_tx.send(());
+        let _ = guard.join();
+        out
+    }
 }
 
 /// The device manager of a running VM, shared with whoever serves the REST API.

@@ -126,17 +126,7 @@ fn run_guarded(pvm: &mut PayloadVm, code: &[u8]) -> PayloadOutcome {
     let running = pvm
         .start(code, DEFAULT_LONG_GPA, PayloadMode::Long)
         .unwrap();
-    let stopper = running.stopper();
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let guard = std::thread::spawn(move || {
-        if done_rx.recv_timeout(HANG_GUARD).is_err() {
-            stopper.stop();
-        }
-    });
-    let out = pvm.finish(running);
-    let _ = done_tx.send(());
-    guard.join().unwrap();
-    out
+    pvm.finish_within(running, HANG_GUARD)
 }
 
 #[test]
@@ -595,20 +585,11 @@ fn run_msi_payload(
     let running = pvm
         .start(&MSI_PAYLOAD, DEFAULT_LONG_GPA, PayloadMode::Long)
         .unwrap();
-    let stopper = running.stopper();
     let ready = ready_rx.recv_timeout(HANG_GUARD).is_ok();
     if ready {
         on_ready();
     }
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let guard = std::thread::spawn(move || {
-        if done_rx.recv_timeout(HANG_GUARD).is_err() {
-            stopper.stop();
-        }
-    });
-    let out = pvm.finish(running);
-    let _ = done_tx.send(());
-    guard.join().unwrap();
+    let out = pvm.finish_within(running, HANG_GUARD);
     println!("{name}: exit {:?}", out.exit);
     if let Some(Err(e)) = out.stop() {
         panic!("{name}: the payload failed before the MSI could be checked: {e}");

@@ -41,16 +41,7 @@ fn run(
     let mut pvm = PayloadVm::new(MEM, irqchip).unwrap();
     setup(pvm.vm());
     let running = pvm.start(code, gpa, mode).unwrap();
-    let stopper = running.stopper();
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let guard = std::thread::spawn(move || {
-        if done_rx.recv_timeout(HANG_GUARD).is_err() {
-            stopper.stop();
-        }
-    });
-    let out = pvm.finish(running);
-    let _ = done_tx.send(());
-    guard.join().unwrap();
+    let out = pvm.finish_within(running, HANG_GUARD);
     (pvm, out)
 }
 
@@ -300,20 +291,11 @@ fn msi_through_irqfd_reaches_guest_idt_handler() {
     let running = pvm
         .start(&code, DEFAULT_LONG_GPA, PayloadMode::Long)
         .unwrap();
-    let stopper = running.stopper();
     let ready = ready_rx.recv_timeout(HANG_GUARD).is_ok();
     if ready {
         msi.trigger().unwrap();
     }
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let guard = std::thread::spawn(move || {
-        if done_rx.recv_timeout(HANG_GUARD).is_err() {
-            stopper.stop();
-        }
-    });
-    let out = pvm.finish(running);
-    let _ = done_tx.send(());
-    guard.join().unwrap();
+    let out = pvm.finish_within(running, HANG_GUARD);
     println!("{name}: exit {:?}", out.exit);
     if let Some(Err(e)) = out.stop() {
         panic!("{name}: the payload failed before the MSI could be checked: {e}");

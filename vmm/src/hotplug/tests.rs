@@ -396,21 +396,12 @@ fn guest_gets_ged_interrupt_on_gsi5_reads_registers_and_ejects() {
     let running = pvm
         .start(&code, DEFAULT_LONG_GPA, PayloadMode::Long)
         .unwrap();
-    let stopper = running.stopper();
     let guard_time = Duration::from_secs(20);
     let ready = ready_rx.recv_timeout(guard_time).is_ok();
     if ready {
         hp.notify_added(7).unwrap();
     }
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let guard = std::thread::spawn(move || {
-        if done_rx.recv_timeout(guard_time).is_err() {
-            stopper.stop();
-        }
-    });
-    let out = pvm.finish(running);
-    let _ = done_tx.send(());
-    guard.join().unwrap();
+    let out = pvm.finish_within(running, guard_time);
     println!("{name}: exit {:?}", out.exit);
     if let Some(Err(e)) = out.stop() {
         panic!("{name}: the payload failed: {e}");
