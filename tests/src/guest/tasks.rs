@@ -39,7 +39,27 @@ pub fn up() -> Result<String, String> {
                 .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
         })
         .unwrap_or_default();
-    Ok(format!("kernel {} {mem}", release.trim()))
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    Ok(format!(
+        "kernel {} cpus {} online {} {mem}",
+        release.trim(),
+        cpu_count(online.trim()),
+        online.trim()
+    ))
+}
+
+/// How many CPUs a kernel CPU list ("0-1,3") names.
+fn cpu_count(list: &str) -> usize {
+    list.split(',')
+        .filter(|r| !r.is_empty())
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => match (a.parse::<usize>(), b.parse::<usize>()) {
+                (Ok(a), Ok(b)) if b >= a => b - a + 1,
+                _ => 0,
+            },
+            None => usize::from(r.parse::<usize>().is_ok()),
+        })
+        .sum()
 }
 
 /// The one edu function the guest sees.

@@ -124,7 +124,8 @@ pub fn l3_pieces() -> Result<(), String> {
 }
 
 /// The VMM command line for an L3 guest running `tasks`, with `devices` (--device values)
-/// and `extra` arguments; the serial console goes to `serial`.
+/// and `extra` arguments (one vCPU unless `extra` has `--cpus`); the serial console goes to
+/// `serial`.
 pub fn vmm_command(tasks: &str, devices: &[String], extra: &[String], serial: &Path) -> Command {
     let mut c = Command::new(VMM_BIN);
     c.arg("--kernel")
@@ -137,12 +138,13 @@ pub fn vmm_command(tasks: &str, devices: &[String], extra: &[String], serial: &P
         ))
         .arg("--memory")
         .arg(L3_MEMORY)
-        .arg("--cpus")
-        .arg("boot=1")
         .arg("--serial")
         .arg(format!("file={}", serial.display()));
     for d in devices {
         c.arg("--device").arg(d);
+    }
+    if !extra.iter().any(|a| a == "--cpus") {
+        c.args(["--cpus", "boot=1"]);
     }
     c.args(extra);
     c.env("RUST_LOG", "info");
@@ -269,6 +271,10 @@ pub fn run_l3(
     Ok(L3Session::start(name, tasks, devices, &[])?.finish(limit))
 }
 
+/// vCPUs of the shared boot: more than one, so the guest's SMP bring-up (INIT/SIPI through
+/// the in-kernel LAPIC) is part of the test.
+const MAIN_CPUS: u32 = 2;
+
 /// The shared boot of the boot/edu/mtty tests: edu and mtty assigned, tasks up, edu, mtty.
 fn main_run() -> &'static Result<L3Outcome, String> {
     static RUN: OnceLock<Result<L3Outcome, String>> = OnceLock::new();
@@ -279,7 +285,9 @@ fn main_run() -> &'static Result<L3Outcome, String> {
             format!("path={},id=edu0", edu.display()),
             format!("path={},id=mtty0", mtty.display()),
         ];
-        run_l3("main", "up,edu,mtty", &devices, Duration::from_secs(240))
+        let extra = ["--cpus".to_string(), format!("boot={MAIN_CPUS}")];
+        let s = L3Session::start("main", "up,edu,mtty", &devices, &extra)?;
+        Ok(s.finish(Duration::from_secs(240)))
     })
 }
 
@@ -294,6 +302,10 @@ fn linux_guest_boots() -> TestResult {
         run.status == Some(0),
         "the guest reached userspace ({detail}) but {}",
         run.describe_exit()
+    );
+    ensure!(
+        detail.contains(&format!("cpus {MAIN_CPUS} ")),
+        "the guest does not see its {MAIN_CPUS} vCPUs online: {detail}"
     );
     println!("LAB-INFO L3 up: {detail}; {}", run.describe_exit());
     Ok(Outcome::Pass)
