@@ -1,5 +1,6 @@
 //! ACPI tables (hardware-reduced): RSDP, XSDT, FADT, MADT, MCFG and a DSDT describing the
-//! PCIe host bridge (ECAM, 32- and 64-bit MMIO windows) with its hotplug slots, the PCI
+//! PCIe host bridge (ECAM, 32- and 64-bit MMIO windows, the `_PRT` routing every slot's INTx
+//! pins to IOAPIC GSIs by [`crate::layout::pci_intx_gsi`]) with its hotplug slots, the PCI
 //! hotplug controller and Generic Event Device ([`crate::hotplug::aml`]), COM1 and the S5
 //! sleep state; plus the small port device behind the FADT's sleep-control and reset
 //! registers.
@@ -8,7 +9,7 @@ use std::sync::Arc;
 
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Name, Package,
-    ResourceTemplate, Scope, IO,
+    PackageBuilder, ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
@@ -26,9 +27,9 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::hotplug::aml::{pci_root_objects, sb_devices};
 use crate::layout::{
-    pci_mmio64_window, ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT,
-    ACPI_SLEEP_STATUS_PORT, ACPI_START, IOAPIC_START, LAPIC_START, PCI_ECAM_SIZE, PCI_ECAM_START,
-    PCI_MMIO32_SIZE, PCI_MMIO32_START, SERIAL_IRQ, SERIAL_PORT,
+    pci_intx_gsi, pci_mmio64_window, ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE,
+    ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START, IOAPIC_START, LAPIC_START,
+    PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START, SERIAL_IRQ, SERIAL_PORT,
 };
 use crate::memory::GuestMemory;
 use crate::vm::{StopReason, VmStopper};
@@ -76,6 +77,28 @@ fn aml_bytes(a: &dyn Aml) -> Vec<u8> {
     v
 }
 
+/// PCI slots the `_PRT` routes (slot 0 is the host bridge, which has no interrupt).
+const PRT_SLOTS: std::ops::RangeInclusive<u8> = 1..=31;
+/// INTA..INTD.
+const PRT_PINS: std::ops::Range<u8> = 0..4;
+
+/// The `_PRT` of the root bus: for every slot 1..31 and pin INTA..INTD,
+/// `Package { slot << 16 | 0xFFFF, pin, 0, gsi }`. A zero source means the last field is a
+/// GSI, which the guest programs level-triggered, active-low (what KVM's irqfds with resample
+/// expect; its IOAPIC ignores the polarity bit).
+fn pci_prt() -> PackageBuilder {
+    let mut prt = PackageBuilder::new();
+    for slot in PRT_SLOTS {
+        for pin in PRT_PINS {
+            let address = (u32::from(slot) << 16) | 0xffff;
+            let source = 0u8;
+            let gsi = pci_intx_gsi(slot, pin);
+            prt.add_element(&Package::new(vec![&address, &pin, &source, &gsi]));
+        }
+    }
+    prt
+}
+
 /// The DSDT body (without header) for a guest whose RAM ends at `ram_end`.
 pub fn dsdt_aml(ram_end: u64) -> Vec<u8> {
     let (mmio64_start, mmio64_size) = pci_mmio64_window(ram_end);
@@ -108,13 +131,15 @@ pub fn dsdt_aml(ram_end: u64) -> Vec<u8> {
     let n_uid = Name::new("_UID".into(), &zero);
     let n_bbn = Name::new("_BBN".into(), &zero);
     let n_crs = Name::new("_CRS".into(), &pci_crs);
+    let prt = pci_prt();
+    let n_prt = Name::new("_PRT".into(), &prt);
     // Hotplug slots S01..S1F and the scan method PCNT: always present; without the
     // controller installed its registers read 0 and nothing happens.
     let slots = pci_root_objects();
     let pci0 = Device::new(
         "PCI0".into(),
         vec![
-            &n_hid, &n_cid, &n_adr, &n_seg, &n_uid, &n_bbn, &n_crs, &slots,
+            &n_hid, &n_cid, &n_adr, &n_seg, &n_uid, &n_bbn, &n_crs, &n_prt, &slots,
         ],
     );
 
@@ -405,6 +430,59 @@ mod tests {
         assert_eq!(pci_mmio64_window((4 << 30) + 1).0, 5 << 30);
     }
 
+    /// One `_PRT` entry as AML: PackageOp, PkgLength, 4 elements, the DWord address, the pin
+    /// (ZeroOp, OneOp or a BytePrefix constant), ZeroOp for the source, the GSI as a byte.
+    fn prt_entry(slot: u8, pin: u8, gsi: u8) -> Vec<u8> {
+        let mut body = vec![4u8, 0x0c];
+        body.extend(((u32::from(slot) << 16) | 0xffff).to_le_bytes());
+        match pin {
+            0 => body.push(0x00),
+            1 => body.push(0x01),
+            p => body.extend([0x0a, p]),
+        }
+        body.extend([0x00, 0x0a, gsi]);
+        let mut e = vec![0x12, body.len() as u8 + 1];
+        e.extend(body);
+        e
+    }
+
+    #[test]
+    fn dsdt_routes_every_slot_pin_to_an_ioapic_gsi() {
+        let d = dsdt_aml(512 << 20);
+        let count = |needle: &[u8]| d.windows(needle.len()).filter(|w| *w == needle).count();
+        assert_eq!(count(b"_PRT"), 1);
+        // Name (_PRT, Package (124) {...}): NameOp, the name, PackageOp, a 2-byte PkgLength,
+        // 124 elements.
+        let at = d.windows(4).position(|w| w == b"_PRT").unwrap();
+        assert_eq!(d[at - 1], 0x08, "NameOp");
+        assert_eq!(d[at + 4], 0x12, "PackageOp");
+        assert_eq!(d[at + 7], 124, "31 slots x 4 pins");
+        // Slot 3's INTA is GSI 19, slot 8's INTA wraps to 16, and so on (written out, not
+        // computed, so a change of the swizzle shows here).
+        for (slot, pin, gsi) in [(1, 0, 17), (3, 0, 19), (7, 0, 23), (8, 0, 16), (3, 3, 22)] {
+            assert_eq!(
+                count(&prt_entry(slot, pin, gsi)),
+                1,
+                "slot {slot} pin {pin}"
+            );
+        }
+        // Every slot and pin, with the GSI the device manager's irqfds use.
+        for slot in 1..=31u8 {
+            for pin in 0..4u8 {
+                let gsi = pci_intx_gsi(slot, pin) as u8;
+                assert_eq!(
+                    count(&prt_entry(slot, pin, gsi)),
+                    1,
+                    "slot {slot} pin {pin}"
+                );
+            }
+        }
+        // The host bridge's slot 0 is not routed.
+        let mut slot0 = vec![0x0c];
+        slot0.extend(0xffffu32.to_le_bytes());
+        assert_eq!(count(&slot0), 0);
+    }
+
     #[test]
     fn dsdt_has_pci_hotplug_slots_controller_and_ged() {
         use crate::hotplug::aml::slot_name;
@@ -495,10 +573,17 @@ mod tests {
             "Method (_EVT, 1, Serialized)",
             "\"ACPI0013\"",
             "Device (PHPR)",
+            "Name (_PRT, Package (0x7C)",
         ] {
             assert!(dsl.contains(needle), "{needle} missing from:\n{dsl}");
         }
         assert!(!dsl.contains("Device (S00)"));
+        // Slot 3's INTA goes to GSI 19 (0x13).
+        let compact: String = dsl.split_whitespace().collect();
+        assert!(
+            compact.contains("Package(0x04){0x0003FFFF,Zero,Zero,0x13}"),
+            "_PRT entry for slot 3 INTA missing from:\n{dsl}"
+        );
         // The disassembly compiles back without errors (warnings and remarks are fine).
         let text = run(&["-p", "recompiled", "dsdt.dsl"]);
         assert!(

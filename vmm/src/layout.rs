@@ -84,6 +84,20 @@ pub const SERIAL_PORT: u64 = 0x3f8;
 /// other device, edge-triggered active-high (the irqfd pulses it once per event).
 pub const GED_GSI: u32 = 5;
 
+/// First IOAPIC pin (GSI) for PCI INTx lines: GSIs 16..24 belong to PCI (ISA IRQs end at 15).
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+/// How many GSIs the PCI INTx lines share: every pin of every slot maps onto one of
+/// `PCI_INTX_GSI_BASE..PCI_INTX_GSI_BASE + PCI_INTX_GSI_COUNT`.
+pub const PCI_INTX_GSI_COUNT: u32 = 8;
+
+/// The GSI of INTx pin `pin` (INTA = 0 .. INTD = 3) of the function in root-bus slot `slot`:
+/// `16 + (slot + pin) % 8`, the usual swizzle, so neighbouring slots land on different lines.
+/// The DSDT's `_PRT` and the KVM irqfds both use it. Level-triggered, active-low (ACPI's
+/// convention for a `_PRT` entry that names a GSI; KVM's IOAPIC ignores the polarity bit).
+pub const fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
+    PCI_INTX_GSI_BASE + (slot as u32 + pin as u32) % PCI_INTX_GSI_COUNT
+}
+
 /// Size of the 64-bit PCI MMIO window (64-bit BARs).
 pub const PCI_MMIO64_SIZE: u64 = 64 * GIB;
 
@@ -111,3 +125,38 @@ pub const ACPI_SLEEP_STATUS_PORT: u64 = 0x601;
 pub const ACPI_RESET_PORT: u64 = 0x602;
 /// Value written to [`ACPI_RESET_PORT`] to reset.
 pub const ACPI_RESET_VALUE: u8 = 0x1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intx_gsis_swizzle_over_sixteen_to_twenty_three() {
+        assert_eq!(pci_intx_gsi(1, 0), 17);
+        assert_eq!(pci_intx_gsi(3, 0), 19);
+        assert_eq!(pci_intx_gsi(7, 0), 23);
+        assert_eq!(pci_intx_gsi(8, 0), 16);
+        assert_eq!(pci_intx_gsi(1, 3), 20);
+        assert_eq!(pci_intx_gsi(31, 3), 18);
+        // Every slot/pin lands in 16..24, below the MSI GSIs and clear of the ISA IRQs
+        // (serial, GED) the platform uses.
+        for slot in 1..=31u8 {
+            let mut seen = Vec::new();
+            for pin in 0..4u8 {
+                let gsi = pci_intx_gsi(slot, pin);
+                assert!((16..24).contains(&gsi), "slot {slot} pin {pin}: {gsi}");
+                assert!(gsi < MSI_GSI_BASE && gsi != SERIAL_IRQ && gsi != GED_GSI);
+                seen.push(gsi);
+            }
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen.len(), 4, "slot {slot}: its four pins share a line");
+        }
+        // The eight lines are used evenly by the 31 slots' INTA.
+        let mut count = [0u32; 8];
+        for slot in 1..=31u8 {
+            count[(pci_intx_gsi(slot, 0) - PCI_INTX_GSI_BASE) as usize] += 1;
+        }
+        assert!(count.iter().all(|&c| c == 3 || c == 4), "{count:?}");
+    }
+}

@@ -38,12 +38,63 @@ pub struct MsiMessage {
     pub data: u32,
 }
 
+/// A legacy interrupt pin, as the Interrupt Pin register names it (1 = INTA .. 4 = INTD).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IntxPin {
+    /// INTA# (register value 1).
+    A,
+    /// INTB# (register value 2).
+    B,
+    /// INTC# (register value 3).
+    C,
+    /// INTD# (register value 4).
+    D,
+}
+
+impl IntxPin {
+    /// The pin an Interrupt Pin register value names; `None` for 0 (no pin) and values
+    /// above 4 (reserved).
+    pub fn from_register(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(IntxPin::A),
+            2 => Some(IntxPin::B),
+            3 => Some(IntxPin::C),
+            4 => Some(IntxPin::D),
+            _ => None,
+        }
+    }
+
+    /// The Interrupt Pin register value (1..=4).
+    pub fn register(self) -> u8 {
+        self.index() + 1
+    }
+
+    /// The pin number as routing tables count it (INTA = 0 .. INTD = 3).
+    pub fn index(self) -> u8 {
+        match self {
+            IntxPin::A => 0,
+            IntxPin::B => 1,
+            IntxPin::C => 2,
+            IntxPin::D => 3,
+        }
+    }
+}
+
+impl std::fmt::Display for IntxPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "INT{}", (b'A' + self.index()) as char)
+    }
+}
+
 /// The eventfds of a level-triggered INTx line.
 #[derive(Debug)]
 pub struct IntxEventFds {
-    /// Signalled by the device to assert the line.
+    /// Signalled by the device to assert the line. The line stays asserted until the guest
+    /// EOIs it (with `resample`), or is pulsed once per signal (without).
     pub trigger: EventFd,
-    /// Signalled by the VMM when the guest EOIs, so the device can re-assert (may be absent).
+    /// Signalled by the VMM when the guest EOIs the line (after it was deasserted), so the
+    /// device can be unmasked and re-assert. `None`: the line is pulsed per signal, and
+    /// nothing reports the EOI.
     pub resample: Option<EventFd>,
 }
 
@@ -84,9 +135,35 @@ pub trait InterruptSink: Send + Sync {
     /// Tears a route down (the guest disabled MSI/MSI-X, or the device is removed).
     fn msi_release(&self, vector: MsiVector);
 
-    /// The INTx line of this device, if the VMM wires one. Called once when the device is
-    /// created; the default is no INTx.
-    fn intx(&self) -> Option<IntxEventFds> {
+    /// The INTx line of this device's pin `pin`, if the VMM wires one. Called once when the
+    /// device is created; the default is no INTx (the model then shows the guest no pin).
+    fn intx(&self, pin: IntxPin) -> Option<IntxEventFds> {
+        let _ = pin;
         None
+    }
+
+    /// Releases the INTx line [`Self::intx`] returned (the device is removed). The default
+    /// does nothing.
+    fn intx_release(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IntxPin;
+
+    #[test]
+    fn pins_from_the_register() {
+        assert_eq!(IntxPin::from_register(0), None);
+        assert_eq!(IntxPin::from_register(5), None);
+        for (v, pin, index, name) in [
+            (1, IntxPin::A, 0, "INTA"),
+            (2, IntxPin::B, 1, "INTB"),
+            (3, IntxPin::C, 2, "INTC"),
+            (4, IntxPin::D, 3, "INTD"),
+        ] {
+            assert_eq!(IntxPin::from_register(v), Some(pin));
+            assert_eq!((pin.register(), pin.index()), (v, index));
+            assert_eq!(pin.to_string(), name);
+        }
     }
 }

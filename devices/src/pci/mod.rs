@@ -33,7 +33,9 @@ pub use bdf::PciBdf;
 pub use config::ConfigSpace;
 pub use device::{PciDevice, SharedPciDevice};
 pub use ecam::{PciEcam, ECAM_BUS_SIZE};
-pub use interrupt::{InterruptError, InterruptSink, IntxEventFds, MsiKind, MsiMessage, MsiVector};
+pub use interrupt::{
+    InterruptError, InterruptSink, IntxEventFds, IntxPin, MsiKind, MsiMessage, MsiVector,
+};
 pub use port_io::{PciConfigIo, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_SIZE};
 pub use root::{AddressWindow, BarState, PciBus, PciBusConfig, PciError, SharedPciBus};
 

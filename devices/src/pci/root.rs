@@ -260,6 +260,11 @@ impl PciBus {
         PciBdf::root_slot(self.segment, slot)
     }
 
+    /// The slot [`Self::add_device`] picks when given none: the lowest free one.
+    pub fn free_slot(&self) -> Option<u8> {
+        (1..=MAX_SLOT).find(|s| !self.slots.contains_key(s))
+    }
+
     /// Adds `device` at `slot` (1..=31), or at the lowest free slot. Allocates its BARs,
     /// programs their addresses into its BAR registers (decode stays as the device has it,
     /// normally off until the guest enables it), and returns its address.
@@ -274,11 +279,9 @@ impl PciBus {
                 return Err(PciError::SlotInUse { bdf: self.bdf(s) })
             }
             Some(s) => s,
-            None => (1..=MAX_SLOT).find(|s| !self.slots.contains_key(s)).ok_or(
-                PciError::NoFreeSlot {
-                    segment: self.segment,
-                },
-            )?,
+            None => self.free_slot().ok_or(PciError::NoFreeSlot {
+                segment: self.segment,
+            })?,
         };
         let bdf = self.bdf(slot);
         let infos = lock_dev(&device).bars();

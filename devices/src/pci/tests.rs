@@ -241,14 +241,20 @@ fn bdf_allocation_and_conflicts() {
 #[test]
 fn slots_run_out() {
     let rig = Rig::new();
-    // Small BAR-less functions are enough to fill the bus.
-    for _ in 1..=31 {
-        rig.add(
-            Arc::new(Mutex::new(super::host_bridge::HostBridge::new())),
-            None,
-        )
-        .unwrap();
+    // Small BAR-less functions are enough to fill the bus; `free_slot` names the slot each
+    // add without a slot takes.
+    for want in 1..=31u8 {
+        let free = rig.pci.lock().unwrap().free_slot();
+        assert_eq!(free, Some(want));
+        let bdf = rig
+            .add(
+                Arc::new(Mutex::new(super::host_bridge::HostBridge::new())),
+                None,
+            )
+            .unwrap();
+        assert_eq!(bdf, PciBdf::root_slot(0, want));
     }
+    assert_eq!(rig.pci.lock().unwrap().free_slot(), None);
     assert!(matches!(
         rig.add(test_dev().1, None),
         Err(PciError::NoFreeSlot { segment: 0 })

@@ -76,8 +76,18 @@ pub trait VfioRegions: Send + Sync {
     fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> io::Result<()>;
     /// Disables every vector of interrupt index `index`.
     fn disable_irq(&self, index: u32) -> io::Result<()>;
-    /// Unmasks INTx when `fd` is signalled (the VMM's resample eventfd).
+    /// Unmasks INTx when `fd` is signalled (the VMM's resample eventfd):
+    /// `VFIO_IRQ_SET_ACTION_UNMASK` with an eventfd. Some devices refuse it (mtty: `ENOTTY`).
     fn set_intx_resample(&self, fd: &EventFd) -> io::Result<()>;
+    /// Unmasks INTx once (`VFIO_IRQ_SET_ACTION_UNMASK`, no data): what the model does itself
+    /// after each guest EOI when the device refuses [`Self::set_intx_resample`]. The default
+    /// reports it unsupported.
+    fn unmask_intx(&self) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "INTx unmask is not implemented for this device",
+        ))
+    }
     /// Resets the device (`ErrorKind::Unsupported` if it cannot be reset).
     fn reset(&self) -> io::Result<()>;
     /// Maps `len` bytes at `offset` of region `index` into this process.

@@ -5,7 +5,7 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use thiserror::Error;
 
 use super::backend::{
@@ -13,13 +13,14 @@ use super::backend::{
 };
 use super::bar::{plan_bar, trapped_ranges, BarMapper, BarPlan, DirectMapping};
 use super::caps::{self, CapContext, CapDecision, CapPolicy};
+use super::intx::{IntxUnmask, IntxUnmasker};
 use crate::pci::bar::{BarKind, PciBarInfo, BAR0_OFFSET, MAX_IO_BAR, NUM_BARS};
 use crate::pci::config::{
     cap_id, ext_cap_id, reg, status, walk_capabilities, walk_ext_capabilities, ConfigSpace,
     CONFIG_SPACE_SIZE, EXT_CAP_START, EXT_CONFIG_SPACE_SIZE,
 };
 use crate::pci::device::PciDevice;
-use crate::pci::interrupt::{InterruptSink, IntxEventFds};
+use crate::pci::interrupt::{InterruptSink, IntxEventFds, IntxPin};
 use crate::pci::msi::{MsiCap, MsiChange, MsiState};
 use crate::pci::msix::{MsixCap, MsixState};
 
@@ -128,8 +129,10 @@ struct VfioBar {
 }
 
 struct Intx {
+    pin: IntxPin,
     fds: IntxEventFds,
     armed: bool,
+    unmasker: IntxUnmasker,
 }
 
 /// A VFIO device presented as a PCI function, with virtualized config space, emulated BARs
@@ -528,26 +531,81 @@ impl VfioPciDevice {
     }
 
     fn arm_intx(&mut self) {
-        if self.virt.read_u8(reg::INTERRUPT_PIN) == 0 {
+        let Some(pin) = IntxPin::from_register(self.virt.read_u8(reg::INTERRUPT_PIN)) else {
+            self.virt.set_u8(reg::INTERRUPT_PIN, 0);
             return;
-        }
-        let Some(fds) = self.sink.intx() else {
+        };
+        let Some(fds) = self.sink.intx(pin) else {
             // The VMM wires no INTx line: the guest sees no pin.
             self.virt.set_u8(reg::INTERRUPT_PIN, 0);
             return;
         };
-        let mut intx = Intx { fds, armed: false };
-        match self.regions.enable_irq(INTX_IRQ, &[&intx.fds.trigger]) {
-            Ok(()) => intx.armed = true,
+        let mut armed = false;
+        match self.regions.enable_irq(INTX_IRQ, &[&fds.trigger]) {
+            Ok(()) => armed = true,
             Err(e) => warn!("{}: cannot enable INTx: {e}", self.id),
         }
-        if let Some(r) = &intx.fds.resample {
-            if let Err(e) = self.regions.set_intx_resample(r) {
-                // mtty, for one, does not implement INTx unmask through an eventfd.
-                debug!("{}: no INTx resample eventfd: {e}", self.id);
+        let unmasker = self.intx_unmasker(&fds);
+        debug!("{}: INTx {pin}: {}", self.id, unmasker.mode().name());
+        unmasker.set_armed(armed);
+        self.intx = Some(Intx {
+            pin,
+            fds,
+            armed,
+            unmasker,
+        });
+    }
+
+    /// Chooses how the line is unmasked after each EOI (see [`super::intx`]).
+    fn intx_unmasker(&self, fds: &IntxEventFds) -> IntxUnmasker {
+        let masks = self
+            .regions
+            .irq_info(INTX_IRQ)
+            .is_some_and(|i| i.automasked || i.maskable);
+        let Some(resample) = &fds.resample else {
+            return if masks {
+                info!(
+                    "{}: INTx without a resample eventfd: unmasking before each trapped BAR \
+                     access",
+                    self.id
+                );
+                IntxUnmasker::on_access(self.regions.clone())
+            } else {
+                IntxUnmasker::passive(IntxUnmask::NotNeeded)
+            };
+        };
+        let refused = match self.regions.set_intx_resample(resample) {
+            Ok(()) => return IntxUnmasker::passive(IntxUnmask::Kernel),
+            Err(e) => e,
+        };
+        if !masks {
+            info!(
+                "{}: the device refuses an INTx unmask eventfd ({refused}) and does not mask \
+                     INTx: the line is deasserted at each guest EOI",
+                self.id
+            );
+            return IntxUnmasker::passive(IntxUnmask::NotNeeded);
+        }
+        match resample.try_clone() {
+            Ok(dup) => {
+                // mtty, for one, answers ENOTTY.
+                info!(
+                    "{}: the device refuses an INTx unmask eventfd ({refused}): the VMM \
+                     unmasks INTx after each guest EOI",
+                    self.id
+                );
+                IntxUnmasker::after_eoi(&self.id.to_string(), self.regions.clone(), dup)
+            }
+            Err(e) => {
+                warn!(
+                    "{}: the device refuses an INTx unmask eventfd ({refused}) and the resample \
+                     eventfd cannot be duplicated ({e}): unmasking before each trapped BAR \
+                     access",
+                    self.id
+                );
+                IntxUnmasker::on_access(self.regions.clone())
             }
         }
-        self.intx = Some(intx);
     }
 
     fn set_intx(&mut self, on: bool) {
@@ -570,10 +628,22 @@ impl VfioPciDevice {
                 if on { "on" } else { "off" }
             ),
         }
-        if on {
+        intx.unmasker.set_armed(intx.armed);
+        if on && intx.unmasker.mode() == IntxUnmask::Kernel {
+            // VFIO drops the unmask eventfd with the trigger.
             if let Some(rs) = &intx.fds.resample {
-                let _ = self.regions.set_intx_resample(rs);
+                if let Err(e) = self.regions.set_intx_resample(rs) {
+                    warn!("{}: cannot set the INTx unmask eventfd again: {e}", self.id);
+                }
             }
+        }
+    }
+
+    /// Before a trapped BAR access: unmask INTx if the guest EOIed it and the model is the one
+    /// that unmasks.
+    fn intx_before_access(&self) {
+        if let Some(i) = &self.intx {
+            i.unmasker.before_access();
         }
     }
 
@@ -719,6 +789,22 @@ impl VfioPciDevice {
     /// INTx is wired to the device.
     pub fn intx_enabled(&self) -> bool {
         self.intx.as_ref().is_some_and(|i| i.armed)
+    }
+
+    /// The INTx pin the guest sees, when the VMM wired the line.
+    pub fn intx_pin(&self) -> Option<IntxPin> {
+        self.intx.as_ref().map(|i| i.pin)
+    }
+
+    /// How INTx is unmasked after each guest EOI, when wired.
+    pub fn intx_unmask(&self) -> Option<IntxUnmask> {
+        self.intx.as_ref().map(|i| i.unmasker.mode())
+    }
+
+    /// How many times the model unmasked INTx itself ([`IntxUnmask::AfterEoi`],
+    /// [`IntxUnmask::OnAccess`]); 0 otherwise.
+    pub fn intx_unmasks(&self) -> u64 {
+        self.intx.as_ref().map_or(0, |i| i.unmasker.unmasks())
     }
 
     /// The guest's vPASID control register, when a vPASID capability is synthesized. This is
@@ -867,6 +953,7 @@ impl PciDevice for VfioPciDevice {
             data.fill(0xff);
             return;
         }
+        self.intx_before_access();
         if let Err(e) = self.regions.region_read(u32::from(bar), offset, data) {
             debug!("{}: BAR{bar} read at {offset:#x} failed: {e}", self.id);
             data.fill(0xff);
@@ -889,6 +976,7 @@ impl PciDevice for VfioPciDevice {
         if b.plan.in_pba(offset) || offset + data.len() as u64 > b.plan.region_size {
             return;
         }
+        self.intx_before_access();
         if let Err(e) = self.regions.region_write(u32::from(bar), offset, data) {
             debug!("{}: BAR{bar} write at {offset:#x} failed: {e}", self.id);
         }
@@ -942,10 +1030,15 @@ impl PciDevice for VfioPciDevice {
 
     fn removed(&mut self) {
         self.release_interrupts();
-        if self.intx.as_ref().is_some_and(|i| i.armed) {
-            let _ = self.regions.disable_irq(INTX_IRQ);
+        if let Some(i) = self.intx.take() {
+            i.unmasker.set_armed(false);
+            if i.armed {
+                let _ = self.regions.disable_irq(INTX_IRQ);
+            }
+            // Stops the model's unmask thread before the VMM's line goes.
+            drop(i);
+            self.sink.intx_release();
         }
-        self.intx = None;
         // Stop decode and DMA before the device goes back to the host.
         self.virt.set_u16(reg::COMMAND, 0);
         self.command_written();

@@ -16,6 +16,7 @@ pub enum IrqCall {
     Enable(u32, usize),
     Disable(u32),
     Resample,
+    Unmask,
 }
 
 pub struct FakeVfio {
@@ -334,6 +335,11 @@ impl VfioRegions for FakeVfio {
         Ok(())
     }
 
+    fn unmask_intx(&self) -> io::Result<()> {
+        self.irq_log.lock().unwrap().push(IrqCall::Unmask);
+        Ok(())
+    }
+
     fn reset(&self) -> io::Result<()> {
         *self.resets.lock().unwrap() += 1;
         Ok(())
@@ -367,6 +373,11 @@ pub enum SinkCall {
 pub struct FakeSink {
     pub calls: Mutex<Vec<SinkCall>>,
     pub wire_intx: bool,
+    /// Give no resample eventfd (the VMM pulses the line).
+    pub no_resample: bool,
+    /// The pin asked for, and the VMM's ends of the eventfds handed out.
+    pub intx_given: Mutex<Option<(IntxPin, EventFd, Option<EventFd>)>>,
+    pub intx_released: Mutex<u32>,
 }
 
 impl FakeSink {
@@ -375,6 +386,12 @@ impl FakeSink {
             wire_intx: true,
             ..Default::default()
         }
+    }
+
+    /// Signals the resample eventfd, as the VMM does when the guest EOIs the line.
+    pub fn eoi(&self) {
+        let g = self.intx_given.lock().unwrap();
+        g.as_ref().unwrap().2.as_ref().unwrap().write(1).unwrap();
     }
 
     pub fn take(&self) -> Vec<SinkCall> {
@@ -412,11 +429,21 @@ impl InterruptSink for FakeSink {
     fn msi_release(&self, vector: MsiVector) {
         self.calls.lock().unwrap().push(SinkCall::Release(vector));
     }
-    fn intx(&self) -> Option<IntxEventFds> {
-        self.wire_intx.then(|| IntxEventFds {
-            trigger: EventFd::new(EFD_NONBLOCK).unwrap(),
-            resample: Some(EventFd::new(EFD_NONBLOCK).unwrap()),
-        })
+    fn intx(&self, pin: IntxPin) -> Option<IntxEventFds> {
+        if !self.wire_intx {
+            return None;
+        }
+        let trigger = EventFd::new(EFD_NONBLOCK).unwrap();
+        let resample = (!self.no_resample).then(|| EventFd::new(EFD_NONBLOCK).unwrap());
+        *self.intx_given.lock().unwrap() = Some((
+            pin,
+            trigger.try_clone().unwrap(),
+            resample.as_ref().map(|r| r.try_clone().unwrap()),
+        ));
+        Some(IntxEventFds { trigger, resample })
+    }
+    fn intx_release(&self) {
+        *self.intx_released.lock().unwrap() += 1;
     }
 }
 

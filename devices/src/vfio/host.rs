@@ -11,11 +11,12 @@ use std::os::unix::io::AsRawFd;
 
 use vfio_bindings::bindings::vfio::{
     VFIO_BASE, VFIO_IRQ_INFO_AUTOMASKED, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE,
+    VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
     VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VFIO_TYPE,
 };
 use vfio_ioctls::{VfioDevice, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::ioctl::ioctl;
+use vmm_sys_util::ioctl::{ioctl, ioctl_with_ref};
 use vmm_sys_util::ioctl_io_nr;
 
 use super::backend::{
@@ -23,6 +24,48 @@ use super::backend::{
 };
 
 ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE as u32, VFIO_BASE + 11);
+ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE as u32, VFIO_BASE + 10);
+
+/// `struct vfio_irq_set` for one vector, with room for one eventfd.
+#[repr(C)]
+#[derive(Default)]
+struct IrqSetOne {
+    argsz: u32,
+    flags: u32,
+    index: u32,
+    start: u32,
+    count: u32,
+    fd: i32,
+}
+
+/// Size of `struct vfio_irq_set` without data.
+const IRQ_SET_HEADER: u32 = 20;
+
+/// `VFIO_DEVICE_SET_IRQS` for vector 0 of `index`, with an eventfd or no data. Kept here
+/// rather than `vfio_ioctls` so the errno (`ENOTTY` from mtty's unmask eventfd) survives.
+fn set_irqs_one(dev: &VfioDevice, index: u32, action: u32, fd: Option<&EventFd>) -> io::Result<()> {
+    let set = IrqSetOne {
+        argsz: IRQ_SET_HEADER + if fd.is_some() { 4 } else { 0 },
+        flags: action
+            | if fd.is_some() {
+                VFIO_IRQ_SET_DATA_EVENTFD
+            } else {
+                VFIO_IRQ_SET_DATA_NONE
+            },
+        index,
+        start: 0,
+        count: 1,
+        fd: fd.map_or(-1, |f| f.as_raw_fd()),
+    };
+    // SAFETY: VFIO_DEVICE_SET_IRQS reads `argsz` bytes from `set`, which is a live
+    // `#[repr(C)]` vfio_irq_set header followed by the one fd `argsz` counts (or nothing);
+    // the fd is this device's.
+    let ret = unsafe { ioctl_with_ref(dev, VFIO_DEVICE_SET_IRQS(), &set) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// Region indexes a PCI function uses (BAR0..5, ROM, config). `VfioDevice` stores regions
 /// in a vector and warns on indexes past it, so nothing above config is asked for.
@@ -132,8 +175,11 @@ impl VfioRegions for VfioDevice {
     }
 
     fn set_intx_resample(&self, fd: &EventFd) -> io::Result<()> {
-        self.set_irq_resample_fd(INTX_IRQ, vec![fd])
-            .map_err(io::Error::other)
+        set_irqs_one(self, INTX_IRQ, VFIO_IRQ_SET_ACTION_UNMASK, Some(fd))
+    }
+
+    fn unmask_intx(&self) -> io::Result<()> {
+        set_irqs_one(self, INTX_IRQ, VFIO_IRQ_SET_ACTION_UNMASK, None)
     }
 
     fn reset(&self) -> io::Result<()> {

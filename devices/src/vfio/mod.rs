@@ -52,8 +52,11 @@
 //! PBA) and the trapped rest. Trapped accesses use `region_read`/`region_write` (never a
 //! mapping, so a disabled BAR gives an error, not a SIGBUS). A [`BarMapper`] installed by the
 //! VMM receives the windows as guest mappings and follows BAR moves. INTx, when the VMM
-//! wires it ([`crate::pci::InterruptSink::intx`]), is an eventfd plus an optional resample
-//! eventfd, switched off while MSI or MSI-X is on. Removal disables every interrupt, stops
+//! wires it ([`crate::pci::InterruptSink::intx`] for the device's pin), is an eventfd plus an
+//! optional resample eventfd, switched off while MSI or MSI-X is on; when the device refuses
+//! the resample eventfd as its unmask eventfd, the model unmasks it after each guest EOI
+//! ([`intx`]). The guest sees the device's Interrupt Pin only while the line is wired, and 0
+//! when VFIO reports no INTx or the VMM wires none. Removal disables every interrupt, stops
 //! decode and bus mastering, and drops the mappings.
 
 pub mod backend;
@@ -61,6 +64,7 @@ pub mod bar;
 pub mod caps;
 pub mod device;
 pub mod host;
+pub mod intx;
 pub mod mdev;
 
 pub use backend::{IrqInfo, MmapArea, MmapWindow, RegionInfo, VfioRegions};
@@ -70,6 +74,7 @@ pub use device::{
     PasidControl, PasidListener, VfioDeviceId, VfioPciDevice, VfioPciError, VfioPciOptions,
     VpasidConfig,
 };
+pub use intx::IntxUnmask;
 
 #[cfg(test)]
 mod fake;

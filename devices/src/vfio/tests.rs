@@ -537,6 +537,7 @@ fn removal_releases_interrupts_decode_and_mappings() {
     let d = dev.lock().unwrap();
     assert!(d.direct_mappings().is_empty());
     assert!(!d.intx_enabled());
+    assert_eq!(*sink.intx_released.lock().unwrap(), 1, "INTx line released");
     assert_eq!(rig.mmio.ranges().len(), 1);
     assert_eq!(rig.ecam_read32(bdf, 0), u32::MAX);
 }
@@ -575,8 +576,9 @@ fn mdev_without_pci_extras() {
     let kinds: Vec<(BarKind, u64)> = dev.bars().iter().map(|b| (b.kind, b.size)).collect();
     assert_eq!(kinds, vec![(BarKind::Io, 8), (BarKind::Io, 8)]);
     assert!(dev.direct_mappings().is_empty());
-    // INTx works without a resample eventfd (mtty answers ENOTTY).
+    // INTx works without a resample eventfd (mtty answers ENOTTY): the model unmasks.
     assert!(dev.intx_enabled());
+    assert_eq!(dev.intx_unmask(), Some(IntxUnmask::AfterEoi));
     assert_eq!(fake.irq_log(), vec![IrqCall::Enable(INTX_IRQ, 1)]);
 
     let bdf = rig.add(Arc::new(Mutex::new(dev)), None).unwrap();
@@ -618,4 +620,201 @@ fn broken_config_regions_are_errors() {
         "{e}"
     );
     assert_eq!(e.to_string(), "The mdev x config region is only 32 bytes");
+}
+
+/// Waits (bounded, as a hang breaker, not a timing assertion) until `f` holds.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+fn unmasks(fake: &FakeVfio) -> usize {
+    fake.irq_log()
+        .iter()
+        .filter(|c| **c == IrqCall::Unmask)
+        .count()
+}
+
+fn mtty_model(sink: FakeSink) -> Model {
+    let fake = Arc::new(FakeVfio::mtty());
+    let sink = Arc::new(sink);
+    let dev = VfioPciDevice::new(
+        VfioDeviceId::Mdev("83b8f4f2-509f-382f-3c1e-e6bfe0fa1001".into()),
+        fake.clone(),
+        sink.clone(),
+        VfioPciOptions::default(),
+    )
+    .unwrap();
+    Model { fake, sink, dev }
+}
+
+#[test]
+fn intx_pin_is_shown_only_when_wired() {
+    // Wired: the sink is asked for the device's pin, and the guest reads it.
+    let mut m = mtty_model(FakeSink::with_intx());
+    assert_eq!(r32(&mut m.dev, 0x3c) >> 8 & 0xff, 1, "INTA");
+    assert_eq!(m.dev.intx_pin(), Some(crate::pci::IntxPin::A));
+    assert_eq!(
+        m.sink.intx_given.lock().unwrap().as_ref().map(|g| g.0),
+        Some(crate::pci::IntxPin::A)
+    );
+    // The VMM wires no line: no pin.
+    let mut m = mtty_model(FakeSink::default());
+    assert_eq!(r32(&mut m.dev, 0x3c) >> 8 & 0xff, 0);
+    assert_eq!(m.dev.intx_pin(), None);
+    assert!(m.fake.irq_log().is_empty());
+    // VFIO reports no INTx: no pin, and the sink is not asked.
+    let mut fake = FakeVfio::mtty();
+    fake.irqs.remove(&INTX_IRQ);
+    let sink = Arc::new(FakeSink::with_intx());
+    let mut dev = VfioPciDevice::new(
+        VfioDeviceId::Mdev("x".into()),
+        Arc::new(fake),
+        sink.clone(),
+        VfioPciOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(r32(&mut dev, 0x3c) >> 8 & 0xff, 0);
+    assert!(sink.intx_given.lock().unwrap().is_none());
+    assert!(!dev.intx_enabled());
+    // A reserved pin value (above INTD) is not a pin.
+    let mut fake = FakeVfio::mtty();
+    fake.config.get_mut().unwrap()[0x3d] = 7;
+    let sink = Arc::new(FakeSink::with_intx());
+    let mut dev = VfioPciDevice::new(
+        VfioDeviceId::Mdev("x".into()),
+        Arc::new(fake),
+        sink.clone(),
+        VfioPciOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(r32(&mut dev, 0x3c) >> 8 & 0xff, 0);
+    assert!(sink.intx_given.lock().unwrap().is_none());
+}
+
+#[test]
+fn intx_unmask_eventfd_goes_to_vfio_when_accepted() {
+    let m = nic_model();
+    assert_eq!(m.dev.intx_unmask(), Some(IntxUnmask::Kernel));
+    assert_eq!(
+        m.fake.irq_log(),
+        vec![IrqCall::Enable(INTX_IRQ, 1), IrqCall::Resample]
+    );
+    // The kernel unmasks: an EOI does not make the model unmask.
+    m.sink.eoi();
+    let mut b = [0u8; 4];
+    let mut dev = m.dev;
+    dev.read_bar(0, 0, &mut b);
+    assert_eq!(unmasks(&m.fake), 0);
+    assert_eq!(dev.intx_unmasks(), 0);
+}
+
+#[test]
+fn refused_unmask_eventfd_makes_the_model_unmask_after_each_eoi() {
+    let rig = Rig::new();
+    let m = mtty_model(FakeSink::with_intx());
+    let (fake, sink) = (m.fake.clone(), m.sink.clone());
+    assert_eq!(m.dev.intx_unmask(), Some(IntxUnmask::AfterEoi));
+    let dev = Arc::new(Mutex::new(m.dev));
+    let bdf = rig.add(dev.clone(), None).unwrap();
+    rig.ecam_write(bdf, reg::COMMAND as u16, &0x0001u16.to_le_bytes());
+    let io0 = rig.bars(bdf)[0].assigned;
+    // No EOI yet: BAR accesses do not unmask.
+    let mut b = [0u8; 1];
+    rig.pio.read(io0, &mut b).unwrap();
+    assert_eq!(unmasks(&fake), 0);
+
+    // An EOI with no BAR access after it: the model's thread unmasks.
+    sink.eoi();
+    eventually("the thread unmasks after an EOI", || unmasks(&fake) == 1);
+
+    // An EOI then at once a register access: the access reaches an unmasked device (the
+    // thread or the access itself unmasks first, never both).
+    sink.eoi();
+    rig.pio.write(io0 + 1, &[0x02]).unwrap();
+    let log = fake.irq_log();
+    let unmask_at = log.iter().rposition(|c| *c == IrqCall::Unmask);
+    assert_eq!(unmasks(&fake), 2, "{log:?}");
+    assert!(unmask_at.is_some());
+    assert_eq!(fake.bar_mem.lock().unwrap()[&0][1], 0x02);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(unmasks(&fake), 2, "one EOI, one unmask");
+    assert_eq!(dev.lock().unwrap().intx_unmasks(), 2);
+
+    // Removal stops it all and releases the line.
+    rig.pci.lock().unwrap().remove_device(bdf).unwrap();
+    assert_eq!(*sink.intx_released.lock().unwrap(), 1);
+    assert!(fake.irq_log().ends_with(&[IrqCall::Disable(INTX_IRQ)]));
+    assert!(!dev.lock().unwrap().intx_enabled());
+    sink.eoi();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(unmasks(&fake), 2, "no unmask after removal");
+}
+
+#[test]
+fn model_unmasks_only_while_intx_is_on() {
+    let mut fake = FakeVfio::nic();
+    fake.resample_supported = false;
+    let mut m = model_with(fake, VfioPciOptions::default());
+    assert_eq!(m.dev.intx_unmask(), Some(IntxUnmask::AfterEoi));
+    let d = &mut m.dev;
+    // MSI on: INTx off; an EOI of the shared line does not unmask the device.
+    w(d, nic::MSI + 2, &0x0001u16.to_le_bytes());
+    assert!(d.msi_enabled() && !d.intx_enabled());
+    m.sink.eoi();
+    let mut b = [0u8; 4];
+    d.read_bar(0, 0, &mut b);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(unmasks(&m.fake), 0);
+    // MSI off: INTx back on (no unmask eventfd to set again), and EOIs unmask again.
+    w(d, nic::MSI + 2, &0u16.to_le_bytes());
+    assert!(d.intx_enabled());
+    let log = m.fake.irq_log();
+    assert_eq!(log.last(), Some(&IrqCall::Enable(INTX_IRQ, 1)), "{log:?}");
+    m.sink.eoi();
+    d.read_bar(0, 0, &mut b);
+    assert_eq!(unmasks(&m.fake), 1);
+}
+
+#[test]
+fn without_a_resample_eventfd_the_model_unmasks_on_access() {
+    let mut m = mtty_model(FakeSink {
+        wire_intx: true,
+        no_resample: true,
+        ..Default::default()
+    });
+    assert_eq!(m.dev.intx_unmask(), Some(IntxUnmask::OnAccess));
+    assert!(m.dev.intx_enabled());
+    // No unmask eventfd was offered to VFIO.
+    assert_eq!(m.fake.irq_log(), vec![IrqCall::Enable(INTX_IRQ, 1)]);
+    let mut b = [0u8; 1];
+    m.dev.read_bar(0, 2, &mut b);
+    m.dev.write_bar(1, 0, &[1]);
+    assert_eq!(unmasks(&m.fake), 2);
+}
+
+#[test]
+fn a_device_that_does_not_mask_needs_no_unmask() {
+    let mut fake = FakeVfio::mtty();
+    fake.irqs.get_mut(&INTX_IRQ).unwrap().maskable = false;
+    let fake = Arc::new(fake);
+    let sink = Arc::new(FakeSink::with_intx());
+    let mut dev = VfioPciDevice::new(
+        VfioDeviceId::Mdev("x".into()),
+        fake.clone(),
+        sink.clone(),
+        VfioPciOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(dev.intx_unmask(), Some(IntxUnmask::NotNeeded));
+    sink.eoi();
+    let mut b = [0u8; 1];
+    dev.read_bar(0, 0, &mut b);
+    assert_eq!(unmasks(&fake), 0);
 }

@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use api::{DeviceConfig, DeviceConfigError};
+use devices::pci::root::MAX_SLOT;
 use devices::pci::{PciBdf, PciError, SharedPciDevice};
 use devices::vfio::{
     CapPolicy, VfioDeviceId, VfioPciDevice, VfioPciError, VfioPciOptions, VfioRegions, VpasidConfig,
@@ -446,7 +447,14 @@ impl DeviceManager {
             DeviceName::Mdev(uuid) => VfioDeviceId::Mdev(uuid.clone()),
             other => VfioDeviceId::Pdev(other.to_string()),
         };
-        let sink = Arc::new(KvmInterruptSink::new(id, self.router.clone()));
+        // The slot is chosen before the model is built: its INTx GSI depends on it, and the
+        // model asks for its INTx line when it is created.
+        let slot = slot.or_else(|| lock(&self.pci).free_slot());
+        let mut sink = KvmInterruptSink::new(id, self.router.clone());
+        if let Some(s) = slot.filter(|s| (1..=MAX_SLOT).contains(s)) {
+            sink = sink.with_intx(s, self.vm_fd.clone());
+        }
+        let sink = Arc::new(sink);
         p.sink = Some(sink.clone());
         let model = VfioPciDevice::new(model_id, vfio, sink.clone(), options).map_err(
             |e: VfioPciError| DeviceManagerError::step(device, "building the PCI model", e),
@@ -472,9 +480,15 @@ impl DeviceManager {
                     "off"
                 }
             };
+            let intx = match (m.intx_pin(), sink.intx_info(), m.intx_unmask()) {
+                (Some(pin), Some(line), Some(unmask)) => {
+                    format!("{pin} on GSI {} ({})", line.gsi, unmask.name())
+                }
+                _ => "off".to_string(),
+            };
             info!(
                 "{id}: model built: {} BARs ({windows} mmapped windows, mapped into the guest \
-                 when decoded), MSI {}, MSI-X {}",
+                 when decoded), MSI {}, MSI-X {}, INTx {intx}",
                 m.bar_plans().len(),
                 has(0x05),
                 has(0x11)

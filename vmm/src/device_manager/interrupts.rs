@@ -8,19 +8,29 @@
 //! the eventfd at assign time and injects once if it was signalled while masked. That is the
 //! pending bit of the PCI spec. A masked vector keeps its GSI and route.
 //!
-//! INTx is not wired: the guest's DSDT has no `_PRT` routing the PCI pins to GSIs. With
-//! `intx()` left at the default `None`, the model shows the guest no interrupt pin, so drivers
-//! use MSI or MSI-X.
+//! INTx: a sink made [`KvmInterruptSink::with_intx`] for the device's slot wires the pin the
+//! model asks for to the IOAPIC GSI [`pci_intx_gsi`] gives (the DSDT's `_PRT` names the same
+//! GSI): a trigger eventfd registered as a KVM irqfd with a resample eventfd. KVM keeps the
+//! line asserted from the trigger until the guest EOIs it, then deasserts it and signals the
+//! resample eventfd, which the model hands to VFIO as its unmask eventfd (or, when the device
+//! refuses that, waits on itself and unmasks through VFIO: see `devices::vfio::intx`). If KVM
+//! refuses the resample irqfd, the line is a plain irqfd (pulsed per trigger) and the model
+//! gets no resample eventfd. Without a slot or an irqchip there is no INTx, and the model
+//! shows the guest no interrupt pin.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use devices::pci::{InterruptError, InterruptSink, MsiKind, MsiMessage, MsiVector};
+use devices::pci::{
+    InterruptError, InterruptSink, IntxEventFds, IntxPin, MsiKind, MsiMessage, MsiVector,
+};
+use kvm_ioctls::VmFd;
 use log::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::irq::{self, GsiRouter, IrqError};
+use crate::layout::pci_intx_gsi;
 
 /// One routed vector.
 #[derive(Debug)]
@@ -48,11 +58,36 @@ pub struct RouteInfo {
     pub data: u32,
 }
 
+/// The wired INTx line of a device.
+#[derive(Debug)]
+struct IntxLine {
+    pin: IntxPin,
+    gsi: u32,
+    /// The KVM side of the trigger eventfd (the model gave VFIO a duplicate).
+    trigger: EventFd,
+    /// The irqfd has a resample eventfd.
+    resample: bool,
+}
+
+/// The INTx line as introspection and tests see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IntxInfo {
+    /// The pin the model asked for.
+    pub pin: IntxPin,
+    /// The IOAPIC GSI it is wired to.
+    pub gsi: u32,
+    /// The irqfd deasserts at EOI and signals a resample eventfd (false: pulsed per trigger).
+    pub resample: bool,
+}
+
 /// The interrupt sink of one device.
 pub struct KvmInterruptSink {
     device: String,
     router: Option<Arc<GsiRouter>>,
     routes: Mutex<BTreeMap<MsiVector, Route>>,
+    /// The device's slot and the VM, for INTx (`None`: no INTx).
+    intx_wiring: Option<(u8, Arc<VmFd>)>,
+    intx: Mutex<Option<IntxLine>>,
 }
 
 impl std::fmt::Debug for KvmInterruptSink {
@@ -100,7 +135,68 @@ impl KvmInterruptSink {
             device: device.to_string(),
             router,
             routes: Mutex::new(BTreeMap::new()),
+            intx_wiring: None,
+            intx: Mutex::new(None),
         }
+    }
+
+    /// Wires INTx for a device in root-bus slot `slot` of `vm` (used only when the sink has a
+    /// router, i.e. the VM has an in-kernel irqchip).
+    pub fn with_intx(mut self, slot: u8, vm: Arc<VmFd>) -> Self {
+        self.intx_wiring = Some((slot, vm));
+        self
+    }
+
+    fn intx_lock(&self) -> MutexGuard<'_, Option<IntxLine>> {
+        self.intx.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The wired INTx line, if the model asked for one.
+    pub fn intx_info(&self) -> Option<IntxInfo> {
+        self.intx_lock().as_ref().map(|l| IntxInfo {
+            pin: l.pin,
+            gsi: l.gsi,
+            resample: l.resample,
+        })
+    }
+
+    /// Registers the INTx irqfd on `gsi`: with a resample eventfd when KVM allows it.
+    fn wire_intx(
+        &self,
+        vm: &VmFd,
+        pin: IntxPin,
+        gsi: u32,
+    ) -> Result<(IntxLine, IntxEventFds), String> {
+        let trigger = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        let for_model = trigger
+            .try_clone()
+            .map_err(|e| format!("eventfd dup: {e}"))?;
+        let resample = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        let with_resample = match vm.register_irqfd_with_resample(&trigger, &resample, gsi) {
+            Ok(()) => true,
+            Err(e) => {
+                info!(
+                    "{}: KVM_IRQFD with resample on GSI {gsi} failed ({e}); INTx {pin} falls \
+                     back to an irqfd that pulses the line",
+                    self.device
+                );
+                vm.register_irqfd(&trigger, gsi)
+                    .map_err(|e| format!("KVM_IRQFD on GSI {gsi}: {e}"))?;
+                false
+            }
+        };
+        Ok((
+            IntxLine {
+                pin,
+                gsi,
+                trigger,
+                resample: with_resample,
+            },
+            IntxEventFds {
+                trigger: for_model,
+                resample: with_resample.then_some(resample),
+            },
+        ))
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<MsiVector, Route>> {
@@ -127,12 +223,14 @@ impl KvmInterruptSink {
             .collect()
     }
 
-    /// Releases every route (device removal; the model normally releases them first).
+    /// Releases every route and the INTx line (device removal; the model normally releases
+    /// them first).
     pub fn release_all(&self) {
         let vectors: Vec<MsiVector> = self.lock().keys().copied().collect();
         for v in vectors {
             self.msi_release(v);
         }
+        self.intx_release();
     }
 }
 
@@ -235,6 +333,57 @@ impl InterruptSink for KvmInterruptSink {
         }
         r.delivering = !masked;
         Ok(())
+    }
+
+    fn intx(&self, pin: IntxPin) -> Option<IntxEventFds> {
+        let (slot, vm) = self.intx_wiring.as_ref()?;
+        if self.router.is_none() {
+            info!("{}: no INTx: the VM has no in-kernel irqchip", self.device);
+            return None;
+        }
+        // Asked again (a model rebuilt on the same sink): the old line goes first.
+        self.intx_release();
+        let gsi = pci_intx_gsi(*slot, pin.index());
+        match self.wire_intx(vm, pin, gsi) {
+            Ok((line, fds)) => {
+                info!(
+                    "{}: INTx {pin} of slot {slot} wired to GSI {gsi} (level, {})",
+                    self.device,
+                    if line.resample {
+                        "deasserted at EOI, resample eventfd"
+                    } else {
+                        "pulsed per trigger"
+                    }
+                );
+                *self.intx_lock() = Some(line);
+                Some(fds)
+            }
+            Err(e) => {
+                warn!(
+                    "{}: INTx {pin} cannot be wired to GSI {gsi}: {e}; the guest sees no                      interrupt pin",
+                    self.device
+                );
+                None
+            }
+        }
+    }
+
+    fn intx_release(&self) {
+        let Some(line) = self.intx_lock().take() else {
+            return;
+        };
+        if let Some((_, vm)) = &self.intx_wiring {
+            if let Err(e) = vm.unregister_irqfd(&line.trigger, line.gsi) {
+                warn!(
+                    "{}: KVM_IRQFD deassign of INTx on GSI {}: {e}",
+                    self.device, line.gsi
+                );
+            }
+        }
+        info!(
+            "{}: INTx {} released (GSI {})",
+            self.device, line.pin, line.gsi
+        );
     }
 
     fn msi_release(&self, vector: MsiVector) {
