@@ -5,6 +5,8 @@
 //! (`tests/src/lab/api_tests.rs`) adds and removes real devices.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+mod common;
+
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileTypeExt;
@@ -15,20 +17,12 @@ use std::time::{Duration, Instant};
 use api::client::{ApiClient, ClientResponse};
 use api::routes::HttpMethod;
 
+use common::kvm_available;
+
 /// `hlt; jmp $-1`: with an in-kernel irqchip HLT stays in KVM, so the guest idles.
 const IDLE_PAYLOAD: [u8; 3] = [0xf4, 0xeb, 0xfd];
 /// A hang breaker, not a timing assertion.
 const GUARD: Duration = Duration::from_secs(30);
-
-fn kvm_available(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        println!("{test}: running on /dev/kvm");
-        true
-    } else {
-        println!("{test}: skipped: no /dev/kvm");
-        false
-    }
-}
 
 /// A scratch directory removed on drop.
 struct Scratch(PathBuf);

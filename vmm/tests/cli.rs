@@ -1,7 +1,11 @@
 //! The `ioasid-vmm` binary end to end: flag errors, the iommu-info stub, and a payload run.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+mod common;
+
 use std::process::Command;
+
+use common::kvm_available;
 
 fn vmm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ioasid-vmm"))
@@ -21,8 +25,7 @@ fn bad_flag_value_exits_2_naming_flag_and_choices() {
 
 #[test]
 fn payload_run_writes_serial_file() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        println!("payload_run_writes_serial_file: skipped: no /dev/kvm");
+    if !kvm_available("payload_run_writes_serial_file") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("vmm-cli-{}", std::process::id()));

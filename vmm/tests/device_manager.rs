@@ -4,46 +4,29 @@
 //! and whose BAR window the guest reads through a KVM memory slot.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+mod common;
+
 use std::fs::File;
-use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use api::DeviceConfig;
-use devices::bus::BusDevice;
 use devices::pci::{InterruptSink, MsiKind, MsiMessage, MsiVector};
-use devices::vfio::backend::{CONFIG_REGION, MSI_IRQ};
-use devices::vfio::{IrqInfo, MmapArea, RegionInfo, VfioRegions};
-use vm_memory::{Bytes, GuestAddress};
 use vmm::boot::payload::{PayloadMode, DEFAULT_LONG_GPA};
 use vmm::device_manager::interrupts::KvmInterruptSink;
 use vmm::device_manager::{DeviceManager, DeviceManagerConfig, DeviceManagerError};
 use vmm::layout::{PCI_ECAM_START, PCI_MMIO32_START};
 use vmm::memory::RamConfig;
 use vmm::runner::{PayloadOutcome, PayloadVm};
-use vmm::vcpu::VcpuStop;
 use vmm::vm::{IrqchipMode, Vm, VmOptions};
-use vmm_sys_util::eventfd::EventFd;
 
-const MEM: u64 = 16 << 20;
-/// A guard against a guest that never stops: not a timing assertion, a hang breaker.
-const HANG_GUARD: Duration = Duration::from_secs(20);
+use common::{
+    assert_halted, assert_msi_handler_ran, ecam_read32, kvm_available, read_guest, run_msi_payload,
+    FakeVfio, BAR0_PATTERN, EDU_ID, HANG_GUARD, MEM, MSI_CAP, MSI_VECTOR,
+};
+
 /// The host bridge's vendor/device dword (Red Hat 1b36:0008).
 const HOST_BRIDGE_ID: u32 = 0x0008_1b36;
-/// The fake device's vendor/device dword (edu's 1234:11e8).
-const FAKE_ID: u32 = 0x11e8_1234;
-
-fn kvm_available(test: &str) -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        println!("{test}: running on /dev/kvm");
-        true
-    } else {
-        println!("{test}: skipped: no /dev/kvm");
-        false
-    }
-}
 
 fn plain_vm() -> Vm {
     Vm::new(VmOptions {
@@ -61,12 +44,24 @@ fn manager(vm: &Vm) -> DeviceManager {
     DeviceManager::new(vm, DeviceManagerConfig::default()).unwrap()
 }
 
-fn ecam_read32(vm: &Vm, slot: u8, reg: u64) -> u32 {
-    let mut b = [0u8; 4];
-    vm.mmio_bus()
-        .read(PCI_ECAM_START + (u64::from(slot) << 15) + reg, &mut b)
-        .unwrap();
-    u32::from_le_bytes(b)
+/// A plain VM and its device manager, or `None` (skipping) without /dev/kvm.
+fn vm_with_manager(test: &str) -> Option<(Vm, DeviceManager)> {
+    if !kvm_available(test) {
+        return None;
+    }
+    let vm = plain_vm();
+    let dm = manager(&vm);
+    Some((vm, dm))
+}
+
+/// A payload VM (no irqchip) and its device manager, or `None` (skipping) without /dev/kvm.
+fn payload_vm_with_manager(test: &str) -> Option<(PayloadVm, DeviceManager)> {
+    if !kvm_available(test) {
+        return None;
+    }
+    let pvm = PayloadVm::new(MEM, IrqchipMode::Off).unwrap();
+    let dm = manager(pvm.vm());
+    Some((pvm, dm))
 }
 
 fn ecam_write(vm: &Vm, slot: u8, reg: u64, data: &[u8]) {
@@ -90,11 +85,9 @@ fn fd_count() -> usize {
 #[test]
 fn host_bridge_answers_through_ecam_and_cf8_without_devices() {
     let name = "host_bridge_answers_through_ecam_and_cf8_without_devices";
-    if !kvm_available(name) {
+    let Some((vm, dm)) = vm_with_manager(name) else {
         return;
-    }
-    let vm = plain_vm();
-    let dm = manager(&vm);
+    };
     assert_eq!(ecam_read32(&vm, 0, 0), HOST_BRIDGE_ID);
     assert_eq!(
         ecam_read32(&vm, 0, 8) >> 8,
@@ -121,22 +114,23 @@ fn host_bridge_answers_through_ecam_and_cf8_without_devices() {
     assert!(vm.mmio_bus().read(PCI_ECAM_START, &mut [0u8; 4]).is_err());
 }
 
-/// Runs `code` on `pvm` in long mode, stopping it if it hangs.
-fn run_guarded(pvm: &mut PayloadVm, code: &[u8]) -> PayloadOutcome {
+/// Runs `code` on `pvm` in long mode, stopping it if it hangs, and asserts it halted.
+fn run_halting(name: &str, pvm: &mut PayloadVm, code: &[u8]) -> PayloadOutcome {
     let running = pvm
         .start(code, DEFAULT_LONG_GPA, PayloadMode::Long)
         .unwrap();
-    pvm.finish_within(running, HANG_GUARD)
+    let out = pvm.finish_within(running, HANG_GUARD);
+    println!("{name}: exit {:?}", out.exit);
+    assert_halted(&out);
+    out
 }
 
 #[test]
 fn guest_reads_host_bridge_through_ecam_and_cf8() {
     let name = "guest_reads_host_bridge_through_ecam_and_cf8";
-    if !kvm_available(name) {
+    let Some((mut pvm, _dm)) = payload_vm_with_manager(name) else {
         return;
-    }
-    let mut pvm = PayloadVm::new(MEM, IrqchipMode::Off).unwrap();
-    let _dm = manager(pvm.vm());
+    };
     // mov rbx,0xe0000000; mov eax,[rbx]; mov [0x8000],eax
     // mov dx,0xcf8; mov eax,0x80000008; out dx,eax; mov dx,0xcfc; in eax,dx; mov [0x8004],eax
     // hlt
@@ -145,16 +139,9 @@ fn guest_reads_host_bridge_through_ecam_and_cf8() {
         0x00, 0x80, 0x00, 0x00, 0x66, 0xba, 0xf8, 0x0c, 0xb8, 0x08, 0x00, 0x00, 0x80, 0xef, 0x66,
         0xba, 0xfc, 0x0c, 0xed, 0x89, 0x04, 0x25, 0x04, 0x80, 0x00, 0x00, 0xf4,
     ];
-    let out = run_guarded(&mut pvm, &code);
-    println!("{name}: exit {:?}", out.exit);
-    assert!(
-        matches!(out.stop(), Some(Ok(VcpuStop::Halted))),
-        "{:?}",
-        out.exit
-    );
-    let m = pvm.vm().ram().memory();
-    let id: u32 = m.read_obj(GuestAddress(0x8000)).unwrap();
-    let class: u32 = m.read_obj(GuestAddress(0x8004)).unwrap();
+    let out = run_halting(name, &mut pvm, &code);
+    let id: u32 = read_guest(&pvm, 0x8000);
+    let class: u32 = read_guest(&pvm, 0x8004);
     assert_eq!(id, HOST_BRIDGE_ID, "ECAM read from the guest");
     assert_eq!(class >> 8, 0x06_00_00, "0xCFC read from the guest");
     let exits = &out.exit.first_report().unwrap().exits;
@@ -201,11 +188,9 @@ fn refused(vm: &Vm, dm: &mut DeviceManager, c: &DeviceConfig, fd: Option<OwnedFd
 #[test]
 fn failed_adds_name_the_device_and_leave_nothing_behind() {
     let name = "failed_adds_name_the_device_and_leave_nothing_behind";
-    if !kvm_available(name) {
+    let Some((vm, mut dm)) = vm_with_manager(name) else {
         return;
-    }
-    let vm = plain_vm();
-    let mut dm = manager(&vm);
+    };
     let fds = fd_count();
     let uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
     let cases: Vec<(String, Vec<&str>)> = vec![
@@ -274,121 +259,20 @@ fn failed_adds_name_the_device_and_leave_nothing_behind() {
     assert_eq!(dm.backend_kind(), None);
 }
 
-/// A fake VFIO device: edu's IDs, a 4 KiB mmap-able BAR0 holding a pattern, and a 64-bit MSI
-/// capability with one vector. The eventfds the model enables are kept to fire them.
-struct FakeVfio {
-    config: Mutex<[u8; 256]>,
-    msi_fds: Mutex<Vec<EventFd>>,
-}
-
-const BAR0_PATTERN: u64 = 0x1122_3344_5566_7788;
-const MSI_CAP: usize = 0x40;
-
-impl FakeVfio {
-    fn new() -> Arc<Self> {
-        let mut c = [0u8; 256];
-        c[0..4].copy_from_slice(&FAKE_ID.to_le_bytes());
-        c[6] = 0x10; // status: capability list
-        c[0x0a] = 0xff; // class 00ff00
-        c[0x34] = MSI_CAP as u8;
-        c[MSI_CAP] = 0x05; // MSI, last capability
-        c[MSI_CAP + 2] = 0x80; // 64-bit address, one vector
-        Arc::new(Self {
-            config: Mutex::new(c),
-            msi_fds: Mutex::new(Vec::new()),
-        })
-    }
-
-    fn fire_msi(&self) {
-        self.msi_fds.lock().unwrap()[0].write(1).unwrap();
-    }
-}
-
-impl VfioRegions for FakeVfio {
-    fn region_info(&self, index: u32) -> Option<RegionInfo> {
-        let (size, mmap) = match index {
-            0 => (0x1000, true),
-            CONFIG_REGION => (256, false),
-            _ => return None,
-        };
-        Some(RegionInfo {
-            size,
-            read: true,
-            write: true,
-            mmap,
-            sparse_mmap: None,
-            msix_mappable: false,
-        })
-    }
-    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
-        match index {
-            CONFIG_REGION => {
-                let c = self.config.lock().unwrap();
-                let o = offset as usize;
-                data.copy_from_slice(&c[o..o + data.len()]);
-            }
-            _ => data.fill(0xee),
-        }
-        Ok(())
-    }
-    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> io::Result<()> {
-        if index == CONFIG_REGION {
-            let o = offset as usize;
-            self.config.lock().unwrap()[o..o + data.len()].copy_from_slice(data);
-        }
-        Ok(())
-    }
-    fn irq_info(&self, index: u32) -> Option<IrqInfo> {
-        (index == MSI_IRQ).then_some(IrqInfo {
-            count: 1,
-            eventfd: true,
-            maskable: false,
-            automasked: false,
-        })
-    }
-    fn enable_irq(&self, _index: u32, fds: &[&EventFd]) -> io::Result<()> {
-        let mut v = self.msi_fds.lock().unwrap();
-        v.clear();
-        for f in fds {
-            v.push(f.try_clone()?);
-        }
-        Ok(())
-    }
-    fn disable_irq(&self, _index: u32) -> io::Result<()> {
-        self.msi_fds.lock().unwrap().clear();
-        Ok(())
-    }
-    fn set_intx_resample(&self, _fd: &EventFd) -> io::Result<()> {
-        Ok(())
-    }
-    fn reset(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn mmap_region(&self, _index: u32, offset: u64, len: u64, _w: bool) -> io::Result<MmapArea> {
-        let area = MmapArea::anonymous(len)?;
-        if offset == 0 {
-            area.write(0, &BAR0_PATTERN.to_le_bytes());
-        }
-        Ok(area)
-    }
-}
-
 #[test]
 fn ids_slots_duplicates_and_removal() {
     let name = "ids_slots_duplicates_and_removal";
-    if !kvm_available(name) {
+    let Some((vm, mut dm)) = vm_with_manager(name) else {
         return;
-    }
-    let vm = plain_vm();
-    let mut dm = manager(&vm);
-    let fake = FakeVfio::new();
+    };
+    let fake = FakeVfio::edu_msi();
     let added = dm
         .add_unbacked_device(Some("edu0"), "fake-edu", fake.clone(), Some(3))
         .unwrap();
     assert_eq!(added.bdf.to_string(), "0000:00:03.0");
     assert_eq!(added.to_api().bdf, "0000:00:03.0");
-    assert_eq!(ecam_read32(&vm, 3, 0), FAKE_ID);
-    assert_eq!(cf8_read32(&vm, 3, 0), FAKE_ID);
+    assert_eq!(ecam_read32(&vm, 3, 0), EDU_ID);
+    assert_eq!(cf8_read32(&vm, 3, 0), EDU_ID);
 
     // A duplicate id and a taken slot are refused before the host is touched.
     refused(
@@ -411,13 +295,13 @@ fn ids_slots_duplicates_and_removal() {
         &["0000:00:04.0", "0000:00:03.0 is already in use"],
     );
     let e = dm
-        .add_unbacked_device(Some("edu0"), "other", FakeVfio::new(), None)
+        .add_unbacked_device(Some("edu0"), "other", FakeVfio::edu_msi(), None)
         .unwrap_err();
     assert!(e.message().contains("edu0"), "{}", e.message());
 
     // Generated ids, like Cloud Hypervisor's; a failed add does not use one up.
     let auto = dm
-        .add_unbacked_device(None, "fake-2", FakeVfio::new(), None)
+        .add_unbacked_device(None, "fake-2", FakeVfio::edu_msi(), None)
         .unwrap();
     assert_eq!(
         (auto.id.as_str(), auto.bdf.to_string()),
@@ -453,13 +337,11 @@ fn ids_slots_duplicates_and_removal() {
 #[test]
 fn bar_window_reaches_the_guest_through_a_memory_slot() {
     let name = "bar_window_reaches_the_guest_through_a_memory_slot";
-    if !kvm_available(name) {
+    let Some((mut pvm, mut dm)) = payload_vm_with_manager(name) else {
         return;
-    }
-    let mut pvm = PayloadVm::new(MEM, IrqchipMode::Off).unwrap();
-    let mut dm = manager(pvm.vm());
+    };
     let slots_before = pvm.vm().memory_slots().in_use();
-    dm.add_unbacked_device(Some("bar"), "fake-bar", FakeVfio::new(), Some(3))
+    dm.add_unbacked_device(Some("bar"), "fake-bar", FakeVfio::edu_msi(), Some(3))
         .unwrap();
     let bar0 = u64::from(ecam_read32(pvm.vm(), 3, 0x10) & !0xf);
     assert!(bar0 >= PCI_MMIO32_START, "BAR0 at {bar0:#x}");
@@ -475,19 +357,8 @@ fn bar_window_reaches_the_guest_through_a_memory_slot() {
     code.extend_from_slice(&[
         0x48, 0x8b, 0x03, 0x48, 0x89, 0x04, 0x25, 0x00, 0x80, 0x00, 0x00, 0xf4,
     ]);
-    let out = run_guarded(&mut pvm, &code);
-    println!("{name}: exit {:?}", out.exit);
-    assert!(
-        matches!(out.stop(), Some(Ok(VcpuStop::Halted))),
-        "{:?}",
-        out.exit
-    );
-    let got: u64 = pvm
-        .vm()
-        .ram()
-        .memory()
-        .read_obj(GuestAddress(0x8000))
-        .unwrap();
+    let out = run_halting(name, &mut pvm, &code);
+    let got: u64 = read_guest(&pvm, 0x8000);
     assert_eq!(got, BAR0_PATTERN);
     // Served by the memory slot, not trapped to the VMM.
     assert_eq!(out.exit.first_report().unwrap().exits.mmio_read, 0);
@@ -516,118 +387,12 @@ fn memory_slots_start_above_ram_and_are_reused() {
     assert_eq!(slots.in_use(), 2);
 }
 
-const MSI_VECTOR: u8 = 0x40;
-const IDTR_GPA: u64 = 0x3000;
-const IDT_GPA: u64 = 0x4000;
-const HANDLER_OFFSET: u64 = 0x40;
-
-/// Signals a channel when the guest writes port 0x520 (it is ready for interrupts).
-struct ReadyPort(mpsc::Sender<()>);
-impl BusDevice for ReadyPort {
-    fn read(&mut self, _b: u64, _o: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn write(&mut self, _b: u64, _o: u64, _data: &[u8]) {
-        let _ = self.0.send(());
-    }
-}
-
-/// Long mode: load the IDT, enable the LAPIC, sti, report ready on port 0x520, hlt. The
-/// handler for vector 0x40 writes 0xc0ffee to 0x8000, EOIs and exits with 0x42 on 0x501.
-const MSI_PAYLOAD: [u8; 101] = [
-    0x0f, 0x01, 0x1c, 0x25, 0x00, 0x30, 0x00, 0x00, 0x48, 0xbb, 0xf0, 0x00, 0xe0, 0xfe, 0x00, 0x00,
-    0x00, 0x00, 0xc7, 0x03, 0xff, 0x01, 0x00, 0x00, 0x48, 0xbb, 0x80, 0x00, 0xe0, 0xfe, 0x00, 0x00,
-    0x00, 0x00, 0xc7, 0x03, 0x00, 0x00, 0x00, 0x00, 0xfb, 0x66, 0xba, 0x20, 0x05, 0xb0, 0x01, 0xee,
-    0xf4, 0xeb, 0xfd, 0x66, 0x66, 0x2e, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00, 0x66, 0x90,
-    0xc7, 0x04, 0x25, 0x00, 0x80, 0x00, 0x00, 0xee, 0xff, 0xc0, 0x00, 0x48, 0xbb, 0xb0, 0x00, 0xe0,
-    0xfe, 0x00, 0x00, 0x00, 0x00, 0xc7, 0x03, 0x00, 0x00, 0x00, 0x00, 0x66, 0xba, 0x01, 0x05, 0xb0,
-    0x42, 0xee, 0xf4, 0xeb, 0xfd,
-];
-
-/// Writes the IDT gate for MSI_VECTOR and the IDTR image the payload loads.
-fn write_idt(vm: &Vm) {
-    let handler = DEFAULT_LONG_GPA + HANDLER_OFFSET;
-    let mut gate = [0u8; 16];
-    gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
-    gate[2..4].copy_from_slice(&0x10u16.to_le_bytes());
-    gate[5] = 0x8e;
-    gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
-    gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
-    let m = vm.ram().memory();
-    m.write_slice(&gate, GuestAddress(IDT_GPA + u64::from(MSI_VECTOR) * 16))
-        .unwrap();
-    let mut idtr = [0u8; 10];
-    idtr[0..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
-    idtr[2..10].copy_from_slice(&IDT_GPA.to_le_bytes());
-    m.write_slice(&idtr, GuestAddress(IDTR_GPA)).unwrap();
-}
-
-/// Runs the MSI payload; `on_ready` fires the interrupt once the guest waits for it.
-/// Returns `None` (skipping) when this KVM cannot make an irqchip VM.
-fn run_msi_payload(
-    name: &str,
-    setup: impl FnOnce(&Vm),
-    on_ready: impl FnOnce(),
-) -> Option<(PayloadVm, PayloadOutcome)> {
-    let mut pvm = match PayloadVm::new(MEM, IrqchipMode::InKernel) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("{name}: skipped: this KVM cannot create an in-kernel irqchip VM: {e:?}");
-            return None;
-        }
-    };
-    write_idt(pvm.vm());
-    let (ready_tx, ready_rx) = mpsc::channel();
-    pvm.vm()
-        .add_pio_device(Arc::new(Mutex::new(ReadyPort(ready_tx))), 0x520, 1)
-        .unwrap();
-    setup(pvm.vm());
-    let running = pvm
-        .start(&MSI_PAYLOAD, DEFAULT_LONG_GPA, PayloadMode::Long)
-        .unwrap();
-    let ready = ready_rx.recv_timeout(HANG_GUARD).is_ok();
-    if ready {
-        on_ready();
-    }
-    let out = pvm.finish_within(running, HANG_GUARD);
-    println!("{name}: exit {:?}", out.exit);
-    if let Some(Err(e)) = out.stop() {
-        panic!("{name}: the payload failed before the MSI could be checked: {e}");
-    }
-    assert!(
-        ready,
-        "{name}: the payload never reported ready: {:?}",
-        out.exit
-    );
-    Some((pvm, out))
-}
-
-fn assert_handler_ran(name: &str, pvm: &PayloadVm, out: &PayloadOutcome) {
-    let marker: u32 = pvm
-        .vm()
-        .ram()
-        .memory()
-        .read_obj(GuestAddress(0x8000))
-        .unwrap();
-    assert_eq!(
-        out.guest_exit_code(),
-        Some(0x42),
-        "{name}: the MSI handler did not run (marker {marker:#x}): {:?}",
-        out.exit
-    );
-    assert_eq!(marker, 0xc0ffee);
-}
-
 #[test]
 fn device_msi_reaches_the_guest_through_the_kvm_sink() {
     let name = "device_msi_reaches_the_guest_through_the_kvm_sink";
-    if !kvm_available(name) {
-        return;
-    }
-    let fake = FakeVfio::new();
-    let dm: Arc<Mutex<Option<DeviceManager>>> = Arc::new(Mutex::new(None));
-    let (f, d) = (fake.clone(), dm.clone());
-    let Some((pvm, out)) = run_msi_payload(
+    let fake = FakeVfio::edu_msi();
+    let f = fake.clone();
+    let Some((pvm, out, mut m)) = run_msi_payload(
         name,
         move |vm| {
             let mut m = manager(vm);
@@ -646,15 +411,14 @@ fn device_msi_reaches_the_guest_through_the_kvm_sink() {
             assert_eq!(routes.len(), 1, "{routes:?}");
             assert_eq!(routes[0].1.data, u32::from(MSI_VECTOR));
             assert_eq!(m.counters().devices["msi0"]["msi_vectors"], 1);
-            *d.lock().unwrap() = Some(m);
+            m
         },
-        || fake.fire_msi(),
+        |_| fake.fire_msi(),
     ) else {
         return;
     };
-    assert_handler_ran(name, &pvm, &out);
+    assert_msi_handler_ran(name, &pvm, &out);
     // Removal releases the route.
-    let mut m = dm.lock().unwrap().take().unwrap();
     m.remove_device("msi0").unwrap();
     assert!(pvm.vm().gsi_router().unwrap().msi_routes().is_empty());
 }
@@ -662,18 +426,13 @@ fn device_msi_reaches_the_guest_through_the_kvm_sink() {
 #[test]
 fn masked_vector_holds_its_interrupt_until_unmasked() {
     let name = "masked_vector_holds_its_interrupt_until_unmasked";
-    if !kvm_available(name) {
-        return;
-    }
     let vector = MsiVector {
         kind: MsiKind::Msix,
         index: 0,
     };
-    let sink: Arc<Mutex<Option<(KvmInterruptSink, EventFd)>>> = Arc::new(Mutex::new(None));
-    let s = sink.clone();
-    let Some((pvm, out)) = run_msi_payload(
+    let Some((pvm, out, (k, _fd))) = run_msi_payload(
         name,
-        move |vm| {
+        |vm| {
             let k = KvmInterruptSink::new("masked", Some(vm.gsi_router().unwrap().clone()));
             let msg = MsiMessage {
                 address: 0xfee0_0000,
@@ -683,20 +442,16 @@ fn masked_vector_holds_its_interrupt_until_unmasked() {
             let fd = k.msi_route(vector, msg, true).unwrap();
             fd.write(1).unwrap();
             assert!(k.routes()[0].masked);
-            *s.lock().unwrap() = Some((k, fd));
+            (k, fd)
         },
-        || {
-            let guard = sink.lock().unwrap();
-            let (k, _) = guard.as_ref().unwrap();
+        |(k, _)| {
             // Unmasking delivers the signal that arrived while masked (the pending bit).
             k.msi_mask(vector, false).unwrap();
         },
     ) else {
         return;
     };
-    assert_handler_ran(name, &pvm, &out);
-    let guard = sink.lock().unwrap();
-    let (k, _) = guard.as_ref().unwrap();
+    assert_msi_handler_ran(name, &pvm, &out);
     assert!(!k.routes()[0].masked);
     k.msi_release(vector);
     assert!(pvm.vm().gsi_router().unwrap().msi_routes().is_empty());

@@ -4,31 +4,22 @@
 //! Each payload is hand-assembled; the assembly is in the comment next to its bytes.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
-use std::sync::mpsc;
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::bus::BusDevice;
-use vm_memory::{Bytes, GuestAddress};
 use vmm::boot::payload::{PayloadMode, DEFAULT_LONG_GPA, DEFAULT_REAL_GPA};
 use vmm::irq::{InterruptLine, MsiMessage};
 use vmm::runner::PayloadVm;
 use vmm::vcpu::VcpuStop;
 use vmm::vm::{IrqchipMode, StopReason};
 
-const MEM: u64 = 16 << 20;
-/// A guard against a guest that never stops: not a timing assertion, a hang breaker.
-const HANG_GUARD: Duration = Duration::from_secs(20);
-
-fn kvm_available(test: &str) -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        println!("{test}: running on /dev/kvm");
-        true
-    } else {
-        println!("{test}: skipped: no /dev/kvm");
-        false
-    }
-}
+use common::{
+    assert_halted, assert_msi_handler_ran, kvm_available, read_guest, run_msi_payload, write_idt,
+    HANG_GUARD, MEM, MSI_VECTOR,
+};
 
 /// Runs `code` on a fresh VM, after `setup` registers devices. Breaks hangs with a stop.
 fn run(
@@ -78,11 +69,7 @@ fn real_mode_payload_writes_hi_to_serial() {
         |_| {},
     );
     println!("exit: {:?}, serial {:?}", out.exit, out.serial);
-    assert!(
-        matches!(out.stop(), Some(Ok(VcpuStop::Halted))),
-        "{:?}",
-        out.exit
-    );
+    assert_halted(&out);
     assert_eq!(out.serial, b"Hi");
     let r = out.exit.first_report().unwrap();
     assert_eq!(r.exits.io_out, 2);
@@ -111,14 +98,9 @@ fn pio_read_returns_device_answer_into_guest_memory() {
             vm.add_pio_device(d, 0x510, 4).unwrap();
         },
     );
-    assert!(
-        matches!(out.stop(), Some(Ok(VcpuStop::Halted))),
-        "{:?}",
-        out.exit
-    );
-    let m = pvm.vm().ram().memory();
-    let dword: u32 = m.read_obj(GuestAddress(0x8000)).unwrap();
-    let byte: u8 = m.read_obj(GuestAddress(0x8004)).unwrap();
+    assert_halted(&out);
+    let dword: u32 = read_guest(&pvm, 0x8000);
+    let byte: u8 = read_guest(&pvm, 0x8004);
     assert_eq!(dword, 0xa1b2_c3d4);
     assert_eq!(byte, 0xd4);
     assert_eq!(out.exit.first_report().unwrap().exits.io_in, 2);
@@ -154,21 +136,16 @@ fn long_mode_payload_mmio_write_and_read_reach_bus_device() {
         },
     );
     println!("exit: {:?}, serial {:?}", out.exit, out.serial);
-    assert!(
-        matches!(out.stop(), Some(Ok(VcpuStop::Halted))),
-        "{:?}",
-        out.exit
-    );
+    assert_halted(&out);
     assert_eq!(out.serial, b"LM");
     let writes = dev.lock().unwrap().writes.clone();
     assert_eq!(
         writes,
         vec![(0xd000_0000, 0x10, 0x1234_5678u32.to_le_bytes().to_vec())]
     );
-    let m = pvm.vm().ram().memory();
-    let read_back: u64 = m.read_obj(GuestAddress(0x8000)).unwrap();
+    let read_back: u64 = read_guest(&pvm, 0x8000);
     assert_eq!(read_back, 0x1122_3344_5566_7700 + 0x18);
-    let sum: u64 = m.read_obj(GuestAddress(0x8008)).unwrap();
+    let sum: u64 = read_guest(&pvm, 0x8008);
     assert_eq!(sum, 5050);
     let e = out.exit.first_report().unwrap().exits;
     assert_eq!((e.mmio_write, e.mmio_read), (1, 1));
@@ -212,132 +189,37 @@ fn unclaimed_port_reads_all_ones() {
         IrqchipMode::Off,
         |_| {},
     );
-    assert!(
-        matches!(out.stop(), Some(Ok(VcpuStop::Halted))),
-        "{:?}",
-        out.exit
-    );
-    let v: u32 = pvm
-        .vm()
-        .ram()
-        .memory()
-        .read_obj(GuestAddress(0x8000))
-        .unwrap();
+    assert_halted(&out);
+    let v: u32 = read_guest(&pvm, 0x8000);
     assert_eq!(v, 0xffff_ffff);
     assert_eq!(out.exit.first_report().unwrap().exits.unclaimed, 2);
 }
 
-/// Port the MSI payload writes to once its IDT and LAPIC are ready.
-struct ReadyPort(mpsc::Sender<()>);
-impl BusDevice for ReadyPort {
-    fn read(&mut self, _b: u64, _o: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn write(&mut self, _b: u64, _o: u64, _data: &[u8]) {
-        let _ = self.0.send(());
-    }
-}
-
-const MSI_VECTOR: u8 = 0x40;
-const IDTR_GPA: u64 = 0x3000;
-const IDT_GPA: u64 = 0x4000;
-const HANDLER_OFFSET: u64 = 0x40;
-
 #[test]
 fn msi_through_irqfd_reaches_guest_idt_handler() {
     let name = "msi_through_irqfd_reaches_guest_idt_handler";
-    if !kvm_available(name) {
+    let Some((pvm, out, (router, msi))) = run_msi_payload(
+        name,
+        |vm| {
+            let router = vm.gsi_router().unwrap().clone();
+            // Fixed delivery, physical destination APIC ID 0, edge.
+            let msi = router
+                .create_msi_irqfd(MsiMessage {
+                    address: 0xfee0_0000,
+                    data: u32::from(MSI_VECTOR),
+                })
+                .unwrap();
+            assert!(msi.gsi() >= vmm::layout::MSI_GSI_BASE);
+            assert_eq!(router.msi_routes().len(), 1);
+            (router, msi)
+        },
+        |(_, msi)| msi.trigger().unwrap(),
+    ) else {
         return;
-    }
-    // lidt [0x3000]; mov rbx,0xfee000f0; mov dword [rbx],0x1ff (LAPIC SVR: enable)
-    // mov rbx,0xfee00080; mov dword [rbx],0 (TPR 0); sti
-    // mov dx,0x520; mov al,1; out dx,al (ready); 2: hlt; jmp 2b
-    // .balign 16 (to 0x40) handler: mov dword [0x8000],0xc0ffee
-    // mov rbx,0xfee000b0; mov dword [rbx],0 (EOI); mov dx,0x501; mov al,0x42; out dx,al
-    // 3: hlt; jmp 3b
-    let code = [
-        0x0f, 0x01, 0x1c, 0x25, 0x00, 0x30, 0x00, 0x00, 0x48, 0xbb, 0xf0, 0x00, 0xe0, 0xfe, 0x00,
-        0x00, 0x00, 0x00, 0xc7, 0x03, 0xff, 0x01, 0x00, 0x00, 0x48, 0xbb, 0x80, 0x00, 0xe0, 0xfe,
-        0x00, 0x00, 0x00, 0x00, 0xc7, 0x03, 0x00, 0x00, 0x00, 0x00, 0xfb, 0x66, 0xba, 0x20, 0x05,
-        0xb0, 0x01, 0xee, 0xf4, 0xeb, 0xfd, 0x66, 0x66, 0x2e, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00,
-        0x00, 0x00, 0x66, 0x90, 0xc7, 0x04, 0x25, 0x00, 0x80, 0x00, 0x00, 0xee, 0xff, 0xc0, 0x00,
-        0x48, 0xbb, 0xb0, 0x00, 0xe0, 0xfe, 0x00, 0x00, 0x00, 0x00, 0xc7, 0x03, 0x00, 0x00, 0x00,
-        0x00, 0x66, 0xba, 0x01, 0x05, 0xb0, 0x42, 0xee, 0xf4, 0xeb, 0xfd,
-    ];
-    let mut pvm = match PayloadVm::new(MEM, IrqchipMode::InKernel) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("{name}: skipped: this KVM cannot create an in-kernel irqchip VM: {e:?}");
-            return;
-        }
     };
-    write_idt_gate(pvm.vm(), MSI_VECTOR, DEFAULT_LONG_GPA + HANDLER_OFFSET);
-
-    let (ready_tx, ready_rx) = mpsc::channel();
-    pvm.vm()
-        .add_pio_device(Arc::new(Mutex::new(ReadyPort(ready_tx))), 0x520, 1)
-        .unwrap();
-    let router = pvm.vm().gsi_router().unwrap().clone();
-    // Fixed delivery, physical destination APIC ID 0, edge.
-    let msi = router
-        .create_msi_irqfd(MsiMessage {
-            address: 0xfee0_0000,
-            data: u32::from(MSI_VECTOR),
-        })
-        .unwrap();
-    assert!(msi.gsi() >= vmm::layout::MSI_GSI_BASE);
-    assert_eq!(router.msi_routes().len(), 1);
-
-    let running = pvm
-        .start(&code, DEFAULT_LONG_GPA, PayloadMode::Long)
-        .unwrap();
-    let ready = ready_rx.recv_timeout(HANG_GUARD).is_ok();
-    if ready {
-        msi.trigger().unwrap();
-    }
-    let out = pvm.finish_within(running, HANG_GUARD);
-    println!("{name}: exit {:?}", out.exit);
-    if let Some(Err(e)) = out.stop() {
-        panic!("{name}: the payload failed before the MSI could be checked: {e}");
-    }
-    assert!(
-        ready,
-        "{name}: the payload never reported ready: {:?}",
-        out.exit
-    );
-    let marker: u32 = pvm
-        .vm()
-        .ram()
-        .memory()
-        .read_obj(GuestAddress(0x8000))
-        .unwrap();
-    assert_eq!(
-        out.guest_exit_code(),
-        Some(0x42),
-        "{name}: the MSI handler did not run (marker {marker:#x}): {:?}",
-        out.exit
-    );
-    assert_eq!(marker, 0xc0ffee);
+    assert_msi_handler_ran(name, &pvm, &out);
     drop(msi);
     assert!(router.msi_routes().is_empty());
-}
-
-/// Writes a 64-bit interrupt gate for `vector` (selector 0x10, the boot code64 segment) into
-/// the IDT at IDT_GPA, and the IDTR image the payloads load from IDTR_GPA.
-fn write_idt_gate(vm: &vmm::vm::Vm, vector: u8, handler: u64) {
-    let mut gate = [0u8; 16];
-    gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
-    gate[2..4].copy_from_slice(&0x10u16.to_le_bytes());
-    gate[5] = 0x8e;
-    gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
-    gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
-    let m = vm.ram().memory();
-    m.write_slice(&gate, GuestAddress(IDT_GPA + u64::from(vector) * 16))
-        .unwrap();
-    let mut idtr = [0u8; 10];
-    idtr[0..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
-    idtr[2..10].copy_from_slice(&IDT_GPA.to_le_bytes());
-    m.write_slice(&idtr, GuestAddress(IDTR_GPA)).unwrap();
 }
 
 #[test]
@@ -372,18 +254,13 @@ fn serial_thre_interrupt_reaches_guest_through_ioapic_gsi4() {
         DEFAULT_LONG_GPA,
         PayloadMode::Long,
         IrqchipMode::InKernel,
-        |vm| write_idt_gate(vm, 0x41, DEFAULT_LONG_GPA + 0x80),
+        |vm| write_idt(vm, 0x41, DEFAULT_LONG_GPA + 0x80),
     );
     println!("{name}: exit {:?}", out.exit);
     if let Some(Err(e)) = out.stop() {
         panic!("{name}: the payload failed: {e}");
     }
-    let iir: u8 = pvm
-        .vm()
-        .ram()
-        .memory()
-        .read_obj(GuestAddress(0x8000))
-        .unwrap();
+    let iir: u8 = read_guest(&pvm, 0x8000);
     assert_eq!(
         out.guest_exit_code(),
         Some(0x43),

@@ -2,19 +2,14 @@
 //! around the PCI hole, and interrupt routing.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+mod common;
+
 use vm_memory::{Bytes, GuestAddress};
 use vmm::irq::MsiMessage;
 use vmm::memory::RamConfig;
 use vmm::vm::{IrqchipMode, Vm, VmOptions};
 
-fn kvm_available(test: &str) -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        true
-    } else {
-        println!("{test}: skipped: no /dev/kvm");
-        false
-    }
-}
+use common::kvm_available;
 
 #[test]
 fn irqchip_vm_sets_lint0_extint_and_lint1_nmi() {
