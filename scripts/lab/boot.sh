@@ -99,7 +99,7 @@ mkdir -p "$(dirname "$log")"
 : >"$log"
 
 qemu=(qemu-system-x86_64 -accel tcg -cpu max -machine "q35,kernel-irqchip=split"
-    -m "${IOASID_LAB_MEM:-6G}" -smp "${IOASID_LAB_SMP:-2}" -nographic -no-reboot
+    -m "${IOASID_LAB_MEM:-6G}" -smp "${IOASID_LAB_SMP:-2}" -nographic -nic none -no-reboot
     -device "intel-iommu,intremap=on,caching-mode=on,x-scalable-mode=on,x-flts=on")
 [ "$edu" = 1 ] && qemu+=(-device edu)
 qemu+=(-kernel "$kernel" -initrd "$initrd" -append "$append")

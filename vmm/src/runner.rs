@@ -13,7 +13,7 @@ use crate::boot::payload::{load_payload, read_payload, PayloadError, PayloadMode
 use crate::boot::BootEntry;
 use crate::config::{BootConfig, DeviceConfig, SerialConfig, VmConfig};
 use crate::control::{eject_channel, Control, ControlError, ControlSetup, EjectReceiver};
-use crate::device_manager::{DeviceManager, DeviceManagerConfig, DeviceManagerError};
+use crate::device_manager::{DeviceManager, DeviceManagerConfig, DeviceManagerError, IntxWiring};
 use crate::hotplug::{HotplugError, PciHotplug};
 use crate::irq::{InterruptLine, IrqError, IrqfdLine};
 use crate::layout::{ACPI_SLEEP_CONTROL_PORT, SERIAL_IRQ, SERIAL_PORT};
@@ -291,7 +291,14 @@ pub fn run_with<'a>(
     // Declared after `vm`, so it is dropped (devices removed) before the VM.
     let devices: SharedDeviceManager = Arc::new(Mutex::new(DeviceManager::new(
         &vm,
-        DeviceManagerConfig::from_platform(&cfg.platform),
+        DeviceManagerConfig {
+            // A payload has no ACPI, hence no _PRT to find an INTx route by.
+            intx: match cfg.boot {
+                BootConfig::Linux(_) => IntxWiring::Wire,
+                BootConfig::Payload(_) => IntxWiring::Off,
+            },
+            ..DeviceManagerConfig::from_platform(&cfg.platform)
+        },
     )?));
     {
         let mut dm = devices.lock().unwrap_or_else(|e| e.into_inner());

@@ -21,6 +21,7 @@ use super::assign::{self, KvmVfio, Source, CDEV_DIR};
 use super::bar_mapper::KvmBarMapper;
 use super::dma::{self, Backend, DmaState, RamMapMode};
 use super::interrupts::KvmInterruptSink;
+use super::IntxWiring;
 use super::{
     check_device_config, lock, AddedDevice, Assigned, DeviceManager, DeviceManagerError, Placed,
     Progress, Reason, PCI_SEGMENT,
@@ -452,7 +453,9 @@ impl DeviceManager {
         let slot = slot.or_else(|| lock(&self.pci).free_slot());
         let mut sink = KvmInterruptSink::new(id, self.router.clone());
         if let Some(s) = slot.filter(|s| (1..=MAX_SLOT).contains(s)) {
-            sink = sink.with_intx(s, self.vm_fd.clone());
+            if self.config.intx == IntxWiring::Wire {
+                sink = sink.with_intx(s, self.vm_fd.clone());
+            }
         }
         let sink = Arc::new(sink);
         p.sink = Some(sink.clone());

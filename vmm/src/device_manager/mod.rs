@@ -70,11 +70,25 @@ pub const AUTO_ID_PREFIX: &str = "_vfio";
 /// Host PASIDs the VM's PASID space hands out (PASID 0 is the no-PASID context).
 const HOST_PASIDS: (u32, u32) = (1, (1 << 20) - 1);
 
+/// Whether assigned devices get a legacy INTx line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IntxWiring {
+    /// Each device's INTx pin is routed to its slot's IOAPIC GSI (what the DSDT's `_PRT`
+    /// tells an ACPI guest) with a KVM resample irqfd.
+    #[default]
+    Wire,
+    /// No INTx: the guest has no ACPI to find the route (payload VMs), so a line would only
+    /// cost a resample irqfd per device add and remove. MSI and MSI-X are unaffected.
+    Off,
+}
+
 /// Device manager options.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeviceManagerConfig {
     /// Which `ioasid` backend to use for assigned devices.
     pub backend: BackendChoice,
+    /// INTx lines for assigned devices.
+    pub intx: IntxWiring,
 }
 
 impl DeviceManagerConfig {
@@ -86,6 +100,7 @@ impl DeviceManagerConfig {
                 OnOffAuto::Off => BackendChoice::Type1,
                 OnOffAuto::Auto => BackendChoice::Auto,
             },
+            intx: IntxWiring::Wire,
         }
     }
 }
