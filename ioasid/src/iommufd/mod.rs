@@ -48,6 +48,12 @@ pub(crate) fn errno_of(e: &(dyn std::error::Error + 'static)) -> Errno {
     Errno(libc::EIO)
 }
 
+/// The error of a failed RID attach of `name` to object `pt_id`, the same whichever call
+/// issued it.
+fn attach_error(name: &DeviceName, pt_id: u32, errno: Errno) -> Error {
+    Error::kernel(Op::Attach, Ctx::device(name).with_object(pt_id), errno)
+}
+
 fn map_flags(perm: Perm, fixed: bool) -> u32 {
     let mut f = 0;
     if fixed {
@@ -60,6 +66,15 @@ fn map_flags(perm: Perm, fixed: bool) -> u32 {
         f |= iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE;
     }
     f
+}
+
+/// `IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE` (iommufd_test.h); the kernel writes the attached
+/// HWPT's id back into the op's `pt_id`.
+const TEST_OP_MOCK_DOMAIN_REPLACE: u32 = 10;
+
+/// What an attach to `ioas` that wrote back `pt_id` attached the device to.
+fn reported_hwpt(ioas: IoasId, pt_id: u32) -> Option<HwptId> {
+    (pt_id != ioas.0 && pt_id != 0).then_some(HwptId(pt_id))
 }
 
 /// `IOMMU_HWPT_DATA_SELFTEST` (iommufd_test.h).
@@ -257,6 +272,32 @@ impl IommufdBackend {
                 name: DeviceName::Mock(stdev_id),
             },
         );
+    }
+
+    /// Attaches `dev` (RID, no PASID) to `ioas`, as [`IommuBackend::attach`] with
+    /// [`PtId::Ioas`] does (same ioctl, same errors), and returns the HWPT the kernel attached
+    /// it to: `VFIO_DEVICE_ATTACH_IOMMUFD_PT` writes back the id of the paging HWPT it found
+    /// or created for the device over that IOAS. Devices whose IOMMUs are compatible share
+    /// one; the kernel creates another for a device that cannot use the existing ones. The
+    /// HWPT is the kernel's: it is destroyed when its last device detaches, never by us.
+    ///
+    /// `Ok(None)`: the kernel reported the IOAS id itself, meaning no HWPT is involved (an
+    /// emulated device such as an mdev reaches the IOAS through an iommufd access).
+    pub fn attach_ioas_reporting_hwpt(&self, dev: DevId, ioas: IoasId) -> Result<Option<HwptId>> {
+        let bound = self.bound(dev, Op::Attach)?;
+        self.count();
+        let pt_id = match &bound {
+            Bound::Vfio { dev: d, name } => {
+                sys::device_attach_pt(&**d, ioas.0).map_err(|e| attach_error(name, ioas.0, e))?
+            }
+            Bound::Mock { stdev_id, name } => {
+                let mut c = sys::IommuTestCmd::new(TEST_OP_MOCK_DOMAIN_REPLACE, *stdev_id);
+                c.set_u32(0, ioas.0);
+                sys::test_cmd(&*self.fd, &mut c).map_err(|e| attach_error(name, ioas.0, e))?;
+                c.get_u32(0)
+            }
+        };
+        Ok(reported_hwpt(ioas, pt_id))
     }
 
     /// `IOMMU_GET_HW_INFO`: the IOMMU capabilities of a bound device, before any attach.
@@ -528,13 +569,9 @@ impl IommuBackend for IommufdBackend {
         let bound = self.bound(dev, Op::Attach)?;
         self.count();
         match (&bound, pasid) {
-            (Bound::Vfio { dev: d, name }, None) => d.attach_hwpt(pt.raw()).map_err(|e| {
-                Error::kernel(
-                    Op::Attach,
-                    Ctx::device(name).with_object(pt.raw()),
-                    errno_of(&e),
-                )
-            }),
+            (Bound::Vfio { dev: d, name }, None) => d
+                .attach_hwpt(pt.raw())
+                .map_err(|e| attach_error(name, pt.raw(), errno_of(&e))),
             (Bound::Vfio { dev: d, name }, Some(p)) => {
                 d.attach_iommufd_pt_pasid(pt.raw(), p.0).map_err(|e| {
                     Error::kernel(
@@ -545,9 +582,8 @@ impl IommuBackend for IommufdBackend {
                 })
             }
             (Bound::Mock { stdev_id, name }, None) => {
-                selftest::mock_domain_replace(&self.fd, *stdev_id, pt.raw()).map_err(|e| {
-                    Error::kernel(Op::Attach, Ctx::device(name).with_object(pt.raw()), e)
-                })
+                selftest::mock_domain_replace(&self.fd, *stdev_id, pt.raw())
+                    .map_err(|e| attach_error(name, pt.raw(), e))
             }
             (Bound::Mock { stdev_id, name }, Some(p)) => {
                 selftest::pasid_attach(&self.fd, *stdev_id, p.0, pt.raw()).map_err(|e| {
@@ -777,8 +813,34 @@ fn encode_invalidations(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
+
+    #[test]
+    fn attach_reports_the_hwpt_only_when_the_kernel_names_one() {
+        assert_eq!(reported_hwpt(IoasId(3), 7), Some(HwptId(7)));
+        // An emulated device: the kernel echoes the IOAS id.
+        assert_eq!(reported_hwpt(IoasId(3), 3), None);
+        assert_eq!(reported_hwpt(IoasId(3), 0), None);
+    }
+
+    #[test]
+    fn attach_errors_name_the_device_the_object_and_the_errno() {
+        let name = DeviceName::Mock(4);
+        let e = attach_error(&name, 9, Errno(libc::EINVAL));
+        match &e {
+            Error::Kernel { op, ctx, errno, .. } => {
+                assert_eq!(*op, Op::Attach);
+                assert_eq!(ctx.device.as_ref(), Some(&name));
+                assert_eq!(ctx.object, Some(9));
+                assert_eq!(*errno, Errno(libc::EINVAL));
+            }
+            other => panic!("not a kernel error: {other:?}"),
+        }
+        let text = e.to_string();
+        assert!(text.contains("VFIO_DEVICE_ATTACH_IOMMUFD_PT"), "{text}");
+        assert!(text.contains("EINVAL"), "{text}");
+    }
 
     #[test]
     fn vtd_invalidation_encoding() {

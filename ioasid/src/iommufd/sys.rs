@@ -1,9 +1,12 @@
 //! Thin wrappers for the iommufd ioctls that `iommufd-ioctls` does not wrap: IOAS_COPY,
-//! IOVA_RANGES, ALLOW_IOVAS, OPTION, FAULT_QUEUE_ALLOC, and the selftest's IOMMU_TEST_CMD.
-//! Each function is one ioctl; it returns the raw errno on failure and leaves policy to the
+//! IOVA_RANGES, ALLOW_IOVAS, OPTION, FAULT_QUEUE_ALLOC, and the selftest's IOMMU_TEST_CMD;
+//! plus `VFIO_DEVICE_ATTACH_IOMMUFD_PT` on a VFIO cdev, whose written-back `pt_id`
+//! `vfio-ioctls` drops. Each function is one ioctl; it returns the raw errno on failure and leaves policy to the
 //! caller.
 
 use std::os::fd::AsRawFd;
+
+use vfio_bindings::bindings::vfio::vfio_device_attach_iommufd_pt;
 
 use iommufd_bindings::iommufd::{
     iommu_fault_alloc, iommu_ioas_allow_iovas, iommu_ioas_copy, iommu_ioas_iova_ranges,
@@ -34,6 +37,12 @@ ioctl_io_nr!(
 );
 // IOMMUFD_CMD_BASE + 32, from drivers/iommu/iommufd/iommufd_test.h.
 ioctl_io_nr!(IOMMU_TEST_CMD, IOMMUFD_TYPE as u32, 0x80 + 32);
+/// `VFIO_TYPE` (`';'`) of include/uapi/linux/vfio.h.
+const VFIO_TYPE: u32 = 0x3b;
+/// `VFIO_BASE` of include/uapi/linux/vfio.h.
+const VFIO_BASE: u32 = 100;
+// `_IO(VFIO_TYPE, VFIO_BASE + 19)` in include/uapi/linux/vfio.h (Linux 6.6 and later).
+ioctl_io_nr!(VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_TYPE, VFIO_BASE + 19);
 
 fn check(ret: i32) -> Result<(), Errno> {
     if ret < 0 {
@@ -122,6 +131,26 @@ pub fn fault_queue_alloc(fd: &impl AsRawFd) -> Result<(u32, i32), Errno> {
     Ok((arg.out_fault_id, arg.out_fault_fd as i32))
 }
 
+/// `VFIO_DEVICE_ATTACH_IOMMUFD_PT` on the VFIO cdev `dev`, for the RID (no PASID): attaches
+/// it to the IOAS or HWPT `pt_id` (replacing, hitlessly, what it was attached to) and returns
+/// the `pt_id` the kernel writes back. For an IOAS that is the paging HWPT the kernel found
+/// or created for the device; an emulated device (mdev, which reaches the IOAS through an
+/// iommufd access, not a HWPT) gets the IOAS id itself back.
+pub fn device_attach_pt(dev: &impl AsRawFd, pt_id: u32) -> Result<u32, Errno> {
+    let mut arg = vfio_device_attach_iommufd_pt {
+        argsz: std::mem::size_of::<vfio_device_attach_iommufd_pt>() as u32,
+        flags: 0,
+        pt_id,
+        pasid: 0,
+    };
+    // SAFETY: `arg` is a valid, exclusively borrowed vfio_device_attach_iommufd_pt laid out
+    // as the kernel's (size and offsets tested below) with argsz set to its size; the kernel
+    // reads at most argsz bytes and writes back `pt_id` only. On any other fd the ioctl
+    // fails (ENOTTY) without touching memory.
+    check(unsafe { ioctl_with_mut_ref(dev, VFIO_DEVICE_ATTACH_IOMMUFD_PT(), &mut arg) })?;
+    Ok(arg.pt_id)
+}
+
 /// `struct iommu_test_cmd` from the kernel selftest uAPI: a header, a 48-byte union and a
 /// trailing `last` field (72 bytes in all).
 #[repr(C)]
@@ -197,6 +226,88 @@ mod tests {
         assert_eq!(IOMMU_OPTION(), 0x3b87);
         assert_eq!(IOMMU_FAULT_QUEUE_ALLOC(), 0x3b8e);
         assert_eq!(IOMMU_TEST_CMD(), 0x3ba0);
+        // _IO(';', 100 + 19), the value of include/uapi/linux/vfio.h (Linux 6.6+).
+        assert_eq!(VFIO_DEVICE_ATTACH_IOMMUFD_PT(), 0x3b77);
+    }
+
+    /// The `VFIO_BASE + N` of `#define NAME _IO(VFIO_TYPE, VFIO_BASE + N)` in a vfio.h.
+    fn vfio_nr_in_header(header: &str, name: &str) -> Option<u32> {
+        let line = header.lines().find(|l| {
+            l.trim_start()
+                .strip_prefix("#define")
+                .is_some_and(|r| r.split_whitespace().next() == Some(name))
+        })?;
+        let rest = line.split("_IO(VFIO_TYPE,").nth(1)?;
+        let n = rest.split("VFIO_BASE").nth(1)?.trim_start();
+        let n = n.strip_prefix('+')?.trim_start();
+        let digits: String = n.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    }
+
+    #[test]
+    fn attach_pt_number_matches_the_installed_header() {
+        // IOASID_VFIO_H points at another vfio.h (e.g. a kernel tree's include/uapi).
+        let path = std::env::var("IOASID_VFIO_H")
+            .unwrap_or_else(|_| "/usr/include/linux/vfio.h".to_string());
+        let Ok(header) = std::fs::read_to_string(&path) else {
+            println!("SKIP attach_pt_number_matches_the_installed_header: no {path}");
+            return;
+        };
+        let Some(n) = vfio_nr_in_header(&header, "VFIO_DEVICE_ATTACH_IOMMUFD_PT") else {
+            println!(
+                "SKIP attach_pt_number_matches_the_installed_header: {path} predates \
+                 VFIO_DEVICE_ATTACH_IOMMUFD_PT (Linux < 6.6 uAPI headers)"
+            );
+            return;
+        };
+        assert_eq!(
+            VFIO_DEVICE_ATTACH_IOMMUFD_PT(),
+            u64::from((VFIO_TYPE << 8) | (VFIO_BASE + n))
+        );
+    }
+
+    #[test]
+    fn header_parser_reads_the_define() {
+        let h = "#define VFIO_DEVICE_BIND_IOMMUFD\t_IO(VFIO_TYPE, VFIO_BASE + 18)\n\
+                 #define VFIO_DEVICE_ATTACH_IOMMUFD_PT\t\t_IO(VFIO_TYPE, VFIO_BASE + 19)\n";
+        assert_eq!(
+            vfio_nr_in_header(h, "VFIO_DEVICE_ATTACH_IOMMUFD_PT"),
+            Some(19)
+        );
+        assert_eq!(vfio_nr_in_header(h, "VFIO_DEVICE_BIND_IOMMUFD"), Some(18));
+        assert_eq!(vfio_nr_in_header(h, "VFIO_DEVICE_DETACH_IOMMUFD_PT"), None);
+    }
+
+    #[test]
+    fn attach_pt_struct_layout() {
+        // struct vfio_device_attach_iommufd_pt { __u32 argsz, flags, pt_id, pasid; }
+        assert_eq!(std::mem::size_of::<vfio_device_attach_iommufd_pt>(), 16);
+        assert_eq!(
+            std::mem::offset_of!(vfio_device_attach_iommufd_pt, argsz),
+            0
+        );
+        assert_eq!(
+            std::mem::offset_of!(vfio_device_attach_iommufd_pt, flags),
+            4
+        );
+        assert_eq!(
+            std::mem::offset_of!(vfio_device_attach_iommufd_pt, pt_id),
+            8
+        );
+        assert_eq!(
+            std::mem::offset_of!(vfio_device_attach_iommufd_pt, pasid),
+            12
+        );
+    }
+
+    #[test]
+    fn attach_pt_on_a_non_vfio_fd_returns_the_errno() {
+        let null = std::fs::File::open("/dev/null");
+        let Ok(null) = null else {
+            println!("SKIP attach_pt_on_a_non_vfio_fd_returns_the_errno: no /dev/null");
+            return;
+        };
+        assert_eq!(device_attach_pt(&null, 1), Err(Errno(libc::ENOTTY)));
     }
 
     #[test]

@@ -43,11 +43,32 @@ fn vm_memory_mapped_by_region() -> TestResult {
         .ok_or(format!("no IOAS in vm.ioasids: {ioasids}"))?;
     let mappings = ioas["mappings"].as_u64().unwrap_or(0);
     let bytes = ioas["mapped_bytes"].as_u64().unwrap_or(0);
+    let ioas_id = ioas["id"]
+        .as_u64()
+        .ok_or(format!("IOAS without an id in vm.ioasids: {ioasids}"))?;
+    let hwpts = ioasids["hwpts"]
+        .as_array()
+        .ok_or(format!("no hwpts array in vm.ioasids: {ioasids}"))?;
     let ram = RAM_MIB << 20;
     println!(
-        "LAB-INFO {RAM_MIB} MiB guest RAM, {regions} regions: {calls} map calls, IOAS {} has {mappings} mappings of {bytes:#x} bytes ({} pages); edu {id} at {bdf}",
-        ioas["id"],
-        ram / PAGE
+        "LAB-INFO {RAM_MIB} MiB guest RAM, {regions} regions: {calls} map calls, IOAS {ioas_id} has {mappings} mappings of {bytes:#x} bytes ({} pages); edu {id} at {bdf}; HWPTs {}",
+        ram / PAGE,
+        serde_json::Value::Array(hwpts.clone())
+    );
+    ensure!(
+        hwpts.len() == 1,
+        "one device on the IOAS, but vm.ioasids lists {} HWPTs: {ioasids}",
+        hwpts.len()
+    );
+    let hwpt = &hwpts[0];
+    let hwpt_id = hwpt["id"].as_u64().unwrap_or(0);
+    ensure!(
+        hwpt["ioas"].as_u64() == Some(ioas_id),
+        "the HWPT is not over IOAS {ioas_id}: {hwpt}"
+    );
+    ensure!(
+        hwpt_id != 0 && hwpt_id != ioas_id,
+        "HWPT id {hwpt_id} is not a kernel-created HWPT distinct from IOAS {ioas_id}: {hwpt}"
     );
     ensure!(
         regions == 2,

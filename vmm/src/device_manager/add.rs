@@ -12,8 +12,7 @@ use devices::vfio::{
     CapPolicy, VfioDeviceId, VfioPciDevice, VfioPciError, VfioPciOptions, VfioRegions, VpasidConfig,
 };
 use ioasid::{
-    BackendChoice, BackendKind, DevId, DeviceName, HostFacts, IommuBackend, IommufdBackend, PtId,
-    Type1Backend,
+    BackendChoice, BackendKind, DevId, DeviceName, HostFacts, IommufdBackend, Type1Backend,
 };
 use log::{info, warn};
 
@@ -398,13 +397,27 @@ impl DeviceManager {
             }
         }
 
-        // Attach.
+        // Attach (type1 attached the group's container when binding). iommufd reports the
+        // paging HWPT the kernel found or created for the device over the IOAS.
+        let mut hwpt = None;
         if let Backend::Iommufd(b) = &backend {
-            b.attach(dev, None, PtId::Ioas(ioas))
+            hwpt = b
+                .attach_ioas_reporting_hwpt(dev, ioas)
                 .map_err(|e| DeviceManagerError::step(dev_str, "attaching to the VM's IOAS", e))?;
             p.attached = true;
         }
-        info!("{id}: attached to IOAS {}", ioas.0);
+        match (hwpt, backend.kind()) {
+            (Some(h), _) => info!(
+                "{id}: attached to IOAS {} through paging HWPT {} (allocated by the kernel)",
+                ioas.0, h.0
+            ),
+            (None, BackendKind::Iommufd) => info!(
+                "{id}: attached to IOAS {} (no HWPT: the kernel reported the IOAS itself, as \
+                 for an emulated device)",
+                ioas.0
+            ),
+            (None, _) => info!("{id}: attached to IOAS {}", ioas.0),
+        }
 
         let (bdf, model, sink, mapper) = self.place(
             id,
@@ -421,6 +434,7 @@ impl DeviceManager {
             host: source.name,
             given: device,
             dev: Some(dev),
+            hwpt,
             config: cfg.clone(),
             _vfio: vfio,
             model,
@@ -639,6 +653,7 @@ impl DeviceManager {
             host,
             given: name.to_string(),
             dev: None,
+            hwpt: None,
             config: DeviceConfig {
                 id: Some(id.clone()),
                 pci_device_id: slot,

@@ -7,7 +7,8 @@
 //!   [`layout::pci_mmio64_window`] and the I/O window [`PCI_IO_START`];
 //! - the `ioasid` backend, chosen when the first device arrives (`--platform iommufd=`),
 //!   with one IOAS for the VM into which guest RAM is mapped once per RAM region ([`dma`]);
-//! - per device: bind, attach to the IOAS, the KVM-VFIO registration ([`assign`]), the
+//! - per device: bind, attach to the IOAS (iommufd reports the paging HWPT it attached the
+//!   device through), the KVM-VFIO registration ([`assign`]), the
 //!   vfio-pci model with a KVM interrupt sink ([`interrupts`]) and BAR mapper
 //!   ([`bar_mapper`]), and its slot on the bus;
 //! - introspection from that state in the API's types ([`state`]).
@@ -40,7 +41,9 @@ use devices::pci::{
     PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_SIZE,
 };
 use devices::vfio::{VfioPciDevice, VfioRegions};
-use ioasid::{BackendChoice, BackendKind, DevId, DeviceName, HwCaps, IommufdBackend, PasidSpace};
+use ioasid::{
+    BackendChoice, BackendKind, DevId, DeviceName, HwCaps, HwptId, IommufdBackend, PasidSpace,
+};
 use kvm_ioctls::VmFd;
 use log::info;
 use thiserror::Error;
@@ -293,6 +296,10 @@ struct Assigned {
     model: Arc<Mutex<VfioPciDevice>>,
     sink: Arc<KvmInterruptSink>,
     mapper: Arc<KvmBarMapper>,
+    /// The paging HWPT the kernel attached it to over the VM's IOAS, as the attach reported
+    /// it (iommufd and a physical device); `None` with type1, for an emulated device (mdev)
+    /// and for an unbacked device.
+    hwpt: Option<HwptId>,
     /// `IOMMU_GET_HW_INFO`, decoded (iommufd), or why it is unknown.
     caps: Result<HwCaps, String>,
     /// The file registered with the KVM-VFIO device (cdev or group fd).

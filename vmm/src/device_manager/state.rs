@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use api::types::{
-    Attachment, DeviceIommuCaps, DeviceNode, IoasInfo, IoasidsInfo, IommuInfo, PasidEntry,
-    PasidsInfo, PciDeviceInfo, PtType, VmCounters,
+    Attachment, DeviceIommuCaps, DeviceNode, HwptInfo, HwptKind, IoasInfo, IoasidsInfo, IommuInfo,
+    PasidEntry, PasidsInfo, PciDeviceInfo, PtType, VmCounters,
 };
-use ioasid::HwCaps;
+use ioasid::{HwCaps, HwptId};
 use serde_json::json;
 
 use super::dma::Backend;
@@ -29,6 +29,23 @@ pub fn caps_entry(id: &str, host: Option<String>, caps: &HwCaps) -> DeviceIommuC
             "nesting_unsupported_reason": caps.nesting_unsupported_reason(),
         }),
     }
+}
+
+/// Each distinct HWPT of `hwpts` once, in first-seen order, as a paging HWPT over `ioas`.
+fn paging_hwpts(ioas: u32, hwpts: impl IntoIterator<Item = HwptId>) -> Vec<HwptInfo> {
+    let mut out: Vec<HwptInfo> = Vec::new();
+    for h in hwpts {
+        if !out.iter().any(|x| x.id == h.0) {
+            out.push(HwptInfo {
+                id: h.0,
+                kind: HwptKind::Paging,
+                ioas,
+                parent: None,
+                format: None,
+            });
+        }
+    }
+    out
 }
 
 impl DeviceManager {
@@ -59,9 +76,16 @@ impl DeviceManager {
         }
     }
 
-    /// `vm.ioasids`: the VM's IOAS with its RAM mappings, and each device's attachment (RID,
-    /// no PASID) to it. `hwpts` is empty: devices attach to the IOAS and the kernel picks
-    /// the paging HWPT, whose id iommufd does not report back; type1 has no HWPTs.
+    /// `vm.ioasids`: the VM's IOAS with its RAM mappings, the paging HWPTs its devices are
+    /// attached through, and each device's attachment (RID, no PASID) to the IOAS.
+    ///
+    /// `hwpts`: devices attach to the IOAS and the kernel finds or creates a paging HWPT over
+    /// it for each, whose id the attach reports back; each distinct one is listed once, in
+    /// the order devices were added (devices behind compatible IOMMUs share one). An emulated
+    /// device (mdev) has none: it reaches the IOAS through an iommufd access. type1 lists
+    /// none: its container has no HWPT objects, only the type1 driver's internal domains,
+    /// which it never names to userspace. Attachments point at the IOAS, which is what the
+    /// VMM attached to.
     pub fn ioasids(&self) -> IoasidsInfo {
         let Some(d) = &self.dma else {
             return IoasidsInfo::default();
@@ -72,7 +96,7 @@ impl DeviceManager {
                 mappings: d.ram.len() as u64,
                 mapped_bytes: d.ram.iter().map(|m| m.len).sum(),
             }],
-            hwpts: Vec::new(),
+            hwpts: paging_hwpts(d.ioas.0, self.devices.iter().filter_map(|a| a.hwpt)),
             attachments: self
                 .devices
                 .iter()
@@ -235,5 +259,21 @@ impl DeviceManager {
             let m = lock(&d.model);
             (m.msi_enabled(), m.msix_enabled())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_hwpts_are_listed_once_in_first_seen_order() {
+        let got = paging_hwpts(2, [HwptId(5), HwptId(5), HwptId(9), HwptId(5)]);
+        let ids: Vec<u32> = got.iter().map(|h| h.id).collect();
+        assert_eq!(ids, vec![5, 9]);
+        assert!(got
+            .iter()
+            .all(|h| h.ioas == 2 && h.kind == HwptKind::Paging && h.parent.is_none()));
+        assert!(paging_hwpts(2, []).is_empty());
     }
 }
