@@ -73,10 +73,10 @@ pub enum DeviceConfigError {
     /// Both `path` and a cdev fd: Cloud Hypervisor accepts exactly one.
     #[error("Device config takes exactly one of `path` and a VFIO cdev fd, not both")]
     BothPathAndFd,
-    /// `path` outside the two sysfs directories we accept.
+    /// `path` outside the two sysfs directories and the VFIO cdev directory we accept.
     #[error(
-        "Device path {0} is not allowed: expected /sys/bus/pci/devices/<DDDD:BB:DD.F> or \
-         /sys/bus/mdev/devices/<UUID>"
+        "Device path {0} is not allowed: expected /sys/bus/pci/devices/<DDDD:BB:DD.F>, \
+         /sys/bus/mdev/devices/<UUID> or /dev/vfio/devices/vfio<N>"
     )]
     PathNotAllowed(PathBuf),
     /// An id that is empty, too long or has characters we refuse.
