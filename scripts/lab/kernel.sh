@@ -269,7 +269,7 @@ build_kernel() {
     series=$(config_series "$config")
     [ -n "$series" ] || lab_die "kernel: cannot read the kernel version from $config's header"
     local minutes="about 20 min"
-    [ "$flavor" = l3 ] && minutes="about 6 min"
+    [ "$flavor" = l3 ] && minutes="about 4 min"
     lab_say "kernel: no cached or prebuilt $flavor kernel for this config; building linux $series" \
         "($minutes on 2 cores from scratch)"
     local src obj=$cache/build/obj-$series$obj_suffix

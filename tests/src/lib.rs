@@ -14,4 +14,5 @@ pub mod edu;
 pub mod guest;
 pub mod guest_ram;
 pub mod harness;
+pub mod hexfile;
 pub mod lab;

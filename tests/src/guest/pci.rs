@@ -1,12 +1,9 @@
 //! The L3 guest's view of its PCI devices, through sysfs.
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
 
-fn read_hex(p: &Path) -> Option<u64> {
-    let s = std::fs::read_to_string(p).ok()?;
-    u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
-}
+use crate::hexfile::read_hex;
+use std::time::{Duration, Instant};
 
 /// The BDFs of the functions with this vendor and device ID.
 pub fn find(vendor: u16, device: u16) -> Vec<String> {
@@ -16,8 +13,8 @@ pub fn find(vendor: u16, device: u16) -> Vec<String> {
     };
     for e in rd.flatten() {
         let d = e.path();
-        if read_hex(&d.join("vendor")) == Some(u64::from(vendor))
-            && read_hex(&d.join("device")) == Some(u64::from(device))
+        if read_hex(&d.join("vendor")).ok() == Some(u64::from(vendor))
+            && read_hex(&d.join("device")).ok() == Some(u64::from(device))
         {
             out.push(e.file_name().to_string_lossy().into_owned());
         }

@@ -2,6 +2,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -207,7 +208,7 @@ pub fn mtty_echo() -> Result<String, String> {
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags_nonblock()
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(&path)
         .map_err(|e| format!("open {path}: {e}"))?;
     // SAFETY: termios is plain data; tcgetattr fills it for a valid tty fd.
@@ -252,17 +253,6 @@ pub fn mtty_echo() -> Result<String, String> {
         ));
     }
     Ok(format!("{path} on {bdf} echoed {} bytes", msg.len()))
-}
-
-trait NonBlock {
-    fn custom_flags_nonblock(&mut self) -> &mut Self;
-}
-
-impl NonBlock for std::fs::OpenOptions {
-    fn custom_flags_nonblock(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-    }
 }
 
 /// `hotplug`: announces readiness, waits for edu to be hot-added, checks it, then waits for

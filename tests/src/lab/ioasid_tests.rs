@@ -16,6 +16,7 @@ use crate::dmabuf::DmaBuf;
 use crate::edu::{Edu, EDU_BUF_LEN, EDU_IDENT};
 use crate::ensure;
 use crate::harness::{chain, LabTest, Outcome, TestResult};
+use crate::hexfile::read_hex;
 
 const IOVA_SRC: u64 = 0x10_0000;
 const IOVA_DST: u64 = 0x20_0000;
@@ -372,12 +373,6 @@ fn iova_ranges_enforced() -> TestResult {
     // And a map inside the ranges works.
     map(&*f.backend, ioas, IOVA_SRC, &buf)?;
     Ok(Outcome::Pass)
-}
-
-fn read_hex(p: &Path) -> Result<u64, String> {
-    let t = fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
-    u64::from_str_radix(t.trim().trim_start_matches("0x"), 16)
-        .map_err(|e| format!("{}: {e}", p.display()))
 }
 
 fn hw_info_matches_sysfs() -> TestResult {

@@ -5,6 +5,7 @@ use super::api_tests::LabVmm;
 use super::env;
 use crate::ensure;
 use crate::harness::{LabTest, Outcome, TestResult};
+use crate::hexfile::read_hex;
 
 /// The lab tests of this module.
 pub fn tests() -> Vec<LabTest> {
@@ -109,12 +110,6 @@ fn find_key<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::V
         serde_json::Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
         _ => None,
     }
-}
-
-fn read_hex(p: &std::path::Path) -> Result<u64, String> {
-    let s = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
-    u64::from_str_radix(s.trim().trim_start_matches("0x"), 16)
-        .map_err(|e| format!("{}: {e}", p.display()))
 }
 
 /// `ioasid-vmm iommu-info --device PATH` on edu (VT-d caps equal to sysfs), on the mtty mdev
