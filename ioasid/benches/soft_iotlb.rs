@@ -23,8 +23,8 @@ use std::sync::{RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 use ioasid::{
-    DmaRequest, FaultPerm, HwptAlloc, HwptFlags, IommuBackend, MapUser, Pasid, Perm, PtId,
-    SoftConfig, SoftIommu, Stage1Format, VtdStage1,
+    DmaRequest, FaultPerm, HwptAlloc, IommuBackend, MapUser, Pasid, Perm, PtId, SoftConfig,
+    SoftIommu, Stage1Format, VtdStage1,
 };
 use vm_memory::iommu::{Iommu, IotlbIterator};
 use vm_memory::{
@@ -146,34 +146,22 @@ fn main() {
     // SAFETY: the whole of registered guest RAM, kept alive by the soft IOMMU.
     unsafe { iommu.ioas_map(ioas, &req) }.unwrap();
     let parent = iommu
-        .hwpt_alloc(&HwptAlloc {
-            dev,
-            parent: PtId::Ioas(ioas),
-            flags: HwptFlags {
-                nest_parent: true,
-                ..HwptFlags::default()
-            },
-            fault: None,
-            stage1: None,
-        })
+        .hwpt_alloc(&HwptAlloc::nest_parent(dev, ioas))
         .unwrap();
     let nested = iommu
-        .hwpt_alloc(&HwptAlloc {
+        .hwpt_alloc(&HwptAlloc::nested(
             dev,
-            parent: PtId::Hwpt(parent),
-            flags: HwptFlags {
-                pasid: true,
-                ..HwptFlags::default()
-            },
-            fault: None,
-            stage1: Some(Stage1Format::VtdS1(VtdStage1 {
+            parent,
+            Stage1Format::VtdS1(VtdStage1 {
                 pgtbl_addr: 0x1000,
                 addr_width: 48,
                 sre: false,
                 wpe: false,
                 eafe: false,
-            })),
-        })
+            }),
+            None,
+            true,
+        ))
         .unwrap();
     let pasid = Some(Pasid(1));
     iommu.attach(dev, pasid, PtId::Hwpt(nested)).unwrap();

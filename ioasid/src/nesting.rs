@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::IommuBackend;
 use crate::caps::HwCaps;
 use crate::error::{Error, Result};
-use crate::types::{DevId, FaultId, HwptAlloc, HwptFlags, HwptId, IoasId, PtId, Stage1Format};
+use crate::types::{DevId, FaultId, HwptAlloc, HwptId, IoasId, Stage1Format};
 
 /// The outcome of asking for a nest parent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,17 +34,7 @@ pub fn alloc_nest_parent(
     if let Some(reason) = caps.nesting_unsupported_reason() {
         return Ok(NestParent::Unsupported { reason });
     }
-    let req = HwptAlloc {
-        dev,
-        parent: PtId::Ioas(ioas),
-        flags: HwptFlags {
-            nest_parent: true,
-            ..HwptFlags::default()
-        },
-        fault: None,
-        stage1: None,
-    };
-    match backend.hwpt_alloc(&req) {
+    match backend.hwpt_alloc(&HwptAlloc::nest_parent(dev, ioas)) {
         Ok(id) => Ok(NestParent::Parent(id)),
         // The capabilities said yes but the kernel said no (driver without nesting support).
         Err(e @ Error::Kernel { .. }) if e.errno() == Some(libc::EOPNOTSUPP) => {
@@ -69,14 +59,5 @@ pub fn bind_stage1(
     fault: Option<FaultId>,
     pasid: bool,
 ) -> Result<HwptId> {
-    backend.hwpt_alloc(&HwptAlloc {
-        dev,
-        parent: PtId::Hwpt(parent),
-        flags: HwptFlags {
-            pasid,
-            ..HwptFlags::default()
-        },
-        fault,
-        stage1: Some(format),
-    })
+    backend.hwpt_alloc(&HwptAlloc::nested(dev, parent, format, fault, pasid))
 }

@@ -308,6 +308,43 @@ pub struct HwptAlloc {
     pub stage1: Option<Stage1Format>,
 }
 
+impl HwptAlloc {
+    /// A nest-parent HWPT over `ioas` for `dev`: no fault queue, no stage-1 binding.
+    pub fn nest_parent(dev: DevId, ioas: IoasId) -> Self {
+        HwptAlloc {
+            dev,
+            parent: PtId::Ioas(ioas),
+            flags: HwptFlags {
+                nest_parent: true,
+                ..HwptFlags::default()
+            },
+            fault: None,
+            stage1: None,
+        }
+    }
+
+    /// A nested HWPT binding `stage1` under the nest parent `parent`. With `fault`, its I/O
+    /// page faults go to that queue; with `pasid`, it may serve PASIDs.
+    pub fn nested(
+        dev: DevId,
+        parent: HwptId,
+        stage1: Stage1Format,
+        fault: Option<FaultId>,
+        pasid: bool,
+    ) -> Self {
+        HwptAlloc {
+            dev,
+            parent: PtId::Hwpt(parent),
+            flags: HwptFlags {
+                pasid,
+                ..HwptFlags::default()
+            },
+            fault,
+            stage1: Some(stage1),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

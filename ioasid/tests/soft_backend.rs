@@ -157,13 +157,6 @@ struct Nested {
     hwpt: HwptId,
 }
 
-fn pasid_flags() -> HwptFlags {
-    HwptFlags {
-        pasid: true,
-        ..HwptFlags::default()
-    }
-}
-
 /// A device, an IOAS, a nest parent over it and a nested HWPT with `binding`, attached to
 /// `pasid`.
 fn nested(
@@ -175,25 +168,16 @@ fn nested(
     let dev = iommu.register_device("test").unwrap();
     let ioas = iommu.ioas_alloc().unwrap();
     let parent = iommu
-        .hwpt_alloc(&HwptAlloc {
-            dev,
-            parent: PtId::Ioas(ioas),
-            flags: HwptFlags {
-                nest_parent: true,
-                ..HwptFlags::default()
-            },
-            fault: None,
-            stage1: None,
-        })
+        .hwpt_alloc(&HwptAlloc::nest_parent(dev, ioas))
         .unwrap();
     let hwpt = iommu
-        .hwpt_alloc(&HwptAlloc {
+        .hwpt_alloc(&HwptAlloc::nested(
             dev,
-            parent: PtId::Hwpt(parent),
-            flags: pasid_flags(),
+            parent,
+            Stage1Format::VtdS1(binding),
             fault,
-            stage1: Some(Stage1Format::VtdS1(binding)),
-        })
+            true,
+        ))
         .unwrap();
     iommu.attach(dev, pasid, PtId::Hwpt(hwpt)).unwrap();
     Nested {
@@ -877,24 +861,15 @@ fn soft_hostile_tables_fault_not_panic() {
         let ioas = iommu.ioas_alloc().unwrap();
         ram.map(&iommu, ioas, 0, ram_len - 4 * PAGE, Perm::RW);
         let parent = iommu
-            .hwpt_alloc(&HwptAlloc {
-                dev,
-                parent: PtId::Ioas(ioas),
-                flags: HwptFlags {
-                    nest_parent: true,
-                    ..HwptFlags::default()
-                },
-                fault: None,
-                stage1: None,
-            })
+            .hwpt_alloc(&HwptAlloc::nest_parent(dev, ioas))
             .unwrap();
-        let nested = iommu.hwpt_alloc(&HwptAlloc {
+        let nested = iommu.hwpt_alloc(&HwptAlloc::nested(
             dev,
-            parent: PtId::Hwpt(parent),
-            flags: pasid_flags(),
-            fault: None,
-            stage1: Some(Stage1Format::VtdS1(binding)),
-        });
+            parent,
+            Stage1Format::VtdS1(binding),
+            None,
+            true,
+        ));
         match &nested {
             Ok(h) => iommu.attach(dev, Some(Pasid(1)), PtId::Hwpt(*h)).unwrap(),
             Err(e) => assert_eq!(e.errno(), Some(libc::EINVAL), "{e}"),
@@ -1289,16 +1264,7 @@ fn soft_backend_errors_match_kernel() {
         Some(libc::ENOENT)
     );
     let parent = iommu
-        .hwpt_alloc(&HwptAlloc {
-            dev,
-            parent: PtId::Ioas(ioas),
-            flags: HwptFlags {
-                nest_parent: true,
-                ..HwptFlags::default()
-            },
-            fault: None,
-            stage1: None,
-        })
+        .hwpt_alloc(&HwptAlloc::nest_parent(dev, ioas))
         .unwrap();
     let bad_width = HwptAlloc {
         parent: PtId::Hwpt(parent),

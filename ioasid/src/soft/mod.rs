@@ -188,7 +188,9 @@ impl SoftIommu {
     /// whole life of the returned object, and must not be accessed through Rust references
     /// meanwhile (devices write it at any time).
     pub unsafe fn new(regions: &[HostRegion]) -> Result<Self> {
-        // SAFETY: the caller's guarantee is passed on unchanged.
+        // SAFETY: `with_config` has exactly this function's contract (every region mapped,
+        // readable and writable for the object's life, never accessed through references);
+        // the caller upholds it for `regions`, which are passed on unchanged.
         unsafe { Self::with_config(regions, SoftConfig::default()) }
     }
 

@@ -20,7 +20,7 @@
 use crate::fault_types::{FaultPerm, FaultReason};
 use crate::types::VtdStage1;
 
-use super::table::{TableMemory, WalkFault, ADDR_MASK};
+use super::table::{entry_gpa, TableMemory, WalkFault, ADDR_MASK};
 
 const P: u64 = 1 << 0;
 const RW: u64 = 1 << 1;
@@ -164,8 +164,7 @@ fn walk_once<M: TableMemory>(
     let mut level = cfg.levels;
     let (mut writable, mut user, mut no_exec) = (true, true, false);
     let (page_base_out, page_size, leaf_entry) = loop {
-        let shift = 12 + 9 * u32::from(level - 1);
-        let gpa = table + ((addr >> shift) & 0x1ff) * 8;
+        let gpa = entry_gpa(table, addr, level);
         let e = mem.read_entry(gpa).map_err(|r| WalkFault::new(r, level))?;
         used[n] = (gpa, e);
         n += 1;

@@ -9,7 +9,7 @@
 
 use crate::fault_types::{FaultPerm, FaultReason};
 
-use super::table::{TableMemory, WalkFault, ADDR_MASK};
+use super::table::{entry_gpa, TableMemory, WalkFault, ADDR_MASK};
 
 const R: u64 = 1 << 0;
 const W: u64 = 1 << 1;
@@ -77,8 +77,7 @@ pub fn walk_second_level<M: TableMemory>(
     let mut level = cfg.levels;
     let (mut r, mut w, mut x) = (true, true, true);
     let (base, size) = loop {
-        let shift = 12 + 9 * u32::from(level - 1);
-        let gpa = table + ((addr >> shift) & 0x1ff) * 8;
+        let gpa = entry_gpa(table, addr, level);
         let e = mem
             .read_entry(gpa)
             .map_err(|reason| WalkFault::new(reason, level))?;
