@@ -351,6 +351,18 @@ fn setup<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Vm
     r.map_err(|source| VmError::Setup { what, source })
 }
 
+/// Registers `device` at `[base, base + len)` on `bus` (named `name` in errors).
+fn insert_on(
+    bus: &Bus,
+    name: &'static str,
+    device: Arc<Mutex<dyn BusDevice>>,
+    base: u64,
+    len: u64,
+) -> Result<(), VmError> {
+    bus.insert(device, base, len)
+        .map_err(|source| VmError::Bus { bus: name, source })
+}
+
 impl Vm {
     /// Creates the VM: RAM, irqchip (and PIT), memory slots, vCPUs with CPUID/MSRs/LAPIC.
     pub fn new(opts: VmOptions) -> Result<Self, VmError> {
@@ -532,13 +544,7 @@ impl Vm {
         base: u64,
         len: u64,
     ) -> Result<(), VmError> {
-        self.buses
-            .mmio
-            .insert(device, base, len)
-            .map_err(|source| VmError::Bus {
-                bus: "mmio",
-                source,
-            })
+        insert_on(&self.buses.mmio, "mmio", device, base, len)
     }
 
     /// Registers `device` at `[base, base + len)` on the port I/O bus.
@@ -548,10 +554,7 @@ impl Vm {
         base: u64,
         len: u64,
     ) -> Result<(), VmError> {
-        self.buses
-            .pio
-            .insert(device, base, len)
-            .map_err(|source| VmError::Bus { bus: "pio", source })
+        insert_on(&self.buses.pio, "pio", device, base, len)
     }
 
     /// The irqchip mode.

@@ -34,6 +34,16 @@ fn nic_model() -> Model {
     model_with(FakeVfio::nic(), VfioPciOptions::default())
 }
 
+/// Builds the model for the mdev "x" over `fake`, with default options.
+fn mdev_x(fake: Arc<FakeVfio>, sink: Arc<FakeSink>) -> Result<VfioPciDevice, VfioPciError> {
+    VfioPciDevice::new(
+        VfioDeviceId::Mdev("x".into()),
+        fake,
+        sink,
+        VfioPciOptions::default(),
+    )
+}
+
 fn r32(d: &mut dyn PciDevice, off: usize) -> u32 {
     d.read_config_register(off / 4)
 }
@@ -596,25 +606,11 @@ fn broken_config_regions_are_errors() {
     let sink: Arc<FakeSink> = Arc::new(FakeSink::default());
     let mut fake = FakeVfio::mtty();
     fake.regions.remove(&CONFIG_REGION);
-    let e = VfioPciDevice::new(
-        VfioDeviceId::Mdev("x".into()),
-        Arc::new(fake),
-        sink.clone(),
-        VfioPciOptions::default(),
-    )
-    .err()
-    .unwrap();
+    let e = mdev_x(Arc::new(fake), sink.clone()).err().unwrap();
     assert!(matches!(e, VfioPciError::NoConfigRegion { .. }), "{e}");
     let mut fake = FakeVfio::mtty();
     fake.regions.get_mut(&CONFIG_REGION).unwrap().size = 32;
-    let e = VfioPciDevice::new(
-        VfioDeviceId::Mdev("x".into()),
-        Arc::new(fake),
-        sink,
-        VfioPciOptions::default(),
-    )
-    .err()
-    .unwrap();
+    let e = mdev_x(Arc::new(fake), sink).err().unwrap();
     assert!(
         matches!(e, VfioPciError::ConfigTooSmall { size: 32, .. }),
         "{e}"
@@ -673,13 +669,7 @@ fn intx_pin_is_shown_only_when_wired() {
     let mut fake = FakeVfio::mtty();
     fake.irqs.remove(&INTX_IRQ);
     let sink = Arc::new(FakeSink::with_intx());
-    let mut dev = VfioPciDevice::new(
-        VfioDeviceId::Mdev("x".into()),
-        Arc::new(fake),
-        sink.clone(),
-        VfioPciOptions::default(),
-    )
-    .unwrap();
+    let mut dev = mdev_x(Arc::new(fake), sink.clone()).unwrap();
     assert_eq!(r32(&mut dev, 0x3c) >> 8 & 0xff, 0);
     assert!(sink.intx_given.lock().unwrap().is_none());
     assert!(!dev.intx_enabled());
@@ -687,13 +677,7 @@ fn intx_pin_is_shown_only_when_wired() {
     let mut fake = FakeVfio::mtty();
     fake.config.get_mut().unwrap()[0x3d] = 7;
     let sink = Arc::new(FakeSink::with_intx());
-    let mut dev = VfioPciDevice::new(
-        VfioDeviceId::Mdev("x".into()),
-        Arc::new(fake),
-        sink.clone(),
-        VfioPciOptions::default(),
-    )
-    .unwrap();
+    let mut dev = mdev_x(Arc::new(fake), sink.clone()).unwrap();
     assert_eq!(r32(&mut dev, 0x3c) >> 8 & 0xff, 0);
     assert!(sink.intx_given.lock().unwrap().is_none());
 }
@@ -805,13 +789,7 @@ fn a_device_that_does_not_mask_needs_no_unmask() {
     fake.irqs.get_mut(&INTX_IRQ).unwrap().maskable = false;
     let fake = Arc::new(fake);
     let sink = Arc::new(FakeSink::with_intx());
-    let mut dev = VfioPciDevice::new(
-        VfioDeviceId::Mdev("x".into()),
-        fake.clone(),
-        sink.clone(),
-        VfioPciOptions::default(),
-    )
-    .unwrap();
+    let mut dev = mdev_x(fake.clone(), sink.clone()).unwrap();
     assert_eq!(dev.intx_unmask(), Some(IntxUnmask::NotNeeded));
     sink.eoi();
     let mut b = [0u8; 1];
