@@ -10,3 +10,4 @@
 pub mod bus;
 pub mod pci;
 pub mod vfio;
+pub mod viommu;
