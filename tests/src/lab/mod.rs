@@ -8,6 +8,7 @@ pub mod env;
 pub mod ioasid_tests;
 pub mod kvm;
 pub mod l3_tests;
+pub mod l3_viommu_tests;
 pub mod mock_tests;
 pub mod pdev_dma_tests;
 pub mod pdev_fixture;
@@ -24,6 +25,7 @@ pub fn all() -> Vec<LabTest> {
     v.extend(mock_tests::tests());
     v.extend(kvm::tests());
     v.extend(l3_tests::tests());
+    v.extend(l3_viommu_tests::tests());
     v.extend(vmm_tests::tests());
     v.extend(api_tests::tests());
     v
