@@ -406,6 +406,84 @@ fn compact(v: &Value) -> String {
     }
 }
 
+// --- the peer: the same guest tasks under QEMU's intel-iommu --------------------------
+
+/// The L3 guest's vIOMMU tasks under QEMU (KVM in L2) with QEMU's own VT-d (scalable mode,
+/// caching mode, second stage; QEMU shadows for VFIO as we do) and edu passed through with
+/// iommufd. Only in `run.sh --mode bench`, which carries QEMU into L2. It shows the guest
+/// side of the tests works against the reference VT-d, so a failure of the tests above
+/// under ioasid-vmm points at our unit, not at the guest's checks.
+pub fn peer_tests() -> Vec<LabTest> {
+    vec![LabTest {
+        name: "peer_qemu_l3_viommu_guest_tasks",
+        run: peer_qemu_l3_viommu_guest_tasks,
+    }]
+}
+
+fn peer_qemu_l3_viommu_guest_tasks() -> TestResult {
+    use super::bench::QEMU_BIN;
+    use super::l3_tests::{wait_child, L3_INITRD, L3_KERNEL};
+    use std::process::{Command, Stdio};
+
+    ensure!(
+        Path::new(QEMU_BIN).exists(),
+        "{QEMU_BIN} is missing in L2 (run.sh --mode bench carries it)"
+    );
+    let edu = env::edu_path()?;
+    let bdf = edu
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or("edu path has no BDF")?;
+    let serial = Path::new("/tmp/l3-viommu-qemu.serial");
+    let stderr = Path::new("/tmp/l3-viommu-qemu.stderr");
+    let _ = std::fs::remove_file(serial);
+    let start = Instant::now();
+    let mut child = Command::new(QEMU_BIN)
+        .args(["-accel", "kvm", "-cpu", "host", "-m", "256M", "-smp", "1"])
+        .args(["-nodefaults", "-display", "none", "-M", "q35", "-no-reboot"])
+        .args(["-L", "/usr/share/qemu"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .args(["-kernel", L3_KERNEL, "-initrd", L3_INITRD])
+        .arg("-append")
+        .arg(l3_cmdline("viommu,edu-viommu", CMDLINE_MORE))
+        .args([
+            "-device",
+            "intel-iommu,caching-mode=on,x-scalable-mode=on,aw-bits=39",
+        ])
+        .args(["-object", "iommufd,id=iofd0"])
+        .arg("-device")
+        .arg(format!("vfio-pci,host={bdf},iommufd=iofd0"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(stderr).map_err(|e| format!("{}: {e}", stderr.display()))?,
+        ))
+        .spawn()
+        .map_err(|e| format!("cannot start {QEMU_BIN}: {e}"))?;
+    let status = wait_child(&mut child, Duration::from_secs(300));
+    let out = L3Outcome {
+        status,
+        serial: std::fs::read_to_string(serial).unwrap_or_default(),
+        vmm_log: std::fs::read_to_string(stderr).unwrap_or_default(),
+        elapsed: start.elapsed(),
+    };
+    for name in [
+        "viommu_dmar",
+        "viommu_edu_group",
+        "edu_viommu_type1",
+        "edu_viommu_iommufd",
+    ] {
+        let detail = out.result(name).map_err(|e| format!("under QEMU: {e}"))?;
+        println!("LAB-INFO QEMU peer {name}: {detail}");
+    }
+    println!(
+        "LAB-INFO QEMU peer: {}",
+        out.describe_exit().replace("ioasid-vmm", "qemu")
+    );
+    Ok(Outcome::Pass)
+}
+
 // --- the tests -----------------------------------------------------------------------
 
 fn linux_guest_intel_iommu_binds_our_vtd() -> TestResult {

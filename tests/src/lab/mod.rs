@@ -35,6 +35,7 @@ pub fn all() -> Vec<LabTest> {
 pub fn bench() -> Vec<LabTest> {
     let mut v = bench::tests();
     v.extend(api_bench::tests());
+    v.extend(l3_viommu_tests::peer_tests());
     v
 }
 
