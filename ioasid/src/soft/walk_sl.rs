@@ -112,6 +112,8 @@ pub struct SlScan {
     pub fault_count: u64,
     /// The step budget ran out before the end of the range: the scan is incomplete.
     pub truncated: bool,
+    /// When truncated: the first input address the scan did not look at.
+    pub resume_at: Option<u64>,
 }
 
 /// Bad entries a scan keeps for its report.
@@ -146,6 +148,7 @@ pub fn scan_second_level<M: TableMemory>(
     while addr <= last {
         if steps >= max_steps {
             scan.truncated = true;
+            scan.resume_at = Some(addr);
             break;
         }
         steps += 1;
