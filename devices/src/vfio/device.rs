@@ -16,8 +16,8 @@ use super::caps::{self, CapContext, CapDecision, CapPolicy};
 use super::intx::{IntxUnmask, IntxUnmasker};
 use crate::pci::bar::{BarKind, PciBarInfo, BAR0_OFFSET, MAX_IO_BAR, NUM_BARS};
 use crate::pci::config::{
-    cap_id, ext_cap_id, reg, status, walk_capabilities, walk_ext_capabilities, ConfigSpace,
-    CONFIG_SPACE_SIZE, EXT_CAP_START, EXT_CONFIG_SPACE_SIZE,
+    cap_id, ext_cap_id, image_u16, image_u32, reg, status, walk_capabilities,
+    walk_ext_capabilities, ConfigSpace, CONFIG_SPACE_SIZE, EXT_CAP_START, EXT_CONFIG_SPACE_SIZE,
 };
 use crate::pci::device::PciDevice;
 use crate::pci::interrupt::{InterruptSink, IntxEventFds, IntxPin};
@@ -307,19 +307,27 @@ impl VfioPciDevice {
         let msi_count = irq_count(self.regions.as_ref(), MSI_IRQ);
         let msix_count = irq_count(self.regions.as_ref(), MSIX_IRQ);
         let has_bar = |i: u8| bars.iter().any(|b| b.index == i && b.is_memory());
-        let u16_at =
-            |o: usize| u16::from_le_bytes([snap[o], snap.get(o + 1).copied().unwrap_or(0)]);
-        let u32_at = |o: usize| {
-            u32::from_le_bytes([
-                snap.get(o).copied().unwrap_or(0),
-                snap.get(o + 1).copied().unwrap_or(0),
-                snap.get(o + 2).copied().unwrap_or(0),
-                snap.get(o + 3).copied().unwrap_or(0),
-            ])
-        };
+        let u16_at = |o: usize| image_u16(snap, o);
+        let u32_at = |o: usize| image_u32(snap, o);
         let mut visible = Vec::new();
+        // Registers of emulated capabilities: a later header inside them is the device lying
+        // about its layout; it is hidden without touching the registers.
+        let mut claimed: Vec<std::ops::Range<usize>> = Vec::new();
         for cap in walk_capabilities(snap) {
             let o = cap.offset;
+            if claimed
+                .iter()
+                .any(|r| r.contains(&o) || r.contains(&(o + 1)))
+            {
+                self.caps.push(CapDecision {
+                    offset: o,
+                    id: u16::from(cap.id),
+                    extended: false,
+                    policy: CapPolicy::Hide,
+                    reason: "overlaps an emulated capability",
+                });
+                continue;
+            }
             let mut ctx = CapContext {
                 msi_irqs: msi_count > 0,
                 ..Default::default()
@@ -348,6 +356,7 @@ impl VfioPciDevice {
                     } else {
                         m.install(&mut self.virt);
                         self.emulate(o, m.len());
+                        claimed.push(o..o + m.len());
                         self.msi = Some(MsiState::new(m));
                     }
                 }
@@ -355,6 +364,7 @@ impl VfioPciDevice {
                     if let Some(m) = msix_layout {
                         m.install(&mut self.virt);
                         self.emulate(o, MsixCap::LEN);
+                        claimed.push(o..o + MsixCap::LEN);
                         self.msix = Some(MsixState::new(m));
                     }
                 }
@@ -362,7 +372,7 @@ impl VfioPciDevice {
                 (CapPolicy::Pass, cap_id::EXP) => {
                     // Device control and status; device control 2 for a version 2 capability.
                     self.passthrough_writes(o + 8, 4);
-                    if snap[o + 2] & 0xf >= 2 {
+                    if snap.get(o + 2).is_some_and(|v| v & 0xf >= 2) {
                         self.passthrough_writes(o + 0x28, 2);
                     }
                 }
@@ -433,13 +443,14 @@ impl VfioPciDevice {
             if policy == CapPolicy::Pass {
                 visible.push((cap.offset, cap.id, cap.version));
                 if matches!(cap.id, ext_cap_id::VSEC | ext_cap_id::DVSEC) {
-                    let hdr = u32::from_le_bytes([
-                        snap[cap.offset + 4],
-                        snap[cap.offset + 5],
-                        snap[cap.offset + 6],
-                        snap[cap.offset + 7],
-                    ]);
-                    let len = ((hdr >> 20) as usize).min(EXT_CONFIG_SPACE_SIZE - cap.offset);
+                    // The walk only promises the 4-byte header inside the image: a VSEC header
+                    // in the last dword has its length dword past the end (reads as 0).
+                    let hdr = image_u32(snap, cap.offset + 4);
+                    let len = ((hdr >> 20) as usize).min(
+                        snap.len()
+                            .min(EXT_CONFIG_SPACE_SIZE)
+                            .saturating_sub(cap.offset),
+                    );
                     if len > 8 {
                         self.passthrough_writes(cap.offset + 8, len - 8);
                     }
@@ -447,7 +458,10 @@ impl VfioPciDevice {
             }
         }
         if let Some(cfg) = vpasid {
-            let off = hidden_pasid.unwrap_or(VPASID_FALLBACK_OFFSET);
+            // The hidden capability's place when the 8 bytes fit there.
+            let off = hidden_pasid
+                .filter(|&o| o + 8 <= EXT_CONFIG_SPACE_SIZE)
+                .unwrap_or(VPASID_FALLBACK_OFFSET);
             self.install_vpasid(off, cfg);
             visible.push((off, ext_cap_id::PASID, 1));
             let (policy, reason) = caps::extended(ext_cap_id::PASID, &ctx);
