@@ -11,7 +11,7 @@ use thiserror::Error;
 use super::backend::{
     page_size, MmapArea, VfioRegions, CONFIG_REGION, INTX_IRQ, MSIX_IRQ, MSI_IRQ,
 };
-use super::bar::{plan_bar, trapped_ranges, BarMapper, BarPlan, DirectMapping};
+use super::bar::{plan_bar, trapped_ranges, BarMapper, BarPart, BarPlan, DirectMapping};
 use super::caps::{self, CapContext, CapDecision, CapPolicy};
 use super::intx::{IntxUnmask, IntxUnmasker};
 use crate::pci::bar::{BarKind, PciBarInfo, BAR0_OFFSET, MAX_IO_BAR, NUM_BARS};
@@ -23,6 +23,7 @@ use crate::pci::device::PciDevice;
 use crate::pci::interrupt::{InterruptSink, IntxEventFds, IntxPin};
 use crate::pci::msi::{MsiCap, MsiChange, MsiState};
 use crate::pci::msix::{MsixCap, MsixState};
+use crate::pci::ratelimit::GuestWarn;
 
 /// Which assigned device a model stands for (error and log context).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,6 +156,8 @@ pub struct VfioPciDevice {
     caps: Vec<CapDecision>,
     vpasid: Option<usize>,
     pasid_listener: Option<PasidListener>,
+    /// Warnings a guest can trigger (MSI/MSI-X routing, BAR moves) go through this limit.
+    warn: GuestWarn,
 }
 
 fn irq_count(regions: &dyn VfioRegions, index: u32) -> u32 {
@@ -213,6 +216,7 @@ impl VfioPciDevice {
             caps: Vec::new(),
             vpasid: None,
             pasid_listener: None,
+            warn: GuestWarn::new(),
         };
         dev.virt.set_bytes(0, &snap);
         let bar_infos = dev.discover_bars(&snap)?;
@@ -636,11 +640,13 @@ impl VfioPciDevice {
         };
         match r {
             Ok(()) => intx.armed = on,
-            Err(e) => warn!(
-                "{}: cannot switch INTx {}: {e}",
-                self.id,
-                if on { "on" } else { "off" }
-            ),
+            Err(e) => {
+                self.warn.warn(format_args!(
+                    "{}: cannot switch INTx {}: {e}",
+                    self.id,
+                    if on { "on" } else { "off" }
+                ));
+            }
         }
         intx.unmasker.set_armed(intx.armed);
         if on && intx.unmasker.mode() == IntxUnmask::Kernel {
@@ -704,17 +710,25 @@ impl VfioPciDevice {
                 self.set_intx(false);
                 let fds = self.msi.as_ref().map(|m| m.eventfds()).unwrap_or_default();
                 if let Err(e) = self.regions.enable_irq(MSI_IRQ, &fds) {
-                    warn!("{}: cannot enable {} MSI vectors: {e}", self.id, fds.len());
+                    self.warn.warn(format_args!(
+                        "{}: cannot enable {} MSI vectors: {e}",
+                        self.id,
+                        fds.len()
+                    ));
                 }
             }
             Ok(MsiChange::Disabled) => {
                 if let Err(e) = self.regions.disable_irq(MSI_IRQ) {
-                    warn!("{}: cannot disable MSI: {e}", self.id);
+                    self.warn
+                        .warn(format_args!("{}: cannot disable MSI: {e}", self.id));
                 }
                 self.set_intx(true);
             }
             Ok(MsiChange::None) => {}
-            Err(e) => warn!("{}: MSI routing failed: {e}", self.id),
+            Err(e) => {
+                self.warn
+                    .warn(format_args!("{}: MSI routing failed: {e}", self.id));
+            }
         }
     }
 
@@ -728,21 +742,25 @@ impl VfioPciDevice {
                 self.set_intx(false);
                 let fds = self.msix.as_ref().map(|m| m.eventfds()).unwrap_or_default();
                 if let Err(e) = self.regions.enable_irq(MSIX_IRQ, &fds) {
-                    warn!(
+                    self.warn.warn(format_args!(
                         "{}: cannot enable {} MSI-X vectors: {e}",
                         self.id,
                         fds.len()
-                    );
+                    ));
                 }
             }
             Ok(MsiChange::Disabled) => {
                 if let Err(e) = self.regions.disable_irq(MSIX_IRQ) {
-                    warn!("{}: cannot disable MSI-X: {e}", self.id);
+                    self.warn
+                        .warn(format_args!("{}: cannot disable MSI-X: {e}", self.id));
                 }
                 self.set_intx(true);
             }
             Ok(MsiChange::None) => {}
-            Err(e) => warn!("{}: MSI-X routing failed: {e}", self.id),
+            Err(e) => {
+                self.warn
+                    .warn(format_args!("{}: MSI-X routing failed: {e}", self.id));
+            }
         }
     }
 
@@ -954,23 +972,34 @@ impl PciDevice for VfioPciDevice {
             data.fill(0xff);
             return;
         };
-        if let (true, Some(t), Some(m)) = (b.plan.in_table(offset), &b.plan.msix_table, &self.msix)
-        {
-            m.table_read(offset - t.start, data);
-            return;
-        }
-        if let (true, Some(p), Some(m)) = (b.plan.in_pba(offset), &b.plan.msix_pba, &self.msix) {
-            m.pba_read(offset - p.start, data);
-            return;
-        }
-        if offset + data.len() as u64 > b.plan.region_size {
-            data.fill(0xff);
-            return;
-        }
-        self.intx_before_access();
-        if let Err(e) = self.regions.region_read(u32::from(bar), offset, data) {
-            debug!("{}: BAR{bar} read at {offset:#x} failed: {e}", self.id);
-            data.fill(0xff);
+        let region_size = b.plan.region_size;
+        let table_start = b.plan.msix_table.as_ref().map_or(0, |t| t.start);
+        let pba_start = b.plan.msix_pba.as_ref().map_or(0, |p| p.start);
+        for (range, part) in b.plan.split(offset, data.len()) {
+            let Some(piece) =
+                data.get_mut((range.start - offset) as usize..(range.end - offset) as usize)
+            else {
+                continue;
+            };
+            match (part, &self.msix) {
+                (BarPart::MsixTable, Some(m)) => m.table_read(range.start - table_start, piece),
+                (BarPart::MsixPba, Some(m)) => m.pba_read(range.start - pba_start, piece),
+                (BarPart::MsixTable | BarPart::MsixPba, None) => piece.fill(0),
+                (BarPart::Device, _) => {
+                    if range.end > region_size {
+                        piece.fill(0xff);
+                        continue;
+                    }
+                    self.intx_before_access();
+                    if let Err(e) = self.regions.region_read(u32::from(bar), range.start, piece) {
+                        debug!(
+                            "{}: BAR{bar} read at {:#x} failed: {e}",
+                            self.id, range.start
+                        );
+                        piece.fill(0xff);
+                    }
+                }
+            }
         }
     }
 
@@ -978,21 +1007,43 @@ impl PciDevice for VfioPciDevice {
         let Some(b) = self.bar(bar) else {
             return;
         };
-        if b.plan.in_table(offset) {
-            let start = b.plan.msix_table.as_ref().map(|t| t.start).unwrap_or(0);
-            if let Some(m) = self.msix.as_mut() {
-                if let Err(e) = m.table_write(offset - start, data, self.sink.as_ref()) {
-                    warn!("{}: MSI-X table update failed: {e}", self.id);
+        let region_size = b.plan.region_size;
+        let table_start = b.plan.msix_table.as_ref().map_or(0, |t| t.start);
+        for (range, part) in b.plan.split(offset, data.len()) {
+            let Some(piece) =
+                data.get((range.start - offset) as usize..(range.end - offset) as usize)
+            else {
+                continue;
+            };
+            match part {
+                BarPart::MsixTable => {
+                    if let Some(m) = self.msix.as_mut() {
+                        if let Err(e) =
+                            m.table_write(range.start - table_start, piece, self.sink.as_ref())
+                        {
+                            self.warn
+                                .warn(format_args!("{}: MSI-X table update failed: {e}", self.id));
+                        }
+                    }
+                }
+                // The PBA is read-only.
+                BarPart::MsixPba => {}
+                BarPart::Device => {
+                    if range.end > region_size {
+                        continue;
+                    }
+                    self.intx_before_access();
+                    if let Err(e) = self
+                        .regions
+                        .region_write(u32::from(bar), range.start, piece)
+                    {
+                        debug!(
+                            "{}: BAR{bar} write at {:#x} failed: {e}",
+                            self.id, range.start
+                        );
+                    }
                 }
             }
-            return;
-        }
-        if b.plan.in_pba(offset) || offset + data.len() as u64 > b.plan.region_size {
-            return;
-        }
-        self.intx_before_access();
-        if let Err(e) = self.regions.region_write(u32::from(bar), offset, data) {
-            debug!("{}: BAR{bar} write at {offset:#x} failed: {e}", self.id);
         }
     }
 
@@ -1006,15 +1057,23 @@ impl PciDevice for VfioPciDevice {
         let Some(mapper) = mapper else {
             return;
         };
+        // The guest moves BARs as often as it likes: these warnings are rate limited.
+        let limit = &self.warn;
         for (off, area) in &b.maps {
             if let Some(o) = old {
                 if let Err(e) = mapper.unmap(o + off, area.len()) {
-                    warn!("{id}: cannot unmap BAR{bar} at {:#x}: {e}", o + off);
+                    limit.warn(format_args!(
+                        "{id}: cannot unmap BAR{bar} at {:#x}: {e}",
+                        o + off
+                    ));
                 }
             }
             if let Some(n) = new {
                 if let Err(e) = mapper.map(n + off, area.host_addr(), area.len()) {
-                    warn!("{id}: cannot map BAR{bar} at {:#x}: {e}", n + off);
+                    limit.warn(format_args!(
+                        "{id}: cannot map BAR{bar} at {:#x}: {e}",
+                        n + off
+                    ));
                 }
             }
         }

@@ -452,3 +452,102 @@ fn config_space_hostile_layouts_no_panic() {
         }
     }
 }
+
+/// A NIC-like device with 2048 MSI-X vectors (table in BAR2 at 0x2000, PBA at 0x12000).
+fn msix_2048() -> (Arc<FakeVfio>, Arc<FakeSink>, VfioPciDevice) {
+    let mut c = base_config(4096);
+    put32(&mut c, 0x18, 0x0000_000c); // BAR2: 64-bit prefetchable
+    c[reg::CAPABILITY_LIST] = 0x70;
+    c[0x70] = cap_id::MSIX;
+    c[0x71] = 0;
+    put16(&mut c, 0x72, 2047);
+    put32(&mut c, 0x74, 0x2000 | 2);
+    put32(&mut c, 0x78, 0x12000 | 2);
+    let mut fake = plain_fake(c);
+    fake.regions.insert(2, region(0x20000, false));
+    fake.bar_mem.lock().unwrap().insert(2, vec![0u8; 0x20000]);
+    fake.irqs.insert(MSIX_IRQ, irq(2048));
+    let fake = Arc::new(fake);
+    let sink = Arc::new(FakeSink::default());
+    let dev = VfioPciDevice::new(
+        VfioDeviceId::Pdev("0000:00:04.0".into()),
+        fake.clone(),
+        sink.clone(),
+        VfioPciOptions::default(),
+    )
+    .unwrap();
+    (fake, sink, dev)
+}
+
+/// The guest's one write that enables 2048 MSI-X vectors is one routing commit (and the
+/// one that disables them another), not one per vector; every vector is still routed.
+#[test]
+fn msix_enable_commits_once_fake_sink() {
+    let (_fake, sink, mut d) = msix_2048();
+    d.write_config_register(0x70 / 4, 2, &0x8000u16.to_le_bytes());
+    assert!(d.msix_enabled());
+    let routed = sink
+        .take()
+        .iter()
+        .filter(|c| matches!(c, super::fake::SinkCall::Route(..)))
+        .count();
+    assert_eq!(routed, 2048);
+    assert_eq!(sink.commits(), 1, "one commit for the enabling write");
+    // Function mask on and off: irqfd changes only, no table commit.
+    d.write_config_register(0x70 / 4, 2, &0xc000u16.to_le_bytes());
+    d.write_config_register(0x70 / 4, 2, &0x8000u16.to_le_bytes());
+    assert_eq!(sink.commits(), 1);
+    d.write_config_register(0x70 / 4, 2, &0u16.to_le_bytes());
+    assert!(!d.msix_enabled());
+    assert_eq!(sink.commits(), 2, "one commit for the disabling write");
+}
+
+/// An access that starts before the MSI-X table and ends inside it is split: the table
+/// bytes are emulated (the device never sees them), the rest reaches the device. Likewise
+/// at the table's end and over the PBA.
+#[test]
+fn msix_straddling_access_emulated() {
+    let (fake, sink, mut d) = msix_2048();
+    d.write_config_register(0x70 / 4, 2, &0x8000u16.to_le_bytes());
+    sink.take();
+    let bar_mem = |o: usize, n: usize| fake.bar_mem.lock().unwrap()[&2][o..o + n].to_vec();
+    // 8 bytes at 0x1ffc: 4 device bytes, then entry 0's address low.
+    d.write_bar(2, 0x1ffc, &[1, 2, 3, 4, 0x00, 0x10, 0xe0, 0xfe]);
+    assert_eq!(bar_mem(0x1ffc, 4), vec![1, 2, 3, 4], "device part written");
+    assert_eq!(
+        bar_mem(0x2000, 4),
+        vec![0; 4],
+        "table bytes never reach the device"
+    );
+    let mut e = [0u8; 4];
+    d.read_bar(2, 0x2000, &mut e);
+    assert_eq!(
+        u32::from_le_bytes(e),
+        0xfee0_1000,
+        "entry 0 address low emulated"
+    );
+    // A straddling read returns device bytes then table bytes.
+    let mut r = [0u8; 8];
+    d.read_bar(2, 0x1ffc, &mut r);
+    assert_eq!(r, [1, 2, 3, 4, 0x00, 0x10, 0xe0, 0xfe]);
+    // The last table dword (entry 2047's vector control) and the dword after the table.
+    let end = 0x2000 + 2048 * 16;
+    d.write_bar(2, end - 4, &[0, 0, 0, 0, 9, 9, 9, 9]);
+    assert_eq!(bar_mem(end as usize - 4, 4), vec![0; 4]);
+    assert_eq!(bar_mem(end as usize, 4), vec![9; 4]);
+    let calls = sink.take();
+    assert!(
+        calls.contains(&super::fake::SinkCall::Mask(
+            crate::pci::MsiVector {
+                kind: crate::pci::MsiKind::Msix,
+                index: 2047
+            },
+            false
+        )),
+        "entry 2047 unmasked by the emulated half: {calls:?}"
+    );
+    // Over the PBA start: PBA bytes read as 0 and are not written to the device.
+    d.write_bar(2, 0x11ffc, &[7; 8]);
+    assert_eq!(bar_mem(0x11ffc, 4), vec![7; 4]);
+    assert_eq!(bar_mem(0x12000, 4), vec![0; 4]);
+}
