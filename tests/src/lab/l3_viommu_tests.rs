@@ -310,8 +310,25 @@ fn objects_naming<'a>(v: &'a Value, id: &str, out: &mut Vec<&'a Value>) {
     }
 }
 
-/// The bridge mode `vm.iommu` gives device `id` (a `mode` field of an object naming it).
+/// The bridge mode `vm.iommu` gives device `id` for requests without PASID: the `mode` of
+/// its `viommu.devices[]` entry with PASID 0 (`api::types::ViommuDevice`), else a `mode`
+/// field of any object naming it.
 fn device_mode(iommu: &Value, id: &str) -> Option<String> {
+    let listed = iommu
+        .get("viommu")
+        .and_then(|v| v.get("devices"))
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter().find(|d| {
+                d.get("id").and_then(Value::as_str) == Some(id)
+                    && d.get("pasid").and_then(Value::as_u64).unwrap_or(0) == 0
+            })
+        })
+        .and_then(|d| d.get("mode"))
+        .and_then(Value::as_str);
+    if let Some(m) = listed {
+        return Some(m.to_ascii_lowercase());
+    }
     let mut objs = Vec::new();
     objects_naming(iommu, id, &mut objs);
     objs.iter().find_map(|o| {
@@ -365,12 +382,13 @@ fn attached(ioasids: &Value, device: &str) -> bool {
         })
 }
 
-/// The IOASes `vm.ioasids` lists.
-fn ioas_count(ioasids: &Value) -> usize {
-    ioasids
-        .get("ioases")
-        .and_then(Value::as_array)
-        .map_or(0, Vec::len)
+/// Shadow IOASes alive (the bridge's `shadow_ioases_live`, wherever `vm.counters` puts it);
+/// `None` when no such counter is shown.
+fn shadow_ioases_live(counters: &Value) -> Option<(u64, Vec<String>)> {
+    let (n, paths) = counter(counters, |p| {
+        p.contains("shadow") && p.contains("ioas") && p.contains("live")
+    });
+    (!paths.is_empty()).then_some((n, paths))
 }
 
 /// Ok when the snapshot shows edu's vIOMMU state released: no device entry or mode for it in
@@ -517,6 +535,18 @@ fn linux_guest_intel_iommu_binds_our_vtd() -> TestResult {
             "the guest's intel-iommu read {name} {guest:#x}, vm.iommu shows {shown:?}"
         );
     }
+    let viommu = iommu.get("viommu").ok_or("vm.iommu has no viommu object")?;
+    let base = viommu.get("register_base").and_then(as_u64);
+    ensure!(
+        base.is_some() && base == detail_hex(&dmar, "base"),
+        "the guest's DMAR unit is at {:#x?}, vm.iommu's register_base is {base:#x?}",
+        detail_hex(&dmar, "base")
+    );
+    ensure!(
+        viommu.get("translation_enabled") == Some(&Value::Bool(true)),
+        "vm.iommu says the guest did not enable translation (GSTS.TES): {}",
+        compact(viommu)
+    );
     let mode = device_mode(iommu, DEVICE_ID);
     ensure!(
         mode.as_deref() == Some("shadow"),
@@ -586,40 +616,45 @@ fn linux_guest_unplug_behind_viommu() -> TestResult {
     let removed = guest_result(r, "viommu_unplug_removed")?;
     let healthy = guest_result(r, "viommu_unplug_healthy")?;
     println!("LAB-INFO L3 after the unplug: {removed}; {healthy}");
-    // Before: edu was behind the vIOMMU (so its absence afterwards means something).
+    // Before: edu was behind the vIOMMU with a shadow IOAS (so their absence afterwards
+    // means something).
     let iommu_before = before.iommu.as_ref().map_err(Clone::clone)?;
-    let ioasids_before = before.ioasids.as_ref().map_err(Clone::clone)?;
+    let counters_before = before.counters.as_ref().map_err(Clone::clone)?;
     ensure!(
         device_mode(iommu_before, DEVICE_ID).is_some(),
         "before the unplug vm.iommu gives {DEVICE_ID} no mode: {}",
         compact(iommu_before)
+    );
+    let (live_before, paths) = shadow_ioases_live(counters_before).ok_or_else(|| {
+        format!(
+            "vm.counters shows no live shadow IOAS count: {}",
+            compact(counters_before)
+        )
+    })?;
+    ensure!(
+        live_before > 0,
+        "before the unplug vm.counters counts no live shadow IOAS ({paths:?}) although {DEVICE_ID} is shadowed"
     );
     let after = r
         .after
         .as_ref()
         .ok_or_else(|| format!("no snapshot after the unplug: {}", r.why()))?;
     released(after)?;
-    let ioasids_after = after.ioasids.as_ref().map_err(Clone::clone)?;
-    let (n_before, n_after) = (ioas_count(ioasids_before), ioas_count(ioasids_after));
+    let counters_after = after.counters.as_ref().map_err(Clone::clone)?;
+    let (live_after, paths_after) = shadow_ioases_live(counters_after).unwrap_or_default();
     ensure!(
-        n_after < n_before,
-        "vm.ioasids lists {n_before} IOAS(es) before the unplug and {n_after} after: edu's shadow IOAS was not released ({})",
-        compact(ioasids_after)
+        live_after == 0,
+        "after the unplug vm.counters still counts live shadow IOASes: {paths_after:?}"
     );
-    // Any live-object counter of the shadow (e.g. shadow IOASes or domains) must be back to 0.
-    if let Ok(c) = &after.counters {
-        let (live, paths) = counter(c, |p| {
-            p.contains("shadow")
-                && (p.contains("ioas") || p.contains("domain"))
-                && !p.contains("calls")
-        });
-        ensure!(
-            live == 0,
-            "vm.counters after the unplug still counts live shadow objects: {paths:?}"
-        );
-    }
+    let (errors, error_paths) = counter(counters_after, |p| {
+        p.ends_with("host_errors") || p.ends_with("bridge_errors") || p.ends_with("queue_errors")
+    });
+    ensure!(
+        errors == 0,
+        "vm.counters shows errors of the vIOMMU path: {error_paths:?}"
+    );
     println!(
-        "LAB-INFO IOASes before/after the unplug: {n_before}/{n_after}; {}",
+        "LAB-INFO live shadow IOASes before/after the unplug: {live_before}/{live_after}; {}",
         r.out.describe_exit()
     );
     Ok(Outcome::Pass)
@@ -653,6 +688,16 @@ mod tests {
         let c = json!({"viommu": {"guest_qi_descriptors": 7, "shadow_map_calls": 3, "shadow_unmap_calls": 2}});
         assert_eq!(guest_invalidations(&c).0, 7);
         assert_eq!(shadow_maps(&c).0, 3);
+        assert_eq!(shadow_ioases_live(&c), None);
+        let c2 = json!({"_viommu": {"bridge_shadow_ioases_live": 1, "bridge_shadow_map_calls": 4}});
+        assert_eq!(shadow_ioases_live(&c2).map(|x| x.0), Some(1));
+        assert_eq!(shadow_maps(&c2).0, 4);
+        // The schema of api::types::ViommuInfo: the PASID 0 entry decides.
+        let typed = json!({"viommu": {"devices": [
+            {"id": "vedu0", "bdf": "0000:00:01.0", "pasid": 1, "mode": "nested"},
+            {"id": "vedu0", "bdf": "0000:00:01.0", "pasid": 0, "mode": "shadow"}
+        ]}});
+        assert_eq!(device_mode(&typed, "vedu0").as_deref(), Some("shadow"));
         let ioasids = json!({"ioases": [{"id": 1}], "attachments": [{"device": "vedu0"}]});
         let s = Snapshot {
             iommu: Ok(iommu),
