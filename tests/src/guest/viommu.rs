@@ -350,7 +350,7 @@ fn dma_through(bdf: &str, flavor: Flavor, seed: u8) -> Result<String, String> {
     drop(vfio);
     drop(opened);
     Ok(format!(
-        "{what}: {PAGE} bytes IOVA {iova_src:#x} (GPA {:#x}) -> edu -> IOVA {iova_dst:#x} (GPA {:#x}); after unmap the DMA missed; after remap it landed",
+        "{what}; {PAGE} bytes IOVA {iova_src:#x} (GPA {:#x}) -> edu -> IOVA {iova_dst:#x} (GPA {:#x}); after unmap the DMA missed; after remap it landed",
         src.phys(),
         dst.phys()
     ))

@@ -407,12 +407,19 @@ fn released(s: &Snapshot) -> Result<(), String> {
     Ok(())
 }
 
-/// `key=0x..` from a guest result's detail.
+/// `key=0x..` from a guest result's detail (the first such word; trailing punctuation is
+/// not part of the number).
 fn detail_hex(detail: &str, key: &str) -> Option<u64> {
     detail
         .split_whitespace()
         .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+        .map(|v| v.trim_start_matches("0x").trim_end_matches([':', ';', ',']))
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+}
+
+/// An optional register value in words.
+fn hex_or_none(v: Option<u64>) -> String {
+    v.map_or_else(|| "none".to_string(), |x| format!("{x:#x}"))
 }
 
 fn compact(v: &Value) -> String {
@@ -539,8 +546,9 @@ fn linux_guest_intel_iommu_binds_our_vtd() -> TestResult {
     let base = viommu.get("register_base").and_then(as_u64);
     ensure!(
         base.is_some() && base == detail_hex(&dmar, "base"),
-        "the guest's DMAR unit is at {:#x?}, vm.iommu's register_base is {base:#x?}",
-        detail_hex(&dmar, "base")
+        "the guest's DMAR unit is at {}, vm.iommu's register_base is {}",
+        hex_or_none(detail_hex(&dmar, "base")),
+        hex_or_none(base)
     );
     ensure!(
         viommu.get("translation_enabled") == Some(&Value::Bool(true)),
@@ -565,16 +573,15 @@ fn linux_guest_edu_dma_through_viommu() -> TestResult {
     println!("LAB-INFO L3 edu DMA through iommufd: {iommufd}");
     // L3's IOMMU_GET_HW_INFO reports the registers of the unit its intel-iommu drives.
     if let Ok(dmar) = guest_result(r, "viommu_dmar") {
+        let hw_info = iommufd.split_once("hw_info ").map_or("", |(_, rest)| rest);
         for reg in ["cap", "ecap"] {
             let probe = detail_hex(&dmar, reg);
-            let hw = iommufd
-                .split_whitespace()
-                .skip_while(|w| *w != "hw_info")
-                .find_map(|w| w.strip_prefix(&format!("{reg}=")))
-                .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+            let hw = detail_hex(hw_info, reg);
             ensure!(
-                probe == hw,
-                "L3's IOMMU_GET_HW_INFO gives {reg} {hw:#x?}, its intel-iommu probed {probe:#x?}"
+                probe.is_some() && probe == hw,
+                "L3's IOMMU_GET_HW_INFO gives {reg} {}, its intel-iommu probed {}",
+                hex_or_none(hw),
+                hex_or_none(probe)
             );
         }
     }
@@ -719,5 +726,7 @@ mod tests {
         assert_eq!(detail_hex(d, "cap"), Some(0xd2_008c_2226_0286));
         assert_eq!(detail_hex(d, "ecap"), Some(0xf0_0f5e));
         assert_eq!(detail_hex(d, "nope"), None);
+        let t = "iommufd /dev/vfio/devices/vfio0 hw_info cap=0xd2038c222f0686 ecap=0x1480000000f42: 4096 bytes";
+        assert_eq!(detail_hex(t, "ecap"), Some(0x1_4800_0000_0f42));
     }
 }
