@@ -251,6 +251,11 @@ pub mod desc {
         ]
     }
 
+    /// Interrupt entry cache invalidation, global (ignored by a unit without IR).
+    pub fn iec() -> [u64; 4] {
+        [4 | (1 << 4), 0, 0, 0]
+    }
+
     /// Invalidation wait with a status write of `data` at `status`.
     pub fn wait(status: u64, data: u32, interrupt: bool, fence: bool) -> [u64; 4] {
         [

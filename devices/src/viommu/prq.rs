@@ -98,7 +98,7 @@ pub enum PrqError {
 pub struct PrqRegs {
     /// Head (byte offset, bits 18:5), written by the guest.
     pub pqh: u64,
-    /// Tail (byte offset), written by the model.
+    /// Tail (byte offset), advanced by the model (software writes it only to reset it).
     pub pqt: u64,
     /// Queue address and size.
     pub pqa: u64,

@@ -540,7 +540,10 @@ impl Vtd {
                 self.gsts |= gcmd::QIE;
                 self.process_queue();
             } else {
+                // Linux waits for IQH == IQT before it disables; the queue restarts at 0.
                 self.gsts &= !gcmd::QIE;
+                self.iqh = 0;
+                self.iqt = 0;
             }
         }
         let te = v & gcmd::TE != 0;
@@ -834,6 +837,8 @@ impl Vtd {
             regs::IEADDR => self.inv_event.write_addr(v32),
             regs::IEUADDR => self.inv_event.write_uaddr(v32),
             regs::PQH => self.prq.pqh = v & OFFSET_MASK,
+            // Linux resets PQT (and PQH) to 0 before it programs PQA.
+            regs::PQT => self.prq.pqt = v & OFFSET_MASK,
             regs::PQA => self.prq.pqa = v & (!0xfff | 7),
             regs::PRS => self.prq.write_prs(v32),
             regs::PECTL => {
@@ -849,7 +854,7 @@ impl Vtd {
                 if let Some((i, high)) = frcd_index(start) {
                     self.faults.write_frcd(i, high, v & mask);
                 }
-                // VER, CAP, ECAP, GSTS, IQH, IQERCD, PQT: read-only.
+                // VER, CAP, ECAP, GSTS, IQH, IQERCD: read-only.
             }
         }
     }
