@@ -23,10 +23,9 @@
 //!   (`calculate_psi_aligned_address`), domain-selective beyond MAMV;
 //! - unmap: leaf entries cleared, then the same invalidation (PASID-based for first stage),
 //!   plus the device TLB when ATS is on;
-//! - teardown: PASID entry cleared, PASID-selective PASID-cache invalidation, IOTLB
-//!   invalidation of the domain, device TLB; then the context entry cleared, a
-//!   device-selective context-cache invalidation, an all-PASIDs PASID-cache invalidation of
-//!   the domain and a domain-selective IOTLB invalidation.
+//! - teardown: PASID entry cleared (FPD kept), PASID-selective PASID-cache invalidation,
+//!   IOTLB invalidation of the domain, device TLB; then the context entry cleared, a
+//!   device-selective context-cache invalidation and the device TLB.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -801,20 +800,26 @@ impl LinuxHarness {
         self.flush_range(vtd, a, iova, len, true)
     }
 
-    /// Detach and release of `bdf` (`intel_pasid_tear_down_entry`, then
-    /// `intel_pasid_teardown_sm_context` with `intel_context_flush_no_pasid`).
+    /// Detach and release of `bdf`: `intel_pasid_tear_down_entry` for PASID 0 (entry
+    /// cleared keeping FPD, PASID-selective PASID-cache invalidation, domain-selective IOTLB
+    /// or PASID-based IOTLB, device TLB), then `device_pasid_table_teardown` (context entry
+    /// cleared, `intel_context_flush_present`: device-selective context-cache invalidation
+    /// and the global device TLB).
     pub fn teardown(&mut self, vtd: &mut dyn BusDevice, bdf: PciBdf) -> Result<(), HarnessError> {
         let a = self.attached(bdf).ok_or(HarnessError::NotAttached(bdf))?;
         let sid = bdf.rid();
         if self.wide {
-            self.w_u64(a.pasid_table, 0)?;
+            // pasid_clear_entry_with_fpd: everything but FPD cleared.
+            self.w_u64(a.pasid_table + 8, 0)?;
+            self.w_u64(a.pasid_table + 16, 0)?;
+            self.w_u64(a.pasid_table, 2)?;
             self.submit(vtd, &[desc::pasid_cache(1, a.did, 0)])?;
             match a.stage {
                 Stage::First => self.submit(vtd, &[desc::piotlb_pasid(a.did, 0)])?,
                 Stage::Second => self.submit(vtd, &[desc::iotlb_domain(a.did)])?,
             }
             if self.ats {
-                self.submit(vtd, &[desc::pasid_dev_tlb(sid, sid, 0, 0, 0, 52)])?;
+                self.submit(vtd, &[desc::dev_tlb(sid, sid, 0, 0, 52)])?;
             }
         }
         if let Some(ctx) = self.context_entry_addr(bdf, false)? {
@@ -822,10 +827,9 @@ impl LinuxHarness {
             self.w_u64(ctx + 8, 0)?;
         }
         self.submit(vtd, &[desc::context_device(a.did, sid, 0)])?;
-        if self.wide {
-            self.submit(vtd, &[desc::pasid_cache(0, a.did, 0)])?;
+        if !self.wide {
+            self.submit(vtd, &[desc::iotlb_domain(a.did)])?;
         }
-        self.submit(vtd, &[desc::iotlb_domain(a.did)])?;
         if self.ats {
             self.submit(vtd, &[desc::dev_tlb(sid, sid, 0, 0, 52)])?;
         }
