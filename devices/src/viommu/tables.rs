@@ -34,6 +34,8 @@ pub enum FaultReason {
     ContextEntryInvalid,
     /// The PASID is beyond the PASID directory size (PDTS) of the context entry (46h).
     PasidTooLarge,
+    /// A page request from a device whose context entry has PRE clear (47h).
+    PageRequestDisabled,
     /// RID_PASID beyond the supported PASID width (48h).
     RidPasidInvalid,
     /// The PASID directory entry could not be read (50h).
@@ -70,6 +72,7 @@ impl FaultReason {
             (ContextEntryInvalid, true) => 0x43,
             (ContextEntryInvalid, false) => 0x03,
             (PasidTooLarge, _) => 0x46,
+            (PageRequestDisabled, _) => 0x47,
             (RidPasidInvalid, _) => 0x48,
             (PasidDirAccess, _) => 0x50,
             (PasidDirReserved, _) => 0x52,

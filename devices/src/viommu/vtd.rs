@@ -271,10 +271,36 @@ impl Vtd {
     }
 
     /// Queues a page request for the guest (PRQ). A full queue sets PRS.PRO and returns
-    /// [`PrqError::Full`]: the caller answers the device itself.
+    /// [`PrqError::Full`]: the caller answers the device itself (SUCCESS, the device
+    /// retries). A device whose context entry does not enable page requests (PRE) gets
+    /// [`PrqError::Refused`] and a fault record, as QEMU does: answer it Invalid.
     pub fn post_page_request(&mut self, req: PageRequest) -> Result<(), PrqError> {
-        if !self.cfg.svm {
+        if !self.cfg.svm || !self.prq.enabled() {
             return Err(PrqError::NotEnabled { bdf: req.bdf });
+        }
+        let refused = |reason| PrqError::Refused {
+            bdf: req.bdf,
+            reason,
+        };
+        if !self.translation_enabled() {
+            return Err(refused("translation is disabled"));
+        }
+        let rid = req.bdf.rid();
+        match self.context_of(rid) {
+            Some(DeviceContext::Scalable(ctx)) if ctx.pre => {}
+            Some(DeviceContext::Scalable(ctx)) => {
+                if !ctx.fpd {
+                    self.record_fault(FaultRecord {
+                        sid: rid,
+                        pasid: req.pasid.map(|p| p.0),
+                        reason: FaultReason::PageRequestDisabled.code(true),
+                        addr: req.addr,
+                        write: req.write,
+                    });
+                }
+                return Err(refused("the context entry's PRE bit is clear"));
+            }
+            _ => return Err(refused("no scalable-mode context entry")),
         }
         match self.prq.post(self.mem.as_ref(), &req) {
             Ok(msg) => {
