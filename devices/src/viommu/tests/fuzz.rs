@@ -445,3 +445,79 @@ fn viommu_bad_tables_fault_not_panic() {
     assert!(total.bad_accesses > 0);
     assert!(total.desc_wait > 0 && total.desc_context_cache > 0 && total.desc_pasid_cache > 0);
 }
+
+/// Pointers at the very top of the address space: every sum of a table pointer and an
+/// offset must be checked (no overflow panic in debug builds), and every such table faults.
+#[test]
+fn viommu_hostile_pointers_at_top_of_address_space() {
+    let cfg = VtdConfig {
+        pasid_bits: 20,
+        ..full_cfg()
+    };
+    let mut rig = Rig::new(cfg);
+    let dev = PciBdf::new(0, 0xff, 31, 7).unwrap();
+    rig.vtd.add_device(dev);
+    rig.vtd.add_device(bdf(1));
+    let top = 0xffff_ffff_ffff_f000u64;
+    rig.w64(regs::RTADDR, top | (1 << 10));
+    rig.w32(regs::GCMD, gcmd::SRTP);
+    rig.w32(regs::GCMD, gcmd::TE);
+    // Root table outside RAM: both devices blocked, faults recorded.
+    assert!(rig.vtd.counters().faults_recorded >= 1);
+    assert_eq!(
+        rig.vtd.translation(dev, Pasid(0)),
+        Some(Translation::Blocked)
+    );
+    // A root table in RAM whose context entry names a PASID directory at the top, with the
+    // largest PDTS and PASIDE: the bounded scan faults instead of wrapping.
+    rig.mem.write_u64(0x20_0000, 0x20_1000 | 1).unwrap();
+    rig.mem
+        .write_u64(0x20_1000 + 8 * 32, top | (7 << 9) | (1 << 3) | 1)
+        .unwrap();
+    rig.w64(regs::RTADDR, 0x20_0000 | (1 << 10));
+    rig.w32(regs::GCMD, gcmd::TE | gcmd::SRTP);
+    // Queue at the top of the address space with the largest size.
+    rig.w64(regs::IQA, top | (1 << 11) | 7);
+    rig.w32(regs::GCMD, gcmd::TE | gcmd::QIE);
+    rig.w32(regs::IQT, 0x7_ffe0);
+    assert_ne!(rig.r32(regs::FSTS) & regs::fsts::IQE, 0);
+    assert_eq!(rig.r64(regs::IQERCD) & 0xf, 2, "fetch error");
+    // A queue in RAM with a wait whose status address is the top of memory, a context
+    // invalidation that scans the hostile directory, and an IOTLB register invalidation
+    // with the largest address mask.
+    // (Clearing IQE resumes the queue where it stopped: empty it first.)
+    rig.w32(regs::IQT, 0);
+    rig.w32(regs::FSTS, regs::fsts::IQE);
+    assert_eq!(rig.r32(regs::FSTS) & regs::fsts::IQE, 0);
+    let mut q = Queue::enable(&mut rig);
+    q.submit(
+        &mut rig,
+        &[
+            desc::context_global(),
+            desc::pasid_cache(1, 0, (1 << 20) - 1),
+            desc::wait(u64::MAX, 1, true, false),
+        ],
+    );
+    assert_eq!(rig.r64(regs::IQH), q.tail);
+    rig.w64(regs::IVA, u64::MAX);
+    rig.w64(regs::IOTLB, (1 << 63) | (3 << 60));
+    // Page request queue at the top.
+    rig.w64(regs::PQA, top | 7);
+    rig.w64(regs::PQT, 0x7_ffe0);
+    let _ = rig.vtd.post_page_request(PageRequest {
+        bdf: dev,
+        pasid: Some(Pasid((1 << 20) - 1)),
+        prgi: u16::MAX,
+        last: true,
+        read: true,
+        write: true,
+        exec: true,
+        privileged: true,
+        addr: u64::MAX,
+    });
+    let c = rig.vtd.counters();
+    assert!(c.faults_recorded >= 2, "{c:?}");
+    for (_, _, t) in rig.vtd.translations() {
+        assert!(matches!(t, Translation::Blocked | Translation::PassThrough));
+    }
+}
