@@ -829,6 +829,9 @@ impl Vtd {
             }
             regs::CCMD => self.write_ccmd(v),
             regs::FSTS => {
+                // Clearing IQE resumes fetching at IQH, as the spec says (QEMU waits for
+                // the next IQT write). Linux copies its wait descriptor over the bad one
+                // before it clears IQE, so both work for it.
                 if self.faults.write_fsts(v32) {
                     self.process_queue();
                 }

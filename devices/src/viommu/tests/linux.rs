@@ -220,3 +220,73 @@ fn viommu_harness_psi_alignment_matches_linux() {
     assert_eq!(LinuxHarness::psi_aligned(0x3000, 0x4fff), (0x0, 3));
     assert_eq!(LinuxHarness::psi_aligned(0x5000, 0x5fff), (0x5000, 0));
 }
+
+#[test]
+fn viommu_model_linux_sequence_pasid() {
+    let mut rig = Rig::new(full_cfg());
+    let dev = bdf(6);
+    rig.vtd.add_device(dev);
+    let mut h = LinuxHarness::new(rig.mem.clone(), 8 << 20..16 << 20);
+    h.ats = true;
+    h.boot(&mut rig.vtd).unwrap();
+    let did0 = h.attach(&mut rig.vtd, dev, Stage::Second).unwrap();
+    rig.bridge.take();
+    let did5 = h.attach_pasid(&mut rig.vtd, dev, 5, Stage::First).unwrap();
+    let a = h.attached_pasid(dev, 5).unwrap();
+    let t = Translation::FirstStage {
+        did: did5,
+        table: VtdStage1 {
+            pgtbl_addr: a.pgtable,
+            addr_width: 48,
+            sre: false,
+            wpe: false,
+            eafe: false,
+        },
+    };
+    assert_eq!(
+        rig.bridge.take(),
+        vec![
+            Call::Set(dev, Pasid(5), t),
+            iotlb(DomainScope::Domain(did5), Invalidation::Pasid(Pasid(5))),
+        ]
+    );
+    h.map_pasid(&mut rig.vtd, dev, 5, 0x8000, 0x30_0000, 0x2000)
+        .unwrap();
+    assert!(rig.bridge.take().is_empty());
+    h.unmap_pasid(&mut rig.vtd, dev, 5, 0x8000, 0x2000).unwrap();
+    assert_eq!(
+        rig.bridge.take(),
+        vec![Call::Invalidate(vec![
+            GuestInvalidation::Iotlb {
+                scope: DomainScope::Domain(did5),
+                inv: Invalidation::Range {
+                    pasid: Some(Pasid(5)),
+                    addr: 0x8000,
+                    npages: 2,
+                    leaf: false
+                }
+            },
+            GuestInvalidation::DeviceTlb {
+                bdf: dev,
+                pasid: Some(Pasid(5)),
+                addr: 0x8000,
+                npages: 2
+            },
+        ])]
+    );
+    h.detach_pasid(&mut rig.vtd, dev, 5).unwrap();
+    let calls = rig.bridge.take();
+    assert_eq!(calls[0], Call::Set(dev, Pasid(5), Translation::Blocked));
+    assert_eq!(rig.vtd.translation(dev, Pasid(5)), None);
+    assert!(matches!(
+        rig.vtd.translation(dev, Pasid(0)),
+        Some(Translation::SecondStage { did, .. }) if did == did0
+    ));
+    h.teardown(&mut rig.vtd, dev).unwrap();
+    assert_eq!(
+        rig.vtd.translation(dev, Pasid(0)),
+        Some(Translation::Blocked)
+    );
+    assert_eq!(rig.vtd.counters().queue_errors, 0);
+    assert_eq!(rig.vtd.counters().faults_recorded, 0);
+}
