@@ -36,7 +36,14 @@
 //! [`cap_names`]/[`ecap_names`] feed `vm.iommu`; [`Vtd::counters`] feeds `vm.counters`;
 //! [`Vtd::translation`] is the last translation sent for a (BDF, PASID);
 //! [`Vtd::post_page_request`] queues a page request (a full queue returns
-//! [`PrqError::Full`]: answer the device SUCCESS and count it).
+//! [`PrqError::Full`]: answer the device SUCCESS and count it; [`PrqError::Refused`] means
+//! the guest's context entry does not take page requests: answer Invalid).
+//!
+//! Faults: the model reads guest tables when the guest invalidates a cache (caching mode),
+//! not per DMA, so a malformed present entry is recorded then (fault recording registers,
+//! fault event MSI) and the (BDF, PASID) becomes [`Translation::Blocked`]; a not-present
+//! entry is just `Blocked`. Bridge errors `BadTable`/`Unsupported` are recorded as faults
+//! too, with a rate-limited warning.
 
 pub mod bridge;
 pub mod caps;
