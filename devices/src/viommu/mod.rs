@@ -43,7 +43,8 @@
 //! not per DMA, so a malformed present entry is recorded then (fault recording registers,
 //! fault event MSI) and the (BDF, PASID) becomes [`Translation::Blocked`]; a not-present
 //! entry is just `Blocked`. Bridge errors `BadTable`/`Unsupported` are recorded as faults
-//! too, with a rate-limited warning.
+//! too, with a rate-limited warning. A DMA that the VMM's path refused can be shown to the
+//! guest with [`Vtd::record_dma_fault`].
 
 pub mod bridge;
 pub mod caps;
@@ -65,6 +66,7 @@ pub use bridge::{
     Translation, ViommuBridge,
 };
 pub use caps::{cap_names, ecap_names, VtdConfig, VtdConfigError};
+pub use fault::DmaFaultKind;
 pub use mem::{DmaView, GuestMemoryAccess, GuestMemoryError, MsiSignal};
 pub use prq::{PageRequest, PrqError};
 pub use vtd::{Vtd, VtdCounters};

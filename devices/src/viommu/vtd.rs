@@ -23,7 +23,7 @@ use super::bridge::{
 };
 use super::caps::{VtdConfig, VtdConfigError, NUM_FAULT_RECORDS};
 use super::event::EventRegs;
-use super::fault::{FaultRecord, FaultUnit};
+use super::fault::{DmaFaultKind, FaultRecord, FaultUnit};
 use super::mem::{GuestMemoryAccess, MsiSignal};
 use super::prq::{PageRequest, PrqError, PrqRegs, OFFSET_MASK};
 use super::qi::{
@@ -316,6 +316,28 @@ impl Vtd {
                 Err(e)
             }
         }
+    }
+
+    /// Records a fault for a DMA request that the VMM's translation path refused (soft
+    /// walk or shadow miss), so that the guest sees it as it would on hardware: a fault
+    /// recording register and the fault event. Ignored while translation is disabled.
+    pub fn record_dma_fault(
+        &mut self,
+        bdf: PciBdf,
+        pasid: Option<Pasid>,
+        addr: u64,
+        kind: DmaFaultKind,
+    ) {
+        if !self.translation_enabled() {
+            return;
+        }
+        self.record_fault(FaultRecord {
+            sid: bdf.rid(),
+            pasid: pasid.map(|p| p.0),
+            reason: kind.code(),
+            addr,
+            write: matches!(kind, DmaFaultKind::Write),
+        });
     }
 
     fn bdf_of(&self, rid: u16) -> PciBdf {

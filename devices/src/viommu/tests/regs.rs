@@ -358,3 +358,29 @@ fn viommu_prq_post_full_and_response() {
     );
     assert_eq!(rig.vtd.counters().page_responses, 2);
 }
+
+#[test]
+fn viommu_dma_fault_record() {
+    let mut rig = Rig::new(VtdConfig::default());
+    let dev = bdf(12);
+    rig.w32(regs::FECTL, 0);
+    // Translation off: nothing recorded.
+    rig.vtd
+        .record_dma_fault(dev, None, 0x1234_5000, crate::viommu::DmaFaultKind::Write);
+    assert_eq!(rig.vtd.counters().faults_recorded, 0);
+    rig.w32(regs::GCMD, gcmd::TE);
+    rig.vtd.record_dma_fault(
+        dev,
+        Some(Pasid(3)),
+        0x1234_5678,
+        crate::viommu::DmaFaultKind::Write,
+    );
+    let lo = rig.r64(regs::FRCD_OFFSET);
+    let hi = rig.r64(regs::FRCD_OFFSET + 8);
+    assert_eq!(lo, 0x1234_5000);
+    assert_eq!((hi >> 32) & 0xff, 5, "write permission");
+    assert_eq!((hi >> 62) & 1, 0, "T1 = write");
+    assert_eq!((hi >> 40) & 0xf_ffff, 3);
+    assert_eq!(hi & 0xffff, u64::from(dev.rid()));
+    assert_eq!(rig.msi.take().len(), 1);
+}
