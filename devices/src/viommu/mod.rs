@@ -34,7 +34,8 @@
 //! `page_response` for page group responses. A device starts in pass-through (the bridge is
 //! not called for it until the guest enables translation). [`Vtd::cap`], [`Vtd::ecap`] with
 //! [`cap_names`]/[`ecap_names`] feed `vm.iommu`; [`Vtd::counters`] feeds `vm.counters`;
-//! [`Vtd::translation`] is the last translation sent for a (BDF, PASID);
+//! [`Vtd::translation`] is the last translation sent for a (BDF, PASID); [`Vtd::status`]
+//! is the guest-programmed state (GSTS, root table, queues);
 //! [`Vtd::post_page_request`] queues a page request (a full queue returns
 //! [`PrqError::Full`]: answer the device SUCCESS and count it; [`PrqError::Refused`] means
 //! the guest's context entry does not take page requests: answer Invalid).
@@ -69,4 +70,4 @@ pub use caps::{cap_names, ecap_names, VtdConfig, VtdConfigError};
 pub use fault::DmaFaultKind;
 pub use mem::{DmaView, GuestMemoryAccess, GuestMemoryError, MsiSignal};
 pub use prq::{PageRequest, PrqError};
-pub use vtd::{Vtd, VtdCounters};
+pub use vtd::{Vtd, VtdCounters, VtdStatus};

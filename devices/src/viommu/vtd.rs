@@ -105,6 +105,37 @@ impl VtdCounters {
     }
 }
 
+/// The guest-programmed state of the unit, for `vm.iommu` and debugging.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct VtdStatus {
+    /// GSTS.
+    pub gsts: u32,
+    /// Translation enabled (GSTS.TES).
+    pub translation_enabled: bool,
+    /// Queued invalidation enabled (GSTS.QIES).
+    pub qi_enabled: bool,
+    /// The root table latched by the last SRTP (with TTM), if any.
+    pub root_table: Option<u64>,
+    /// The latched root table is in scalable mode (TTM = 01b).
+    pub scalable: bool,
+    /// FSTS.
+    pub fsts: u32,
+    /// IQA.
+    pub iqa: u64,
+    /// IQH.
+    pub iqh: u64,
+    /// IQT.
+    pub iqt: u64,
+    /// PQA.
+    pub pqa: u64,
+    /// PQH.
+    pub pqh: u64,
+    /// PQT.
+    pub pqt: u64,
+    /// PRS.
+    pub prs: u32,
+}
+
 /// The register version: 3.0 in scalable mode (as QEMU reports), 1.0 otherwise.
 fn version(cfg: &VtdConfig) -> u32 {
     if cfg.scalable_mode {
@@ -222,6 +253,25 @@ impl Vtd {
     /// The counters.
     pub fn counters(&self) -> VtdCounters {
         self.counters
+    }
+
+    /// The guest-programmed state.
+    pub fn status(&self) -> VtdStatus {
+        VtdStatus {
+            gsts: self.gsts,
+            translation_enabled: self.translation_enabled(),
+            qi_enabled: self.gsts & gcmd::QIE != 0,
+            root_table: self.root,
+            scalable: self.scalable_active(),
+            fsts: self.faults.fsts(),
+            iqa: self.iqa,
+            iqh: self.iqh,
+            iqt: self.iqt,
+            pqa: self.prq.pqa,
+            pqh: self.prq.pqh,
+            pqt: self.prq.pqt,
+            prs: self.prq.prs,
+        }
     }
 
     /// Whether the guest enabled translation (GSTS.TES).

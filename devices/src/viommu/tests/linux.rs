@@ -34,6 +34,9 @@ fn viommu_model_linux_sequence() {
         ]
     );
     assert!(rig.vtd.translation_enabled());
+    let st = rig.vtd.status();
+    assert!(st.qi_enabled && st.scalable && st.root_table.is_some());
+    assert_eq!(st.iqh, st.iqt);
 
     let did = h.attach(&mut rig.vtd, dev, Stage::Second).unwrap();
     let a = h.attached(dev).unwrap();
