@@ -310,6 +310,30 @@ fn page_request(c: &mut Case, r: &mut Rng) {
         (rid & 7) as u8,
     )
     .unwrap();
+    if r.chance(50) {
+        // Make the requester's context entry take page requests (P, DTE, PASIDE, PRE), so
+        // that the queue itself is exercised.
+        let mut b = [0u8; 8];
+        c.vtd.read(0, regs::RTADDR, &mut b);
+        let root = u64::from_le_bytes(b) & !0xfff;
+        let devfn = u64::from(rid & 0xff);
+        let re_addr = root.wrapping_add(u64::from(rid >> 8) * 16 + (devfn >> 7) * 8);
+        if let Ok(mut re) = c.mem.read_u64(re_addr) {
+            if re & 1 == 0 || r.chance(30) {
+                re = (BASE + (r.below(SIZE / 4096) << 12)) | 1;
+                let _ = c.mem.write_u64(re_addr, re);
+            }
+            let ce = (re & !0xfff).wrapping_add((devfn & 0x7f) * 32);
+            let _ = c.mem.write_u64(ce, (addr(r) & !0xfff) | 0x1d);
+            for q in 1..4 {
+                let _ = c.mem.write_u64(ce.wrapping_add(q * 8), 0);
+            }
+        }
+        if r.chance(50) {
+            let pq = (addr(r) & !0xfff) | r.below(3);
+            c.vtd.write(0, regs::PQA, &pq.to_le_bytes());
+        }
+    }
     let _ = c.vtd.post_page_request(PageRequest {
         bdf,
         pasid: r.chance(50).then_some(Pasid(r.below(1 << 20) as u32)),
@@ -373,6 +397,19 @@ fn run_case(r: &mut Rng, ops: u64) -> (Vec<String>, VtdCounters) {
         c.vtd
             .write(0, regs::GCMD, &(gcmd::QIE | gcmd::TE).to_le_bytes());
         c.vtd.write(0, regs::FECTL, &0u32.to_le_bytes());
+    }
+    // Some cases start with whole pages of random bytes (the latched root table's among
+    // them).
+    if r.chance(30) {
+        let mut b = [0u8; 8];
+        c.vtd.read(0, regs::RTADDR, &mut b);
+        let root = u64::from_le_bytes(b) & !0xfff;
+        let pages = [root, addr(r) & !0xfff, addr(r) & !0xfff, addr(r) & !0xfff];
+        for p in pages {
+            for i in 0..512 {
+                let _ = c.mem.write_u64(p.wrapping_add(i * 8), r.next());
+            }
+        }
     }
     for _ in 0..ops {
         match r.below(10) {
@@ -443,6 +480,10 @@ fn viommu_bad_tables_fault_not_panic() {
     assert!(total.set_translation_calls > 0);
     assert!(total.invalidate_calls > 0);
     assert!(total.bad_accesses > 0);
+    assert!(
+        total.page_requests > 0,
+        "the page request queue was never reached"
+    );
     assert!(total.desc_wait > 0 && total.desc_context_cache > 0 && total.desc_pasid_cache > 0);
 }
 
