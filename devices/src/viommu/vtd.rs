@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ioasid::{Invalidation, PageResponseCode, Pasid};
-use log::warn;
 use serde::Serialize;
 
 use crate::bus::BusDevice;
+use crate::pci::ratelimit::GuestWarn;
 use crate::pci::{MsiMessage, PciBdf};
 
 use super::bridge::{
@@ -173,7 +173,7 @@ pub struct Vtd {
     /// Last translation sent per (requester id, PASID).
     known: BTreeMap<(u16, u32), Translation>,
     counters: VtdCounters,
-    warnings: u64,
+    warnings: GuestWarn,
 }
 
 impl std::fmt::Debug for Vtd {
@@ -231,7 +231,7 @@ impl Vtd {
             devices: BTreeMap::new(),
             known: BTreeMap::new(),
             counters: VtdCounters::default(),
-            warnings: 0,
+            warnings: GuestWarn::new(),
         })
     }
 
@@ -403,12 +403,8 @@ impl Vtd {
         }
     }
 
-    fn warn_limited(&mut self, what: std::fmt::Arguments<'_>) {
-        self.warnings += 1;
-        // The first 16, then every power of two.
-        if self.warnings <= 16 || self.warnings.is_power_of_two() {
-            warn!("vIOMMU: {what} (warning {})", self.warnings);
-        }
+    fn warn_limited(&self, what: std::fmt::Arguments<'_>) {
+        self.warnings.warn(format_args!("vIOMMU: {what}"));
     }
 
     fn scalable_active(&self) -> bool {
