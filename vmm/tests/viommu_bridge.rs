@@ -677,11 +677,14 @@ fn soft_path_walks_guest_tables_per_access() {
         .set_translation(b, Pasid(3), Translation::Blocked)
         .unwrap();
     assert!(view.write(Some(Pasid(3)), 0x1008, b"x").is_err());
-    assert_eq!(e.bridge.counters().nested_hwpts_live, 1);
+    let c = e.bridge.counters();
+    assert_eq!((c.nested_hwpts_live, c.nest_parents_live), (1, 1));
     let rel = e.bridge.remove(b).unwrap();
     assert!(rel.errors.is_empty(), "{:?}", rel.errors);
     assert_eq!((rel.nested_hwpts, rel.nest_parents), (1, 1));
     assert!(view.write(None, 0x7000_0010, b"after").is_err());
+    let c = e.bridge.counters();
+    assert_eq!((c.nested_hwpts_live, c.nest_parents_live), (0, 0));
 }
 
 /// xorshift64*: a small seeded generator.

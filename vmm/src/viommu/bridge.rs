@@ -245,6 +245,7 @@ impl VtdBridge {
             let _ = soft.destroy(parent.0);
             return Err(host_err(bdf)(e));
         }
+        st.counters.nest_parents_live += 1;
         let mut bindings = BTreeMap::new();
         bindings.insert(Pasid(0), Binding::PassThrough);
         st.devices.insert(
