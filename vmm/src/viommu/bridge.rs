@@ -492,8 +492,7 @@ impl VtdBridge {
             return Ok((*id, false));
         }
         let ioas = self.backend.ioas_alloc().map_err(host_err(bdf))?;
-        let aperture = self.backend.iova_ranges(ioas).ok();
-        let mut s = ShadowDomain::new(did, table, ioas, aperture);
+        let mut s = ShadowDomain::new(did, table, ioas, None);
         let rep = s.resync(&self.sync_ctx(), None);
         self.account(st, did, &rep);
         st.next_shadow += 1;

@@ -325,6 +325,11 @@ impl ShadowDomain {
                 .map(|(s, l)| self.widen(s, l))
                 .collect(),
         );
+        // The windows change when devices attach (their reserved regions, e.g. the MSI
+        // window, leave the IOAS): ask once per resync.
+        if let Ok(a) = ctx.backend.iova_ranges(self.ioas) {
+            self.aperture = Some(a);
+        }
         let mut rep = SyncReport::default();
         let mut tables = RamTables::new(ctx.ram);
         for (s, l) in widened {
