@@ -454,6 +454,25 @@ fn shadow_blocked_passthrough_and_first_stage_unsupported() {
         matches!(&err, BridgeError::Unsupported { reason, .. } if reason.contains("cache_tag_flush_range_np")),
         "{err}"
     );
+    // A table with a level count the unit never advertises: the domain maps nothing.
+    let bad = e.bridge.counters().bad_table_entries;
+    e.sl_map(root, 0x1000, BUFS, 4096);
+    e.bridge
+        .set_translation(
+            b,
+            Pasid(0),
+            Translation::SecondStage {
+                did: 1,
+                table: SecondStage {
+                    levels: 9,
+                    ..sl(root)
+                },
+            },
+        )
+        .unwrap();
+    assert!(e.bridge.shadow_areas(1).is_empty());
+    assert_eq!(e.bridge.counters().bad_table_entries, bad + 1);
+    assert!(e.dma_write(dev, 0x1000, b"x").is_err());
     // Unknown BDF.
     assert!(matches!(
         e.bridge

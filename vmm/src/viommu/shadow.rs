@@ -159,6 +159,13 @@ impl ShadowDomain {
         l: u64,
         report: &mut SyncReport,
     ) -> (Vec<Run>, Option<u64>) {
+        if !(3..=5).contains(&self.table.levels) {
+            report.bad(format!(
+                "the table at {:#x} has {} levels (3, 4 or 5 are valid)",
+                self.table.root, self.table.levels
+            ));
+            return (Vec::new(), Some(l));
+        }
         let cfg = SlConfig {
             root: self.table.root,
             levels: self.table.levels,
