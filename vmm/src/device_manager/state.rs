@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use api::types::{
-    Attachment, DeviceIommuCaps, DeviceNode, HwptInfo, HwptKind, IoasInfo, IoasidsInfo, IommuInfo,
-    PasidEntry, PasidsInfo, PciDeviceInfo, PtType, VmCounters,
+    Attachment, DeviceIommuCaps, DeviceNode, HwptInfo, HwptKind, IoasInfo, IoasidsInfo,
+    IommuCounters, IommuInfo, PasidEntry, PasidsInfo, PciDeviceInfo, PtType, VmCounters,
 };
 use ioasid::{HwCaps, HwptId};
 use serde_json::json;
@@ -173,10 +173,12 @@ impl DeviceManager {
             devices.insert(d.id.clone(), c);
         }
         VmCounters {
-            host_ioctls,
-            invalidations,
+            iommu: IommuCounters {
+                host_ioctls,
+                invalidations,
+                ..Default::default()
+            },
             devices,
-            ..Default::default()
         }
     }
 
