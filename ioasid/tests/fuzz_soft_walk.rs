@@ -52,7 +52,7 @@ struct ModelMemory {
 
 impl TableMemory for ModelMemory {
     fn read_entry(&mut self, gpa: u64) -> Result<u64, FaultReason> {
-        if gpa >= PAGES * 4096 || gpa % 8 != 0 {
+        if gpa >= PAGES * 4096 || !gpa.is_multiple_of(8) {
             return Err(FaultReason::AddressOutOfRange);
         }
         let v = self.entries.get(&gpa).copied().unwrap_or(0);
@@ -61,7 +61,7 @@ impl TableMemory for ModelMemory {
     }
 
     fn update_entry(&mut self, gpa: u64, old: u64, new: u64) -> Result<bool, FaultReason> {
-        if gpa >= PAGES * 4096 || gpa % 8 != 0 {
+        if gpa >= PAGES * 4096 || !gpa.is_multiple_of(8) {
             return Err(FaultReason::AddressOutOfRange);
         }
         let cur = self.entries.entry(gpa).or_insert(0);
