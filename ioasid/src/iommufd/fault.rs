@@ -71,7 +71,7 @@ impl FaultFd for File {
     }
 }
 
-/// Reads every record waiting on `fd` (up to [`MAX_READS`] reads), growing `buf` whenever a
+/// Reads every record waiting on `fd` (up to 64 reads), growing `buf` whenever a
 /// read returns nothing while records wait: the next group is larger than the buffer.
 /// `buf` keeps its size for the next call. A group larger than [`MAX_RECORDS`] records is an
 /// `E2BIG` error (the queue is then wedged by the kernel's rules, and the caller knows it).
