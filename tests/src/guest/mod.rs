@@ -6,6 +6,7 @@
 //! waiting for hotplug). Must not touch: anything of L2; the L3 guest has no IOMMU, so edu is
 //! used through vfio-pci in no-IOMMU mode.
 
+pub mod lifecycle;
 pub mod noiommu;
 pub mod pagemap;
 pub mod pci;

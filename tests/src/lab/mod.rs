@@ -8,6 +8,7 @@ pub mod env;
 pub mod ioasid_tests;
 pub mod kvm;
 pub mod l3_tests;
+pub mod lifecycle_tests;
 pub mod mock_tests;
 pub mod pdev_dma_tests;
 pub mod pdev_fixture;
@@ -28,6 +29,7 @@ pub fn all() -> Vec<LabTest> {
     v.extend(l3_tests::tests());
     v.extend(vmm_tests::tests());
     v.extend(api_tests::tests());
+    v.extend(lifecycle_tests::tests());
     v
 }
 
