@@ -48,6 +48,7 @@ use kvm_ioctls::VmFd;
 use log::info;
 use thiserror::Error;
 
+pub use crate::config::check_device_config;
 use crate::config::{OnOffAuto, PlatformConfig};
 use crate::irq::GsiRouter;
 use crate::layout::{
@@ -56,7 +57,7 @@ use crate::layout::{
 use crate::memory::RamRegion;
 use crate::vm::{MemorySlots, Vm};
 
-use assign::{KvmVfio, CDEV_DIR};
+use assign::KvmVfio;
 use bar_mapper::KvmBarMapper;
 use dma::DmaState;
 use interrupts::KvmInterruptSink;
@@ -254,31 +255,6 @@ impl DeviceManagerError {
             _ => api::ApiError::Internal(m),
         }
     }
-}
-
-/// Checks a device config the way [`DeviceManager::add_device`] will, without touching the
-/// host: the `api` crate's rules, with a VFIO cdev path (`/dev/vfio/devices/vfioN`) accepted
-/// like an fd. `fd_supplied`: an open cdev comes with it.
-pub fn check_device_config(cfg: &DeviceConfig, fd_supplied: bool) -> Result<(), DeviceConfigError> {
-    let cdev_path = cfg.path.as_deref().is_some_and(|p| p.starts_with(CDEV_DIR));
-    if cdev_path && fd_supplied {
-        return Err(DeviceConfigError::BothPathAndFd);
-    }
-    if let Some(p) = cfg.path.as_deref().filter(|_| cdev_path) {
-        let name = p.strip_prefix(CDEV_DIR).unwrap_or(p).to_string_lossy();
-        let ok = name
-            .strip_prefix("vfio")
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if !ok {
-            return Err(DeviceConfigError::PathNotAllowed(p.to_path_buf()));
-        }
-    }
-    let mut c = cfg.clone();
-    c.fd = None;
-    if cdev_path {
-        c.path = None;
-    }
-    c.validate_with_fd(fd_supplied || cdev_path)
 }
 
 /// One assigned device.
