@@ -230,7 +230,12 @@ pub type SharedDeviceManager = Arc<Mutex<DeviceManager>>;
 /// Builds the VM `cfg` describes, with its device manager and every `--device` assigned,
 /// boots it and waits until it ends. Returns the process exit code (0 for a clean guest stop).
 pub fn run(cfg: &VmConfig) -> Result<i32, RunError> {
-    run_with(cfg, |_vm, _devices, _cfg| Ok(Vec::new()))
+    run_with(cfg, |_vm, devices, _cfg| {
+        Ok(devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .acpi_tables()?)
+    })
 }
 
 /// Takes ownership of the fds `--device fd=N` names. Done first thing, before the VMM opens

@@ -29,6 +29,7 @@ pub mod dma;
 pub mod interrupts;
 pub mod remove;
 pub mod state;
+pub mod viommu;
 
 use std::os::fd::RawFd;
 use std::path::Path;
@@ -93,6 +94,8 @@ pub struct DeviceManagerConfig {
     pub backend: BackendChoice,
     /// INTx lines for assigned devices.
     pub intx: IntxWiring,
+    /// The emulated VT-d (`--platform viommu=vtd`), if any.
+    pub viommu: Option<viommu::ViommuSetup>,
 }
 
 impl DeviceManagerConfig {
@@ -105,6 +108,7 @@ impl DeviceManagerConfig {
                 OnOffAuto::Auto => BackendChoice::Auto,
             },
             intx: IntxWiring::Wire,
+            viommu: viommu::ViommuSetup::from_platform(p),
         }
     }
 }
@@ -320,6 +324,8 @@ pub struct DeviceManager {
     next_auto_id: u32,
     pasids: PasidSpace,
     ram_map_calls: u64,
+    /// The emulated VT-d and its slots (`--platform viommu=vtd`).
+    viommu: Option<viommu::ViommuState>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -412,6 +418,7 @@ impl DeviceManager {
             next_auto_id: 0,
             pasids,
             ram_map_calls: 0,
+            viommu: config.viommu.map(viommu::ViommuState::new),
         })
     }
 

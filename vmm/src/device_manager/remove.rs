@@ -36,7 +36,7 @@ impl DeviceManager {
             .position(|d| d.id == id)
             .ok_or_else(|| DeviceManagerError::UnknownId { id: id.to_string() })?;
         let a = self.devices.remove(idx);
-        let mut warnings = Vec::new();
+        let mut warnings = self.detach_viommu(&a);
         let mut note = |w: String| {
             warn!("{id}: {w}");
             warnings.push(w);

@@ -1,0 +1,465 @@
+//! The vIOMMU side of the device manager: which root-bus slots sit behind the emulated VT-d
+//! (the DMAR's device scope), the DMAR itself, and the forwarding seam between the model and
+//! the host bridge, which exists only while the VM has an IOMMU backend.
+//!
+//! Slots: devices with `iommu=on` take the slots of [`VIOMMU_SLOTS`] (or, at boot, the one
+//! their `pci_device_id` names, which then joins the scope); devices with `iommu=off` never
+//! take those. The DMAR lists the scope when the guest's tables are built, which seals it:
+//! a device hot-plugged later behind the vIOMMU must land in a slot Linux already knows to be
+//! behind the unit (`dmar_pci_bus_add_dev` matches hot-added devices against the boot scope).
+//!
+//! One DRHD unit for now. The issue's design has two (one without FSTS for assigned devices
+//! on hosts without nesting, one with FSTS for emulated devices); with one unit, `fsts=auto`
+//! turns first stage on only where every assigned device can be nested by the host.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+
+use devices::viommu::{
+    BridgeError, BridgeMode, GuestInvalidation, GuestPageResponse, Translation, ViommuBridge,
+};
+use ioasid::Pasid;
+
+use api::DeviceConfig;
+use log::info;
+
+use super::{lock, Assigned, DeviceManager, DeviceManagerError, Reason, PCI_SEGMENT};
+use crate::acpi::dmar::{dmar_table, DmarConfig, DmarError, DrhdUnit, PciEndpoint};
+use crate::config::{OnOffAuto, PlatformConfig, ViommuConfig, ViommuKind};
+use crate::layout::{VIOMMU_SLOTS, VTD_REGS_SIZE, VTD_REGS_START};
+use devices::pci::PciBdf;
+
+/// The vIOMMU options the device manager needs (from `--platform`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ViommuSetup {
+    /// The VT-d options.
+    pub vtd: ViommuConfig,
+    /// Guest address width in bits.
+    pub address_width: u8,
+}
+
+impl ViommuSetup {
+    /// From `--platform` (`None` without `viommu=vtd`).
+    pub fn from_platform(p: &PlatformConfig) -> Option<Self> {
+        (p.viommu == ViommuKind::Vtd).then(|| Self {
+            vtd: p.vtd,
+            address_width: p.address_width(),
+        })
+    }
+}
+
+/// The vIOMMU of one VM, as the device manager keeps it.
+pub struct ViommuState {
+    /// Its options.
+    pub setup: ViommuSetup,
+    /// Whether the unit offers first stage (`fsts=` resolved against the host).
+    pub first_stage: bool,
+    /// The DMAR scope.
+    pub slots: SlotScope,
+    /// The model's bridge: forwards to the host bridge while there is a backend.
+    pub bridge: Arc<BridgeSlot>,
+}
+
+impl ViommuState {
+    /// The state for `setup`, resolving `fsts=auto` against this host.
+    pub fn new(setup: ViommuSetup) -> Self {
+        let host = host_vtd_nesting();
+        let first_stage = first_stage(setup.vtd.fsts, host);
+        log::info!(
+            "vIOMMU: VT-d, scalable mode {}, first stage {} (fsts={:?}, host nesting {host:?}), \
+             PASID bits {}, SVM {}, address width {}",
+            setup.vtd.scalable_mode,
+            first_stage,
+            setup.vtd.fsts,
+            setup.vtd.pasid_bits,
+            setup.vtd.svm,
+            setup.address_width
+        );
+        Self {
+            setup,
+            first_stage,
+            slots: SlotScope::default(),
+            bridge: Arc::new(BridgeSlot::default()),
+        }
+    }
+
+    /// Why an assigned device with these host capabilities cannot sit behind this unit, if
+    /// it cannot: a unit that offers first stage needs host nesting (Linux does not
+    /// invalidate after first-stage maps under caching mode, so a shadow could not follow).
+    pub fn refuse_assigned(&self, nesting: Result<bool, &str>) -> Option<String> {
+        if !self.first_stage {
+            return None;
+        }
+        let why = match nesting {
+            Ok(true) => return None,
+            Ok(false) => "its host IOMMU has no nesting".to_string(),
+            Err(e) => format!("its host IOMMU capabilities are unknown ({e})"),
+        };
+        Some(format!(
+            "iommu=on with a vIOMMU that offers first-stage translation (fsts={}), but {why}: \
+             Linux does not invalidate after first-stage maps under caching mode, so a shadow \
+             cannot follow them; use fsts=off (or auto)",
+            match self.setup.vtd.fsts {
+                OnOffAuto::On => "on",
+                OnOffAuto::Off => "off",
+                OnOffAuto::Auto => "auto, resolved to on",
+            }
+        ))
+    }
+}
+
+/// Why a slot cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotRefusal {
+    /// `iommu=off` at a slot reserved for the vIOMMU.
+    Reserved(u8),
+    /// `iommu=on` at a slot the sealed DMAR scope does not list.
+    OutsideScope(u8),
+    /// No free slot of the right kind.
+    Full {
+        /// Behind the vIOMMU or not.
+        iommu: bool,
+    },
+}
+
+impl std::fmt::Display for SlotRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (lo, hi) = (VIOMMU_SLOTS.start(), VIOMMU_SLOTS.end());
+        match self {
+            SlotRefusal::Reserved(s) => write!(
+                f,
+                "slot {s} is reserved for devices behind the vIOMMU (slots {lo}-{hi}); give \
+                 iommu=on or another pci_device_id"
+            ),
+            SlotRefusal::OutsideScope(s) => write!(
+                f,
+                "slot {s} is not behind the vIOMMU in the guest's DMAR (fixed at boot); a \
+                 device hot-plugged with iommu=on takes one of slots {lo}-{hi}"
+            ),
+            SlotRefusal::Full { iommu: true } => {
+                write!(f, "no free slot behind the vIOMMU (slots {lo}-{hi})")
+            }
+            SlotRefusal::Full { iommu: false } => write!(
+                f,
+                "no free slot outside those reserved for the vIOMMU (slots {lo}-{hi})"
+            ),
+        }
+    }
+}
+
+/// The guest-visible DMAR scope: which slots sit behind the unit.
+#[derive(Debug, Clone)]
+pub struct SlotScope {
+    scope: BTreeSet<u8>,
+    sealed: bool,
+}
+
+impl Default for SlotScope {
+    fn default() -> Self {
+        Self {
+            scope: VIOMMU_SLOTS.collect(),
+            sealed: false,
+        }
+    }
+}
+
+impl SlotScope {
+    /// The slot for a device (`iommu`: behind the vIOMMU), `requested` or the first free one
+    /// of its kind; `used(slot)` says whether a slot is taken. Does not record anything:
+    /// [`Self::commit`] does once the device is placed.
+    pub fn choose(
+        &self,
+        iommu: bool,
+        requested: Option<u8>,
+        used: impl Fn(u8) -> bool,
+    ) -> Result<Option<u8>, SlotRefusal> {
+        match requested {
+            Some(s) if iommu && self.sealed && !self.scope.contains(&s) => {
+                Err(SlotRefusal::OutsideScope(s))
+            }
+            Some(s) if !iommu && VIOMMU_SLOTS.contains(&s) => Err(SlotRefusal::Reserved(s)),
+            Some(s) => Ok(Some(s)),
+            None if iommu => self
+                .scope
+                .iter()
+                .copied()
+                .find(|s| !used(*s))
+                .map(Some)
+                .ok_or(SlotRefusal::Full { iommu }),
+            None => (1..*VIOMMU_SLOTS.start())
+                .chain(VIOMMU_SLOTS.end().saturating_add(1)..=31)
+                .find(|s| !used(*s))
+                .map(Some)
+                .ok_or(SlotRefusal::Full { iommu }),
+        }
+    }
+
+    /// Records that a device behind the vIOMMU took `slot` (it joins the scope before the
+    /// DMAR is built).
+    pub fn commit(&mut self, slot: u8) {
+        if !self.sealed {
+            self.scope.insert(slot);
+        }
+    }
+
+    /// The scope, sealed: what the DMAR lists.
+    pub fn seal(&mut self) -> Vec<u8> {
+        self.sealed = true;
+        self.scope.iter().copied().collect()
+    }
+
+    /// Whether the DMAR was built.
+    pub fn sealed(&self) -> bool {
+        self.sealed
+    }
+}
+
+/// The DMAR for one unit at [`VTD_REGS_START`] covering `slots` of segment `segment`.
+pub fn dmar_for(segment: u16, address_width: u8, slots: &[u8]) -> Result<Vec<u8>, DmarError> {
+    dmar_table(&DmarConfig {
+        address_width,
+        // Interrupt remapping is not emulated.
+        flags: 0,
+        units: vec![DrhdUnit {
+            register_base: VTD_REGS_START,
+            register_size: VTD_REGS_SIZE,
+            segment,
+            include_pci_all: false,
+            endpoints: slots
+                .iter()
+                .map(|&device| PciEndpoint {
+                    bus: 0,
+                    device,
+                    function: 0,
+                })
+                .collect(),
+        }],
+    })
+}
+
+/// Whether the unit offers first-stage translation (ECAP.FSTS), from `fsts=` and whether
+/// the host can nest every assigned device (`host_nesting`, `None` when no host IOMMU
+/// reports it). `auto` turns it on only where the bridge can honour it: with one unit
+/// covering assigned devices, that is a host with nesting; Linux does not invalidate after
+/// first-stage maps under caching mode (ANCHORS §6), so a shadow could not follow.
+pub fn first_stage(fsts: OnOffAuto, host_nesting: Option<bool>) -> bool {
+    match fsts {
+        OnOffAuto::On => true,
+        OnOffAuto::Off => false,
+        OnOffAuto::Auto => host_nesting == Some(true),
+    }
+}
+
+/// Whether every VT-d unit of the host offers nesting (ECAP NEST, FSTS and SLTS), read from
+/// `/sys/class/iommu/*/intel-iommu/ecap`; `None` without a host VT-d.
+pub fn host_vtd_nesting() -> Option<bool> {
+    let dir = std::fs::read_dir("/sys/class/iommu").ok()?;
+    let mut seen = false;
+    for e in dir.flatten() {
+        let Ok(s) = std::fs::read_to_string(e.path().join("intel-iommu/ecap")) else {
+            continue;
+        };
+        let Ok(ecap) = u64::from_str_radix(s.trim().trim_start_matches("0x"), 16) else {
+            continue;
+        };
+        seen = true;
+        // NEST bit 26, FSTS (FLTS) bit 47, SLTS bit 46.
+        let nest = ecap & (1 << 26) != 0 && ecap & (1 << 47) != 0 && ecap & (1 << 46) != 0;
+        if !nest {
+            return Some(false);
+        }
+    }
+    seen.then_some(true)
+}
+
+/// The model's view of the host: forwards to the host bridge while the VM has an IOMMU
+/// backend (it comes with the first device and goes with the last), and answers
+/// [`BridgeError::NoDevice`] in between (no device is behind the vIOMMU then).
+#[derive(Default)]
+pub struct BridgeSlot {
+    inner: RwLock<Option<Arc<dyn ViommuBridge>>>,
+}
+
+impl BridgeSlot {
+    /// Installs (or, with `None`, removes) the host bridge.
+    pub fn set(&self, b: Option<Arc<dyn ViommuBridge>>) {
+        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = b;
+    }
+
+    fn get(&self) -> Option<Arc<dyn ViommuBridge>> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl ViommuBridge for BridgeSlot {
+    fn set_translation(
+        &self,
+        bdf: PciBdf,
+        pasid: Pasid,
+        t: Translation,
+    ) -> Result<BridgeMode, BridgeError> {
+        match self.get() {
+            Some(b) => b.set_translation(bdf, pasid, t),
+            None => Err(BridgeError::NoDevice { bdf }),
+        }
+    }
+
+    fn invalidate(&self, batch: &[GuestInvalidation]) -> Result<(), BridgeError> {
+        match self.get() {
+            Some(b) => b.invalidate(batch),
+            // Nothing is cached on the host without a device.
+            None => Ok(()),
+        }
+    }
+
+    fn page_response(&self, resp: GuestPageResponse) -> Result<(), BridgeError> {
+        match self.get() {
+            Some(b) => b.page_response(resp),
+            None => Err(BridgeError::NoDevice { bdf: resp.bdf }),
+        }
+    }
+}
+
+impl DeviceManager {
+    /// Refuses `iommu=on` without a vIOMMU and `pasid=on` without PASIDs on it (REST adds
+    /// reach here without the command line's checks).
+    pub(super) fn check_viommu_options(
+        &self,
+        cfg: &DeviceConfig,
+        given: &str,
+    ) -> Result<(), DeviceManagerError> {
+        let unsupported = |reason: &str| DeviceManagerError::Unsupported {
+            device: given.to_string(),
+            reason: reason.to_string(),
+        };
+        match &self.viommu {
+            None if cfg.iommu => Err(unsupported(
+                "iommu=on needs a vIOMMU: start the VM with --platform viommu=vtd",
+            )),
+            Some(v) if cfg.pasid && v.setup.vtd.pasid_bits == 0 => Err(unsupported(
+                "pasid=on needs a vIOMMU with PASIDs: start the VM with --platform pasid-bits=N",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The slot for a new device: with a vIOMMU, [`SlotScope::choose`]; without one, the
+    /// requested slot or the bus's choice.
+    pub(super) fn choose_slot(
+        &self,
+        iommu: bool,
+        requested: Option<u8>,
+        given: &str,
+    ) -> Result<Option<u8>, DeviceManagerError> {
+        let Some(v) = &self.viommu else {
+            return Ok(requested);
+        };
+        let pci = lock(&self.pci);
+        v.slots
+            .choose(iommu, requested, |s| {
+                pci.device(PciBdf::root_slot(PCI_SEGMENT, s)).is_some()
+            })
+            .map_err(|r| {
+                DeviceManagerError::step(given, "choosing the PCI slot", Reason(r.to_string()))
+            })
+    }
+
+    /// Puts a placed device behind the vIOMMU.
+    pub(super) fn attach_viommu(&mut self, a: &Assigned) -> Result<(), DeviceManagerError> {
+        let Some(v) = self.viommu.as_mut() else {
+            return Ok(());
+        };
+        v.slots.commit(a.bdf.device());
+        info!("{}: at {} behind the vIOMMU", a.id, a.bdf);
+        Ok(())
+    }
+
+    /// Takes a device out from behind the vIOMMU (before it leaves the bus).
+    pub(super) fn detach_viommu(&mut self, a: &Assigned) -> Vec<String> {
+        let Some(_v) = self.viommu.as_ref() else {
+            return Vec::new();
+        };
+        if !a.config.iommu {
+            return Vec::new();
+        }
+        info!("{}: {} leaves the vIOMMU", a.id, a.bdf);
+        Vec::new()
+    }
+
+    /// The ACPI tables the devices need (the DMAR with a vIOMMU, else none), built once the
+    /// boot devices are placed; seals the DMAR scope.
+    pub fn acpi_tables(&mut self) -> Result<Vec<Vec<u8>>, DeviceManagerError> {
+        let Some(v) = self.viommu.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let slots = v.slots.seal();
+        let dmar = dmar_for(PCI_SEGMENT, v.setup.address_width, &slots)
+            .map_err(|e| DeviceManagerError::step("the vIOMMU", "building the DMAR", e))?;
+        info!(
+            "DMAR: one DRHD at {VTD_REGS_START:#x}, host address width {}, scope slots {slots:?}",
+            v.setup.address_width
+        );
+        Ok(vec![dmar])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn iommu_devices_take_reserved_slots_others_never_do() {
+        let mut s = SlotScope::default();
+        let used = |x: u8| x == 1 || x == 24;
+        assert_eq!(s.choose(true, None, used), Ok(Some(25)));
+        assert_eq!(s.choose(false, None, used), Ok(Some(2)));
+        assert_eq!(
+            s.choose(false, Some(26), used),
+            Err(SlotRefusal::Reserved(26))
+        );
+        // Before the DMAR, an explicit slot joins the scope.
+        assert_eq!(s.choose(true, Some(5), used), Ok(Some(5)));
+        s.commit(5);
+        let scope = s.seal();
+        assert!(scope.contains(&5) && scope.contains(&24) && scope.contains(&31));
+        assert_eq!(scope.len(), 9);
+        // After it, hot-plug stays inside it.
+        assert_eq!(
+            s.choose(true, Some(6), used),
+            Err(SlotRefusal::OutsideScope(6))
+        );
+        assert_eq!(s.choose(true, Some(5), used), Ok(Some(5)));
+        s.commit(6);
+        assert!(!s.seal().contains(&6));
+        let full = |x: u8| VIOMMU_SLOTS.contains(&x) || x == 5;
+        assert_eq!(
+            s.choose(true, None, full),
+            Err(SlotRefusal::Full { iommu: true })
+        );
+        assert_eq!(
+            s.choose(false, None, |x| x != 24),
+            Err(SlotRefusal::Full { iommu: false })
+        );
+    }
+
+    #[test]
+    fn dmar_lists_the_scope_at_the_register_base() {
+        let t = dmar_for(0, 48, &[3, 24]).unwrap();
+        assert_eq!(t[36], 47);
+        assert_eq!(
+            u64::from_le_bytes(t[56..64].try_into().unwrap()),
+            VTD_REGS_START
+        );
+        assert_eq!((t[64 + 6], t[72 + 6]), (3, 24));
+    }
+
+    #[test]
+    fn fsts_auto_needs_host_nesting() {
+        assert!(first_stage(OnOffAuto::On, Some(false)));
+        assert!(!first_stage(OnOffAuto::Off, Some(true)));
+        assert!(first_stage(OnOffAuto::Auto, Some(true)));
+        assert!(!first_stage(OnOffAuto::Auto, Some(false)));
+        assert!(!first_stage(OnOffAuto::Auto, None));
+    }
+}
