@@ -167,6 +167,15 @@ pub(super) fn parse_platform(s: &str) -> Result<PlatformConfig, ConfigError> {
         svm: kv.on_off("svm", false)?,
     };
     check_vtd(&vtd)?;
+    if let (ViommuKind::Vtd, Some(w)) = (viommu, width) {
+        if !matches!(w, 39 | 48 | 57) {
+            return Err(kv.invalid(
+                "iommu_address_width",
+                kv.get("iommu_address_width").unwrap_or_default(),
+                "with viommu=vtd, 39, 48 or 57 (3-, 4- or 5-level tables)",
+            ));
+        }
+    }
     Ok(PlatformConfig {
         iommufd,
         iommu_address_width: width,

@@ -364,6 +364,7 @@ fn viommu_combinations_that_cannot_be_honoured() {
         ("fsts=on", "needs viommu=vtd"),
         ("viommu=off,pasid-bits=8", "needs viommu=vtd"),
         ("viommu=vtd,x-flts=on", "fsts=on|off|auto"),
+        ("viommu=vtd,iommu_address_width=40", "39, 48 or 57"),
     ];
     for (v, hint) in cases {
         let args = p(v);
