@@ -47,4 +47,5 @@ pub mod memory;
 pub mod runner;
 pub mod serial;
 pub mod vcpu;
+pub mod viommu;
 pub mod vm;
