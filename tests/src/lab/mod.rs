@@ -12,6 +12,7 @@ pub mod mock_tests;
 pub mod pdev_dma_tests;
 pub mod pdev_fixture;
 pub mod pdev_tests;
+pub mod viommu_shadow_tests;
 pub mod vmm_tests;
 
 use crate::harness::LabTest;
@@ -21,6 +22,7 @@ pub fn all() -> Vec<LabTest> {
     let mut v = ioasid_tests::tests();
     v.extend(pdev_tests::tests());
     v.extend(pdev_dma_tests::tests());
+    v.extend(viommu_shadow_tests::tests());
     v.extend(mock_tests::tests());
     v.extend(kvm::tests());
     v.extend(l3_tests::tests());

@@ -418,7 +418,13 @@ impl DeviceManager {
             next_auto_id: 0,
             pasids,
             ram_map_calls: 0,
-            viommu: config.viommu.map(viommu::ViommuState::new),
+            viommu: None,
+        })
+        .and_then(|mut dm: Self| {
+            if let Some(setup) = config.viommu {
+                dm.viommu = Some(viommu::ViommuState::new(setup, vm)?);
+            }
+            Ok(dm)
         })
     }
 
@@ -472,6 +478,9 @@ impl Drop for DeviceManager {
         self.teardown_dma();
         let _ = self.mmio.remove(PCI_ECAM_START);
         let _ = self.pio.remove(PCI_CONFIG_IO_PORT);
+        if self.viommu.take().is_some() {
+            let _ = self.mmio.remove(crate::layout::VTD_REGS_START);
+        }
     }
 }
 

@@ -12,14 +12,17 @@
 //! on hosts without nesting, one with FSTS for emulated devices); with one unit, `fsts=auto`
 //! turns first stage on only where every assigned device can be nested by the host.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, RwLock};
 
+use devices::viommu::caps::{cap_fields, ecap_fields};
 use devices::viommu::{
-    BridgeError, BridgeMode, GuestInvalidation, GuestPageResponse, Translation, ViommuBridge,
+    cap_names, ecap_names, BridgeError, BridgeMode, GuestInvalidation, GuestPageResponse,
+    Translation, ViommuBridge, Vtd, VtdConfig, VtdCounters,
 };
 use ioasid::Pasid;
 
+use api::types::{ViommuDevice, ViommuInfo};
 use api::DeviceConfig;
 use log::info;
 
@@ -27,6 +30,10 @@ use super::{lock, Assigned, DeviceManager, DeviceManagerError, Reason, PCI_SEGME
 use crate::acpi::dmar::{dmar_table, DmarConfig, DmarError, DrhdUnit, PciEndpoint};
 use crate::config::{OnOffAuto, PlatformConfig, ViommuConfig, ViommuKind};
 use crate::layout::{VIOMMU_SLOTS, VTD_REGS_SIZE, VTD_REGS_START};
+use crate::viommu::{
+    mode_name, BridgeCounters, DevicePath, KvmMsiSignal, VmGuestMemory, VtdBridge,
+};
+use crate::vm::Vm;
 use devices::pci::PciBdf;
 
 /// The vIOMMU options the device manager needs (from `--platform`).
@@ -56,31 +63,69 @@ pub struct ViommuState {
     pub first_stage: bool,
     /// The DMAR scope.
     pub slots: SlotScope,
-    /// The model's bridge: forwards to the host bridge while there is a backend.
+    /// The model's bridge: forwards to the host bridge while there is one.
     pub bridge: Arc<BridgeSlot>,
+    /// The VT-d unit, on the MMIO bus at [`VTD_REGS_START`].
+    pub vtd: Arc<Mutex<Vtd>>,
+    /// The host bridge, created with the VM's IOMMU backend (first device behind the vIOMMU)
+    /// and dropped with it.
+    pub host: Option<Arc<VtdBridge>>,
+    /// What the host bridges dropped so far had counted (they restart with each backend).
+    pub past: BridgeCounters,
 }
 
 impl ViommuState {
-    /// The state for `setup`, resolving `fsts=auto` against this host.
-    pub fn new(setup: ViommuSetup) -> Self {
+    /// The unit for `setup`, resolving `fsts=auto` against this host, on `vm`'s MMIO bus.
+    pub fn new(setup: ViommuSetup, vm: &Vm) -> Result<Self, DeviceManagerError> {
         let host = host_vtd_nesting();
         let first_stage = first_stage(setup.vtd.fsts, host);
-        log::info!(
-            "vIOMMU: VT-d, scalable mode {}, first stage {} (fsts={:?}, host nesting {host:?}), \
-             PASID bits {}, SVM {}, address width {}",
-            setup.vtd.scalable_mode,
+        let cfg = VtdConfig {
+            scalable_mode: setup.vtd.scalable_mode,
             first_stage,
+            pasid_bits: setup.vtd.pasid_bits,
+            svm: setup.vtd.svm,
+            // Page requests need ATS; nothing else asks for the device TLB yet.
+            device_tlb: setup.vtd.svm,
+            aw_bits: setup.address_width,
+            segment: PCI_SEGMENT,
+        };
+        let bridge = Arc::new(BridgeSlot::default());
+        let vtd = Vtd::new(
+            cfg,
+            Arc::new(VmGuestMemory::new(vm.ram().memory().clone())),
+            bridge.clone(),
+            Arc::new(KvmMsiSignal::new(vm.vm_fd().clone())),
+        )
+        .map_err(|e| DeviceManagerError::step("the vIOMMU", "checking its options", e))?;
+        info!(
+            "vIOMMU: VT-d at {VTD_REGS_START:#x}, scalable mode {}, first stage {first_stage} \
+             (fsts={:?}, host nesting {host:?}), PASID bits {}, SVM {}, address width {}; \
+             CAP {:#x} [{}], ECAP {:#x} [{}]",
+            cfg.scalable_mode,
             setup.vtd.fsts,
-            setup.vtd.pasid_bits,
-            setup.vtd.svm,
-            setup.address_width
+            cfg.pasid_bits,
+            cfg.svm,
+            cfg.aw_bits,
+            vtd.cap(),
+            cap_names(vtd.cap()).join(" "),
+            vtd.ecap(),
+            ecap_names(vtd.ecap()).join(" "),
         );
-        Self {
+        let vtd = Arc::new(Mutex::new(vtd));
+        vm.mmio_bus()
+            .insert(vtd.clone(), VTD_REGS_START, VTD_REGS_SIZE)
+            .map_err(|e| {
+                DeviceManagerError::step("the vIOMMU", "putting its registers on the MMIO bus", e)
+            })?;
+        Ok(Self {
             setup,
             first_stage,
             slots: SlotScope::default(),
-            bridge: Arc::new(BridgeSlot::default()),
-        }
+            bridge,
+            vtd,
+            host: None,
+            past: BridgeCounters::default(),
+        })
     }
 
     /// Why an assigned device with these host capabilities cannot sit behind this unit, if
@@ -106,6 +151,39 @@ impl ViommuState {
             }
         ))
     }
+
+    /// Drops the host bridge (the backend goes), keeping its counts.
+    pub fn drop_host(&mut self) {
+        if let Some(h) = self.host.take() {
+            self.bridge.set(None);
+            add_counters(&mut self.past, &h.counters());
+        }
+    }
+
+    /// The host bridge's counters, over every backend the VM had.
+    pub fn bridge_counters(&self) -> BridgeCounters {
+        let mut c = self.past;
+        if let Some(h) = &self.host {
+            add_counters(&mut c, &h.counters());
+        }
+        c
+    }
+}
+
+/// Adds the monotonic counts of `b` to `a` (the live gauges are `b`'s).
+fn add_counters(a: &mut BridgeCounters, b: &BridgeCounters) {
+    a.guest_invalidations += b.guest_invalidations;
+    a.doorbells += b.doorbells;
+    a.host_invalidation_calls += b.host_invalidation_calls;
+    a.shadow_map_calls += b.shadow_map_calls;
+    a.shadow_unmap_calls += b.shadow_unmap_calls;
+    a.resyncs += b.resyncs;
+    a.bad_table_entries += b.bad_table_entries;
+    a.host_errors += b.host_errors;
+    a.shadow_ioases_live = b.shadow_ioases_live;
+    a.nested_hwpts_live = b.nested_hwpts_live;
+    a.nest_parents_live = b.nest_parents_live;
+    a.pasids_live = b.pasids_live;
 }
 
 /// Why a slot cannot be used.
@@ -205,6 +283,11 @@ impl SlotScope {
     /// The scope, sealed: what the DMAR lists.
     pub fn seal(&mut self) -> Vec<u8> {
         self.sealed = true;
+        self.scope.iter().copied().collect()
+    }
+
+    /// The slots behind the unit (the DMAR's scope once sealed).
+    pub fn scope(&self) -> Vec<u8> {
         self.scope.iter().copied().collect()
     }
 
@@ -364,26 +447,170 @@ impl DeviceManager {
             })
     }
 
-    /// Puts a placed device behind the vIOMMU.
-    pub(super) fn attach_viommu(&mut self, a: &Assigned) -> Result<(), DeviceManagerError> {
-        let Some(v) = self.viommu.as_mut() else {
-            return Ok(());
+    /// The host bridge, created over the VM's backend on first use.
+    fn host_bridge(&mut self) -> Result<Arc<VtdBridge>, DeviceManagerError> {
+        let (Some(v), Some(d)) = (self.viommu.as_mut(), self.dma.as_ref()) else {
+            return Err(DeviceManagerError::step(
+                "the vIOMMU",
+                "creating its host bridge",
+                Reason("the VM has no IOMMU backend".into()),
+            ));
         };
-        v.slots.commit(a.bdf.device());
+        if let Some(h) = &v.host {
+            return Ok(h.clone());
+        }
+        let h = Arc::new(VtdBridge::new(d.backend.as_arc(), d.ioas, self.ram.clone()));
+        v.bridge.set(Some(h.clone()));
+        v.host = Some(h.clone());
+        info!(
+            "vIOMMU: host bridge over the {} backend, guest RAM in IOAS {}",
+            d.backend.kind(),
+            d.ioas.0
+        );
+        Ok(h)
+    }
+
+    /// Puts a placed device behind the vIOMMU: the host bridge first (it starts the device
+    /// in pass-through, attached to the guest-RAM IOAS), then the model (which, when the
+    /// guest already enabled translation, reads the device's context now and tells the
+    /// bridge).
+    pub(super) fn attach_viommu(&mut self, a: &Assigned) -> Result<(), DeviceManagerError> {
+        if self.viommu.is_none() {
+            return Ok(());
+        }
+        let Some(dev) = a.dev else {
+            return Err(DeviceManagerError::step(
+                &a.given,
+                "putting it behind the vIOMMU",
+                Reason("it has no IOMMU backend".into()),
+            ));
+        };
+        let host = self.host_bridge()?;
+        host.add_assigned(a.bdf, dev, a.caps.as_ref().ok())
+            .map_err(|e| DeviceManagerError::step(&a.given, "putting it behind the vIOMMU", e))?;
+        if let Some(v) = self.viommu.as_mut() {
+            v.slots.commit(a.bdf.device());
+            lock(&v.vtd).add_device(a.bdf);
+        }
         info!("{}: at {} behind the vIOMMU", a.id, a.bdf);
         Ok(())
     }
 
-    /// Takes a device out from behind the vIOMMU (before it leaves the bus).
-    pub(super) fn detach_viommu(&mut self, a: &Assigned) -> Vec<String> {
-        let Some(_v) = self.viommu.as_ref() else {
-            return Vec::new();
+    /// Takes a device out from behind the vIOMMU, before it leaves the bus: out of the
+    /// model's scope, then the bridge tears down its shadow IOAS, nested HWPTs and PASIDs.
+    /// Returns the teardown steps that failed and whether the bridge took the device's RID
+    /// off its objects (then the device manager does not detach it again).
+    pub(super) fn detach_viommu(&mut self, a: &Assigned) -> (Vec<String>, bool) {
+        let Some(v) = self.viommu.as_ref() else {
+            return (Vec::new(), false);
         };
         if !a.config.iommu {
-            return Vec::new();
+            return (Vec::new(), false);
         }
-        info!("{}: {} leaves the vIOMMU", a.id, a.bdf);
-        Vec::new()
+        lock(&v.vtd).remove_device(a.bdf);
+        let Some(host) = &v.host else {
+            return (Vec::new(), false);
+        };
+        match host.remove(a.bdf) {
+            Ok(rel) => {
+                info!(
+                    "{}: left the vIOMMU: {} nested HWPTs, {} nest parents, {} shadow IOASes, \
+                     {} PASIDs released",
+                    a.id, rel.nested_hwpts, rel.nest_parents, rel.shadow_ioases, rel.pasids
+                );
+                (rel.errors, true)
+            }
+            Err(e) => (vec![format!("vIOMMU bridge: {e}")], false),
+        }
+    }
+
+    /// `vm.iommu`'s `viommu`: the guest-visible CAP/ECAP by name, the DMAR scope, and each
+    /// (device, PASID) behind the unit with its mode (the model's devices without a host
+    /// bridge entry are listed in pass-through, as the guest left them).
+    pub fn viommu_info(&self) -> Option<ViommuInfo> {
+        let v = self.viommu.as_ref()?;
+        let (cap, ecap, enabled, scope) = {
+            let vtd = lock(&v.vtd);
+            (
+                vtd.cap(),
+                vtd.ecap(),
+                vtd.translation_enabled(),
+                vtd.devices(),
+            )
+        };
+        let id_of = |bdf: PciBdf| {
+            self.devices
+                .iter()
+                .find(|d| d.bdf == bdf)
+                .map_or_else(|| bdf.to_string(), |d| d.id.clone())
+        };
+        let views = v.host.as_ref().map(|h| h.devices()).unwrap_or_default();
+        let mut devices: Vec<ViommuDevice> = views
+            .iter()
+            .map(|d| ViommuDevice {
+                id: id_of(d.bdf),
+                bdf: d.bdf.to_string(),
+                pasid: d.pasid.0,
+                mode: mode_name(d.mode).to_string(),
+                path: match d.path {
+                    DevicePath::Assigned => "assigned",
+                    DevicePath::Emulated => "emulated",
+                }
+                .to_string(),
+                did: d.did,
+                host_pt: d.host_pt,
+            })
+            .collect();
+        for bdf in scope {
+            if !views.iter().any(|d| d.bdf == bdf) {
+                devices.push(ViommuDevice {
+                    id: id_of(bdf),
+                    bdf: bdf.to_string(),
+                    pasid: 0,
+                    mode: mode_name(BridgeMode::PassThrough).to_string(),
+                    path: "assigned".into(),
+                    did: None,
+                    host_pt: None,
+                });
+            }
+        }
+        let mut fields: BTreeMap<String, u64> = BTreeMap::new();
+        for (k, val) in cap_fields(cap).into_iter().chain(ecap_fields(ecap)) {
+            fields.insert(k.to_string(), val);
+        }
+        Some(ViommuInfo {
+            model: "vtd".into(),
+            register_base: VTD_REGS_START,
+            cap,
+            ecap,
+            cap_names: cap_names(cap).into_iter().map(String::from).collect(),
+            ecap_names: ecap_names(ecap).into_iter().map(String::from).collect(),
+            fields,
+            scope_slots: v.slots.scope(),
+            translation_enabled: enabled,
+            devices,
+        })
+    }
+
+    /// The vIOMMU's counters for `vm.counters`: the model's (descriptors, faults) and the
+    /// host bridge's (host invalidation calls, shadow map and unmap calls), all zero without
+    /// a vIOMMU. Also the model's and bridge's detailed counts under `_viommu`.
+    pub fn viommu_counters(&self) -> Option<(VtdCounters, BridgeCounters)> {
+        let v = self.viommu.as_ref()?;
+        let model = lock(&v.vtd).counters();
+        Some((model, v.bridge_counters()))
+    }
+
+    /// The VT-d unit (tests drive it as the guest would, e.g. with the model's Linux
+    /// harness).
+    pub fn vtd(&self) -> Option<Arc<Mutex<Vtd>>> {
+        self.viommu.as_ref().map(|v| v.vtd.clone())
+    }
+
+    /// The vIOMMU's host bridge, while the VM has an IOMMU backend (tests check its view of
+    /// the mappings).
+    pub fn viommu_bridge(&self) -> Option<Arc<VtdBridge>> {
+        self.viommu.as_ref().and_then(|v| v.host.clone())
     }
 
     /// The ACPI tables the devices need (the DMAR with a vIOMMU, else none), built once the
