@@ -22,8 +22,8 @@ use super::dma::{self, Backend, DmaState, RamMapMode};
 use super::interrupts::KvmInterruptSink;
 use super::IntxWiring;
 use super::{
-    check_device_config, lock, AddedDevice, Assigned, DeviceManager, DeviceManagerError, Placed,
-    Progress, Reason, PCI_SEGMENT,
+    check_device_config, lock, AddedDevice, Assigned, DeviceManager, DeviceManagerError, Model,
+    Placed, Progress, Reason, PCI_SEGMENT,
 };
 
 impl DeviceManager {
@@ -450,12 +450,13 @@ impl DeviceManager {
             dev: Some(dev),
             hwpt,
             config: cfg.clone(),
-            _vfio: vfio,
-            model,
+            _vfio: Some(vfio),
+            model: Model::Vfio(model),
             sink,
             mapper,
             caps,
             kvm_file: p.kvm_file,
+            soft: None,
         })
     }
 
@@ -674,12 +675,13 @@ impl DeviceManager {
                 pci_device_id: slot,
                 ..Default::default()
             },
-            _vfio: regions,
-            model,
+            _vfio: Some(regions),
+            model: Model::Vfio(model),
             sink,
             mapper,
             caps: Err("no IOMMU backend: the device was added without one".to_string()),
             kvm_file: None,
+            soft: None,
         });
         Ok(AddedDevice { id, bdf })
     }

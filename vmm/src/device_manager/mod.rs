@@ -26,6 +26,7 @@ pub mod add;
 pub mod assign;
 pub mod bar_mapper;
 pub mod dma;
+pub mod emulated;
 pub mod interrupts;
 pub mod remove;
 pub mod state;
@@ -261,7 +262,15 @@ impl DeviceManagerError {
     }
 }
 
-/// One assigned device.
+/// The PCI model of a device.
+enum Model {
+    /// The vfio-pci model of an assigned (or unbacked) VFIO device.
+    Vfio(Arc<Mutex<VfioPciDevice>>),
+    /// Any other PCI device model, emulated by the VMM.
+    Emulated(devices::pci::SharedPciDevice),
+}
+
+/// One device on the bus: assigned (VFIO), unbacked, or emulated.
 struct Assigned {
     id: String,
     bdf: PciBdf,
@@ -271,9 +280,10 @@ struct Assigned {
     /// ([`DeviceManager::add_unbacked_device`]).
     dev: Option<DevId>,
     config: DeviceConfig,
-    /// Keeps the VFIO device open (the model and the backend hold it too).
-    _vfio: Arc<dyn VfioRegions>,
-    model: Arc<Mutex<VfioPciDevice>>,
+    /// Keeps the VFIO device open (the model and the backend hold it too); `None` for an
+    /// emulated device.
+    _vfio: Option<Arc<dyn VfioRegions>>,
+    model: Model,
     sink: Arc<KvmInterruptSink>,
     mapper: Arc<KvmBarMapper>,
     /// The paging HWPT the kernel attached it to over the VM's IOAS, as the attach reported
@@ -284,6 +294,8 @@ struct Assigned {
     caps: Result<HwCaps, String>,
     /// The file registered with the KVM-VFIO device (cdev or group fd).
     kvm_file: Option<RawFd>,
+    /// An emulated device behind the vIOMMU: its soft backend registration.
+    soft: Option<emulated::SoftDevice>,
 }
 
 /// What [`DeviceManager::place`] returns.

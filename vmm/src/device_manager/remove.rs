@@ -10,9 +10,14 @@ use super::{lock, DeviceManager, DeviceManagerError, RemovedDevice};
 impl DeviceManager {
     /// Destroys the IOAS and closes the backend (no device left).
     pub(super) fn teardown_dma(&mut self) {
-        // The vIOMMU's host bridge holds the backend: it goes first.
+        // The vIOMMU's host bridge holds the backend: it goes first, unless emulated
+        // devices are still behind it (they keep it, over their soft backends, until they
+        // leave).
         if let Some(v) = self.viommu.as_mut() {
-            v.drop_host();
+            let busy = v.host.as_ref().is_some_and(|h| !h.devices().is_empty());
+            if !busy {
+                v.drop_host();
+            }
         }
         let Some(d) = self.dma.take() else {
             return;

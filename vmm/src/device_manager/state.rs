@@ -12,7 +12,7 @@ use ioasid::{HwCaps, HwptId};
 use serde_json::json;
 
 use super::dma::Backend;
-use super::{lock, DeviceManager};
+use super::{lock, DeviceManager, Model};
 
 /// One `vm.iommu` device entry from decoded capabilities.
 pub fn caps_entry(id: &str, host: Option<String>, caps: &HwCaps) -> DeviceIommuCaps {
@@ -278,12 +278,15 @@ impl DeviceManager {
             .collect()
     }
 
-    /// Whether the guest enabled MSI or MSI-X on device `id` (from the model), for tests and
-    /// diagnostics.
+    /// Whether the guest enabled MSI or MSI-X on device `id` (from the vfio-pci model; `None`
+    /// for an emulated model), for tests and diagnostics.
     pub fn interrupt_state(&self, id: &str) -> Option<(bool, bool)> {
-        self.find(id).map(|d| {
-            let m = lock(&d.model);
-            (m.msi_enabled(), m.msix_enabled())
+        self.find(id).and_then(|d| match &d.model {
+            Model::Vfio(m) => {
+                let m = lock(m);
+                Some((m.msi_enabled(), m.msix_enabled()))
+            }
+            Model::Emulated(_) => None,
         })
     }
 }

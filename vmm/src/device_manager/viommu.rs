@@ -20,12 +20,13 @@ use devices::viommu::{
     cap_names, ecap_names, BridgeError, BridgeMode, GuestInvalidation, GuestPageResponse,
     Translation, ViommuBridge, Vtd, VtdConfig, VtdCounters,
 };
-use ioasid::Pasid;
+use ioasid::{IoasId, IommuBackend, Pasid, SoftIommu};
 
 use api::types::{ViommuDevice, ViommuInfo};
 use api::DeviceConfig;
 use log::info;
 
+use super::dma::{unmap_ram, RamMapping};
 use super::{lock, Assigned, DeviceManager, DeviceManagerError, Reason, PCI_SEGMENT};
 use crate::acpi::dmar::{dmar_table, DmarConfig, DmarError, DrhdUnit, PciEndpoint};
 use crate::config::{OnOffAuto, PlatformConfig, ViommuConfig, ViommuKind};
@@ -72,6 +73,11 @@ pub struct ViommuState {
     pub host: Option<Arc<VtdBridge>>,
     /// What the host bridges dropped so far had counted (they restart with each backend).
     pub past: BridgeCounters,
+    /// The backend the host bridge was created over.
+    pub host_backend: Option<Arc<dyn IommuBackend>>,
+    /// A host bridge over an emulated device's soft backend (no VFIO backend yet): that
+    /// backend and the IOAS mapping guest RAM in it.
+    pub soft_ram: Option<(Arc<SoftIommu>, IoasId)>,
 }
 
 impl ViommuState {
@@ -125,6 +131,8 @@ impl ViommuState {
             vtd,
             host: None,
             past: BridgeCounters::default(),
+            host_backend: None,
+            soft_ram: None,
         })
     }
 
@@ -154,6 +162,7 @@ impl ViommuState {
 
     /// Drops the host bridge (the backend goes), keeping its counts.
     pub fn drop_host(&mut self) {
+        self.host_backend = None;
         if let Some(h) = self.host.take() {
             self.bridge.set(None);
             add_counters(&mut self.past, &h.counters());
@@ -447,8 +456,31 @@ impl DeviceManager {
             })
     }
 
-    /// The host bridge, created over the VM's backend on first use.
-    fn host_bridge(&mut self) -> Result<Arc<VtdBridge>, DeviceManagerError> {
+    /// The host bridge over the VM's backend, created on first use. A bridge left over a
+    /// different backend (an emulated device's soft backend, or a backend the VM has since
+    /// closed) is replaced when idle, and refuses assigned devices while emulated ones
+    /// still use it.
+    pub(super) fn host_bridge(&mut self) -> Result<Arc<VtdBridge>, DeviceManagerError> {
+        let current = self.dma.as_ref().map(|d| d.backend.as_arc());
+        let stale = self.viommu.as_ref().is_some_and(|v| {
+            v.host.is_some()
+                && !matches!((&v.host_backend, &current),
+                    (Some(a), Some(b)) if std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)))
+        });
+        if stale {
+            self.drop_idle_bridge();
+            if self.viommu.as_ref().is_some_and(|v| v.host.is_some()) {
+                return Err(DeviceManagerError::step(
+                    "the vIOMMU",
+                    "creating its host bridge",
+                    Reason(
+                        "emulated devices behind the vIOMMU hold a bridge over another backend; \
+                         an assigned device can join them only when it came first"
+                            .into(),
+                    ),
+                ));
+            }
+        }
         let (Some(v), Some(d)) = (self.viommu.as_mut(), self.dma.as_ref()) else {
             return Err(DeviceManagerError::step(
                 "the vIOMMU",
@@ -462,6 +494,7 @@ impl DeviceManager {
         let h = Arc::new(VtdBridge::new(d.backend.as_arc(), d.ioas, self.ram.clone()));
         v.bridge.set(Some(h.clone()));
         v.host = Some(h.clone());
+        v.host_backend = Some(d.backend.as_arc());
         info!(
             "vIOMMU: host bridge over the {} backend, guest RAM in IOAS {}",
             d.backend.kind(),
@@ -508,10 +541,10 @@ impl DeviceManager {
             return (Vec::new(), false);
         }
         lock(&v.vtd).remove_device(a.bdf);
-        let Some(host) = &v.host else {
+        let Some(host) = v.host.clone() else {
             return (Vec::new(), false);
         };
-        match host.remove(a.bdf) {
+        let mut out = match host.remove(a.bdf) {
             Ok(rel) => {
                 info!(
                     "{}: left the vIOMMU: {} nested HWPTs, {} nest parents, {} shadow IOASes, \
@@ -521,6 +554,46 @@ impl DeviceManager {
                 (rel.errors, true)
             }
             Err(e) => (vec![format!("vIOMMU bridge: {e}")], false),
+        };
+        if let Some(s) = &a.soft {
+            if let Err(e) = s.soft.unregister_device(s.dev) {
+                out.0.push(format!("soft backend: {e}"));
+            }
+        }
+        if self.dma.is_none() {
+            self.drop_idle_bridge();
+        }
+        out
+    }
+
+    /// Drops a host bridge no device is behind any more, when it is not the bridge over the
+    /// VM's current backend (a soft backend's, or one left from a closed backend), with the
+    /// soft backend's RAM IOAS.
+    pub(super) fn drop_idle_bridge(&mut self) {
+        let current = self.dma.as_ref().map(|d| d.backend.as_arc());
+        let ram = self.ram.clone();
+        let Some(v) = self.viommu.as_mut() else {
+            return;
+        };
+        let idle = v.host.as_ref().is_some_and(|h| h.devices().is_empty());
+        let ours = matches!((&v.host_backend, &current),
+            (Some(a), Some(b)) if std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)));
+        if !idle || ours {
+            return;
+        }
+        v.drop_host();
+        if let Some((soft, ioas)) = v.soft_ram.take() {
+            let maps: Vec<RamMapping> = ram
+                .iter()
+                .map(|r| RamMapping {
+                    iova: r.gpa,
+                    len: r.size,
+                })
+                .collect();
+            unmap_ram(soft.as_ref(), ioas, &maps);
+            if let Err(e) = soft.destroy(ioas.0) {
+                log::warn!("vIOMMU: destroying the soft backend's RAM IOAS: {e}");
+            }
         }
     }
 
