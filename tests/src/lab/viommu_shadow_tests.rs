@@ -10,6 +10,10 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use std::process::{Command, Stdio};
+
+use api::client::ApiClient;
+use api::routes::HttpMethod;
 use api::DeviceConfig;
 use devices::pci::PciBdf;
 use devices::viommu::linux_harness::{LinuxHarness, Stage};
@@ -23,7 +27,9 @@ use vmm::memory::RamConfig;
 use vmm::viommu::{VmGuestMemory, VtdBridge};
 use vmm::vm::{IrqchipMode, Vm, VmOptions};
 
+use super::api_tests::IDLE_PAYLOAD;
 use super::env::{edu_path, pattern};
+use super::l3_tests::{tail, VMM_BIN};
 use super::pdev_fixture::{
     s, CMD_MASTER, CMD_MEMORY, EDU_DMA_CMD, EDU_DMA_DST, EDU_DMA_LEN, EDU_DMA_SRC,
 };
@@ -46,6 +52,14 @@ pub fn tests() -> Vec<LabTest> {
         LabTest {
             name: "viommu_missing_invalidation_is_guest_bug_not_host_hole",
             run: viommu_missing_invalidation_is_guest_bug_not_host_hole,
+        },
+        LabTest {
+            name: "viommu_shadow_fsts_on_refused_without_host_nesting",
+            run: viommu_shadow_fsts_on_refused_without_host_nesting,
+        },
+        LabTest {
+            name: "viommu_shadow_rest_unplug_releases_everything",
+            run: viommu_shadow_rest_unplug_releases_everything,
         },
     ]
 }
@@ -482,4 +496,271 @@ fn viommu_missing_invalidation_is_guest_bug_not_host_hole() -> TestResult {
     );
     println!("  LAB-INFO {}", lab.counters());
     lab.finish()
+}
+
+// ---- the VMM binary: start-time refusal and REST hot-unplug ------------------------------
+
+/// How long the VMM's start or one request may take (a hang breaker, not a timing check).
+const GUARD: Duration = Duration::from_secs(60);
+
+/// Writes the idle payload (`hlt; jmp $-1`) for a payload VM and returns its path.
+fn idle_payload(name: &str) -> Result<std::path::PathBuf, String> {
+    let p = std::path::PathBuf::from(format!("/tmp/viommu-{name}.bin"));
+    std::fs::write(&p, IDLE_PAYLOAD).map_err(|e| format!("{}: {e}", p.display()))?;
+    Ok(p)
+}
+
+/// Whether the host IOMMU can nest edu, as `ioasid-vmm iommu-info` reports it.
+fn edu_host_nesting(edu: &std::path::Path) -> Result<bool, String> {
+    let out = Command::new(VMM_BIN)
+        .args(["iommu-info", "--device"])
+        .arg(edu)
+        .output()
+        .map_err(|e| format!("{VMM_BIN} iommu-info: {e}"))?;
+    ensure!(
+        out.status.success(),
+        "iommu-info failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("iommu-info output is not JSON: {e}"))?;
+    v["nesting"]
+        .as_bool()
+        .ok_or_else(|| format!("iommu-info has no nesting field: {v}"))
+}
+
+fn viommu_shadow_fsts_on_refused_without_host_nesting() -> TestResult {
+    let edu = edu_path()?;
+    ensure!(
+        std::path::Path::new(VMM_BIN).exists(),
+        "{VMM_BIN} is missing from L2"
+    );
+    if edu_host_nesting(&edu)? {
+        return Ok(Outcome::Skip(
+            "the host IOMMU nests edu: fsts=on is honoured there".into(),
+        ));
+    }
+    let payload = idle_payload("fsts")?;
+    let mut child = Command::new(VMM_BIN)
+        .arg("--payload")
+        .arg(format!("{},mode=real,irqchip=on", payload.display()))
+        .args(["--memory", "size=64M", "--serial", "off"])
+        .args(["--platform", "viommu=vtd,fsts=on"])
+        .arg("--device")
+        .arg(format!("path={},iommu=on", edu.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {VMM_BIN}: {e}"))?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            break st;
+        }
+        if start.elapsed() > GUARD {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "ioasid-vmm with fsts=on and an assigned iommu=on device on a host without \
+                 nesting still runs after {GUARD:?}: it should refuse to start"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    println!("  ioasid-vmm exited {status}: {}", tail(&err, 4));
+    ensure!(!status.success(), "ioasid-vmm started with fsts=on: {err}");
+    ensure!(
+        err.contains("first-stage") && err.contains("nesting"),
+        "the refusal does not give the reason (first stage needs host nesting): {err}"
+    );
+    Ok(Outcome::Pass)
+}
+
+/// `ioasid-vmm` running the idle payload with `--platform viommu=vtd` and an API socket.
+struct ViommuVmm {
+    child: std::process::Child,
+    client: ApiClient,
+    log: std::path::PathBuf,
+}
+
+impl Drop for ViommuVmm {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl ViommuVmm {
+    fn start(name: &str) -> Result<Self, String> {
+        ensure!(
+            std::path::Path::new(VMM_BIN).exists(),
+            "{VMM_BIN} is missing from L2"
+        );
+        let payload = idle_payload(name)?;
+        let sock = std::path::PathBuf::from(format!("/tmp/viommu-{name}.sock"));
+        let log = std::path::PathBuf::from(format!("/tmp/viommu-{name}.log"));
+        let log_file =
+            std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let child = Command::new(VMM_BIN)
+            .arg("--payload")
+            .arg(format!("{},mode=real,irqchip=on", payload.display()))
+            .args(["--memory", "size=64M", "--serial", "off"])
+            .args(["--platform", "viommu=vtd,fsts=off"])
+            .arg("--api-socket")
+            .arg(&sock)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .map_err(|e| format!("cannot start {VMM_BIN}: {e}"))?;
+        let mut vmm = ViommuVmm {
+            child,
+            client: ApiClient::new(&sock).with_timeout(GUARD),
+            log,
+        };
+        let start = Instant::now();
+        loop {
+            if vmm.call(HttpMethod::Get, "vmm.ping", None).is_ok() {
+                return Ok(vmm);
+            }
+            if let Ok(Some(st)) = vmm.child.try_wait() {
+                return Err(format!("ioasid-vmm exited ({st}); log: {}", vmm.log_tail()));
+            }
+            ensure!(
+                start.elapsed() < GUARD,
+                "ioasid-vmm did not answer within {GUARD:?}; log: {}",
+                vmm.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 8)
+    }
+
+    fn call(
+        &mut self,
+        method: HttpMethod,
+        endpoint: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, serde_json::Value), String> {
+        let r = self
+            .client
+            .request(method, endpoint, body.map(str::as_bytes), &[])
+            .map_err(|e| format!("{method:?} {endpoint}: {}", crate::harness::chain(&e)))?;
+        let v = r.json().unwrap_or(serde_json::Value::Null);
+        Ok((r.status, v))
+    }
+
+    fn get(&mut self, endpoint: &str) -> Result<serde_json::Value, String> {
+        let (st, v) = self.call(HttpMethod::Get, endpoint, None)?;
+        ensure!(st == 200, "GET {endpoint}: {st} {v}");
+        Ok(v)
+    }
+}
+
+fn viommu_shadow_rest_unplug_releases_everything() -> TestResult {
+    let edu = edu_path()?;
+    let mut vmm = ViommuVmm::start("unplug")?;
+    let body = format!(r#"{{"path":"{}","iommu":true,"id":"edu0"}}"#, edu.display());
+    let (st, added) = vmm.call(HttpMethod::Put, "vm.add-device", Some(&body))?;
+    ensure!(
+        st == 200,
+        "vm.add-device with iommu=on: {st} {added}; log: {}",
+        vmm.log_tail()
+    );
+    let bdf = added["bdf"].as_str().unwrap_or_default().to_string();
+    let slot = bdf
+        .rsplit(':')
+        .next()
+        .and_then(|d| d.split('.').next())
+        .and_then(|d| u8::from_str_radix(d, 16).ok())
+        .ok_or_else(|| format!("bad BDF in {added}"))?;
+    ensure!(
+        (24..=31).contains(&slot),
+        "edu with iommu=on landed at {bdf}, outside the DMAR scope slots 24-31"
+    );
+    // An iommu=off device may not take a scope slot.
+    let (st, v) = vmm.call(
+        HttpMethod::Put,
+        "vm.add-device",
+        Some(&format!(
+            r#"{{"path":"{}","pci_device_id":25}}"#,
+            edu.display()
+        )),
+    )?;
+    ensure!(
+        st == 400
+            && v.to_string()
+                .contains("reserved for devices behind the vIOMMU"),
+        "an iommu=off add at scope slot 25: {st} {v}, want 400 naming the reservation"
+    );
+    let iommu = vmm.get("vm.iommu")?;
+    let viommu = &iommu["viommu"];
+    println!("  vm.iommu viommu: {viommu}");
+    let ecap: Vec<&str> = viommu["ecap_names"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    ensure!(
+        ecap.contains(&"QI") && ecap.contains(&"SMTS") && !ecap.contains(&"FSTS"),
+        "vm.iommu ECAP names {ecap:?}: want QI and SMTS, no FSTS with fsts=off"
+    );
+    let devices = viommu["devices"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        devices
+            .iter()
+            .any(|d| d["id"] == "edu0" && d["mode"] == "pass-through"),
+        "vm.iommu does not show edu0 behind the vIOMMU in pass-through: {viommu}"
+    );
+    let (st, v) = vmm.call(
+        HttpMethod::Put,
+        "vm.remove-device",
+        Some(r#"{"id":"edu0"}"#),
+    )?;
+    ensure!(
+        st == 204,
+        "vm.remove-device: {st} {v}; log: {}",
+        vmm.log_tail()
+    );
+    let iommu = vmm.get("vm.iommu")?;
+    ensure!(
+        iommu["viommu"]["devices"]
+            .as_array()
+            .is_some_and(|d| d.is_empty()),
+        "devices left behind the vIOMMU after unplug: {iommu}"
+    );
+    let counters = vmm.get("vm.counters")?;
+    let v = &counters["devices"]["_viommu"];
+    println!("  vm.counters _viommu after unplug: {v}");
+    for live in [
+        "bridge_shadow_ioases_live",
+        "bridge_nested_hwpts_live",
+        "bridge_nest_parents_live",
+        "bridge_pasids_live",
+    ] {
+        ensure!(
+            v[live].as_u64() == Some(0),
+            "{live} is {} after unplug: {counters}",
+            v[live]
+        );
+    }
+    let ioasids = vmm.get("vm.ioasids")?;
+    ensure!(
+        ioasids["ioases"].as_array().is_none_or(|a| a.is_empty()),
+        "IOASes left after the last device left: {ioasids}"
+    );
+    let (st, _) = vmm.call(HttpMethod::Put, "vm.shutdown", None)?;
+    ensure!(st == 204, "vm.shutdown: {st}");
+    Ok(Outcome::Pass)
 }

@@ -451,8 +451,9 @@ impl DeviceManager {
             .choose(iommu, requested, |s| {
                 pci.device(PciBdf::root_slot(PCI_SEGMENT, s)).is_some()
             })
-            .map_err(|r| {
-                DeviceManagerError::step(given, "choosing the PCI slot", Reason(r.to_string()))
+            .map_err(|r| DeviceManagerError::Unsupported {
+                device: given.to_string(),
+                reason: r.to_string(),
             })
     }
 
