@@ -306,8 +306,24 @@ impl SlotScope {
     }
 }
 
-/// The DMAR for one unit at [`VTD_REGS_START`] covering `slots` of segment `segment`.
+/// The DMAR for one unit at [`VTD_REGS_START`] covering `slots` of segment `segment`, plus
+/// the host bridge (00:00.0).
+///
+/// The host bridge is there because Linux ignores a DRHD none of whose scope devices exists
+/// at boot (`init_no_remapping_devices`: "ignore DMAR unit if no devices exist"), and then
+/// treats devices hot-plugged into its scope as having no IOMMU: with no `iommu=on` device
+/// at boot, the unit would never be used. The host bridge always exists and never does DMA
+/// (QEMU's single DRHD covers it too, with INCLUDE_PCI_ALL); the model ignores context
+/// entries of devices it was not given.
 pub fn dmar_for(segment: u16, address_width: u8, slots: &[u8]) -> Result<Vec<u8>, DmarError> {
+    let endpoints = std::iter::once(0)
+        .chain(slots.iter().copied().filter(|s| *s != 0))
+        .map(|device| PciEndpoint {
+            bus: 0,
+            device,
+            function: 0,
+        })
+        .collect();
     dmar_table(&DmarConfig {
         address_width,
         // Interrupt remapping is not emulated.
@@ -317,14 +333,7 @@ pub fn dmar_for(segment: u16, address_width: u8, slots: &[u8]) -> Result<Vec<u8>
             register_size: VTD_REGS_SIZE,
             segment,
             include_pci_all: false,
-            endpoints: slots
-                .iter()
-                .map(|&device| PciEndpoint {
-                    bus: 0,
-                    device,
-                    function: 0,
-                })
-                .collect(),
+            endpoints,
         }],
     })
 }
@@ -752,7 +761,9 @@ mod tests {
             u64::from_le_bytes(t[56..64].try_into().unwrap()),
             VTD_REGS_START
         );
-        assert_eq!((t[64 + 6], t[72 + 6]), (3, 24));
+        // The host bridge first (keeps the unit alive in Linux), then the scope.
+        assert_eq!((t[64 + 6], t[72 + 6], t[80 + 6]), (0, 3, 24));
+        assert_eq!(t.len(), 48 + 16 + 3 * 8);
     }
 
     #[test]
