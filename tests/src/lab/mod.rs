@@ -14,6 +14,7 @@ pub mod pdev_dma_tests;
 pub mod pdev_fixture;
 pub mod pdev_tests;
 pub mod viommu_mock_tests;
+pub mod viommu_shadow_tests;
 pub mod vmm_tests;
 
 use crate::harness::LabTest;
@@ -23,6 +24,7 @@ pub fn all() -> Vec<LabTest> {
     let mut v = ioasid_tests::tests();
     v.extend(pdev_tests::tests());
     v.extend(pdev_dma_tests::tests());
+    v.extend(viommu_shadow_tests::tests());
     v.extend(mock_tests::tests());
     v.extend(viommu_mock_tests::tests());
     v.extend(kvm::tests());
