@@ -110,6 +110,56 @@ pub struct DeviceIommuCaps {
     pub details: serde_json::Value,
 }
 
+/// The guest-visible vIOMMU in [`IommuInfo::viommu`] (serialized into that field).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViommuInfo {
+    /// The model: `vtd`.
+    pub model: String,
+    /// Guest physical address of the register page (the DMAR's DRHD register base).
+    pub register_base: u64,
+    /// The CAP register the guest reads.
+    pub cap: u64,
+    /// The ECAP register the guest reads.
+    pub ecap: u64,
+    /// CAP flags set, by the specification's names (e.g. `CM`, `PSI`).
+    pub cap_names: Vec<String>,
+    /// ECAP flags set, by name (e.g. `QI`, `SMTS`, `SLTS`, `FSTS`).
+    pub ecap_names: Vec<String>,
+    /// CAP and ECAP numeric fields by name (e.g. `SAGAW`, `MGAW`, `NFR`, `PSS`).
+    #[serde(default)]
+    pub fields: BTreeMap<String, u64>,
+    /// Root-bus slots the DMAR puts behind the unit.
+    #[serde(default)]
+    pub scope_slots: Vec<u8>,
+    /// Whether the guest enabled translation (GSTS.TES).
+    pub translation_enabled: bool,
+    /// Every (device, PASID) behind the vIOMMU with its mode.
+    #[serde(default)]
+    pub devices: Vec<ViommuDevice>,
+}
+
+/// One (device, PASID) behind the vIOMMU in [`ViommuInfo`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViommuDevice {
+    /// Device id (as `vm.add-device` named it), or its BDF.
+    pub id: String,
+    /// Guest BDF.
+    pub bdf: String,
+    /// PASID (0: requests without PASID).
+    pub pasid: u32,
+    /// How the host honours the guest's translation: `nested`, `shadow`, `soft`,
+    /// `pass-through` or `blocked`.
+    pub mode: String,
+    /// `assigned` or `emulated`.
+    pub path: String,
+    /// Guest domain id, when translated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub did: Option<u16>,
+    /// Host IOAS or HWPT the context is attached to, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_pt: Option<u32>,
+}
+
 /// `GET /api/v1/vm.iommu`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct IommuInfo {
@@ -242,6 +292,16 @@ pub struct IommuCounters {
     pub invalidations: u64,
     /// ioctls issued on `/dev/iommu` and `/dev/vfio/*`.
     pub host_ioctls: u64,
+    /// vIOMMU: guest invalidation queue descriptors processed (all types).
+    pub guest_invalidation_descriptors: u64,
+    /// vIOMMU: host invalidation calls (`HWPT_INVALIDATE`) the bridge issued.
+    pub host_invalidation_calls: u64,
+    /// vIOMMU: shadow map calls (`IOAS_COPY`/`IOAS_MAP_FILE` into shadow IOASes).
+    pub shadow_map_calls: u64,
+    /// vIOMMU: shadow unmap calls.
+    pub shadow_unmap_calls: u64,
+    /// vIOMMU: fault records written for the guest.
+    pub faults_recorded: u64,
 }
 
 /// The key of [`IommuCounters`] in `vm.counters`. Device ids starting with `_` are the

@@ -635,6 +635,38 @@ fn ioasid_remote_cli() {
     assert_eq!(code, 1);
     assert!(err.contains("404") && err.contains("cli0"), "{err}");
 
+    // The life cycle: a Cloud Hypervisor VmConfig file, then the state commands.
+    let cfg = h.dir.path().join("vm.json");
+    std::fs::write(
+        &cfg,
+        r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":2}}"#,
+    )
+    .unwrap();
+    let cfg_arg = cfg.display().to_string();
+    let (code, v, _) = remote(&h, &["create", &cfg_arg]);
+    assert_eq!((code, v), (0, serde_json::Value::Null));
+    for cmd in ["boot", "pause", "resume", "reboot", "shutdown", "delete"] {
+        let (code, v, _) = remote(&h, &[cmd]);
+        assert_eq!((code, v), (0, serde_json::Value::Null), "{cmd}");
+    }
+    // An error with causes prints one per line; a field we do not implement is refused
+    // before anything is sent.
+    std::fs::write(
+        &cfg,
+        r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":0}}"#,
+    )
+    .unwrap();
+    let (code, _, err) = remote(&h, &["create", &cfg_arg]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("Error 400: Invalid VmConfig") && err.contains("Caused by: --cpus"),
+        "{err}"
+    );
+    std::fs::write(&cfg, r#"{"payload":{"kernel":"/k"},"net":[{"tap":"t0"}]}"#).unwrap();
+    let (code, _, err) = remote(&h, &["create", &cfg_arg]);
+    assert_eq!(code, 1);
+    assert!(err.contains("net"), "{err}");
+
     let (code, v, _) = remote(&h, &["shutdown"]);
     assert_eq!((code, v), (0, serde_json::Value::Null));
     let (code, _, _) = remote(&h, &["shutdown-vmm"]);

@@ -23,7 +23,7 @@ use crate::hotplug::{EjectCallback, HotplugError, PciHotplug};
 use crate::irq::{InterruptLine, IrqError, IrqfdLine};
 use crate::layout::{ACPI_SLEEP_CONTROL_PORT, SERIAL_IRQ, SERIAL_PORT};
 use crate::memory::RamConfig;
-use crate::serial::{CaptureBuffer, Serial, TerminalGuard};
+use crate::serial::{CaptureBuffer, ConsoleOutput, Serial, TerminalGuard, DEFAULT_FILE_CAP};
 use crate::vcpu::VcpuStop;
 use crate::vm::{
     IrqchipMode, RunningVm, StopReason, Vm, VmError, VmExit, VmOptions, DEBUG_EXIT_PORT,
@@ -95,10 +95,18 @@ pub enum SerialSink {
 /// Registers a 16550 at COM1 on `vm`'s port bus, with its interrupt on GSI 4 when the VM has
 /// an irqchip.
 pub fn add_serial(vm: &Vm, sink: SerialSink) -> Result<Arc<Mutex<Serial>>, RunError> {
+    // Stdout and files go through a bounded buffer and a writer thread: console output
+    // never blocks a vCPU. A capture buffer (tests, payloads) stays synchronous.
     let out: Option<Box<dyn Write + Send>> = match sink {
-        SerialSink::Stdout => Some(Box::new(std::io::stdout())),
+        SerialSink::Stdout => match ConsoleOutput::stdout() {
+            Ok(c) => Some(Box::new(c)),
+            Err(e) => {
+                log::warn!("Cannot duplicate stdout for the console ({e}): writing directly");
+                Some(Box::new(std::io::stdout()))
+            }
+        },
         SerialSink::Capture(b) => Some(Box::new(b)),
-        SerialSink::File(f) => Some(Box::new(f)),
+        SerialSink::File(f) => Some(Box::new(ConsoleOutput::file(f, DEFAULT_FILE_CAP))),
         SerialSink::Off => None,
     };
     let irq: Option<Arc<dyn InterruptLine>> = match vm.gsi_router() {

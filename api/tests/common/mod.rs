@@ -337,7 +337,19 @@ fn fake_loop(
                     state.vm_state = VmState::Shutdown;
                     r.send(Ok(()))
                 }
-                ApiRequest::VmCreate { reply, .. } => reply.send(Ok(())),
+                ApiRequest::VmCreate { config, reply } => {
+                    reply.send(if config.cpus.boot_vcpus == 0 {
+                        Err(ApiError::Chain {
+                            kind: api::ApiErrorKind::BadRequest,
+                            messages: vec![
+                                "Invalid VmConfig".into(),
+                                "--cpus: invalid value '0' for boot".into(),
+                            ],
+                        })
+                    } else {
+                        Ok(())
+                    })
+                }
                 ApiRequest::VmBoot(r) | ApiRequest::VmResume(r) | ApiRequest::VmReboot(r) => {
                     state.vm_state = VmState::Running;
                     r.send(Ok(()))

@@ -813,6 +813,12 @@ impl VfioPciDevice {
         self.msi.as_ref().is_some_and(|m| m.enabled())
     }
 
+    /// The MSI-X state (tests).
+    #[cfg(test)]
+    pub(crate) fn msix_state(&self) -> Option<&MsixState> {
+        self.msix.as_ref()
+    }
+
     /// MSI-X vectors are routed.
     pub fn msix_enabled(&self) -> bool {
         self.msix.as_ref().is_some_and(|m| m.enabled())

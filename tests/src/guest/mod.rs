@@ -9,6 +9,7 @@
 //! mode; with one (`intel_iommu=on,sm_on`), through type1 and iommufd.
 
 pub mod dmesg;
+pub mod lifecycle;
 pub mod noiommu;
 pub mod pagemap;
 pub mod pci;

@@ -9,11 +9,13 @@ pub mod ioasid_tests;
 pub mod kvm;
 pub mod l3_tests;
 pub mod l3_viommu_tests;
+pub mod lifecycle_tests;
 pub mod mock_tests;
 pub mod pdev_dma_tests;
 pub mod pdev_fixture;
 pub mod pdev_tests;
 pub mod viommu_mock_tests;
+pub mod viommu_shadow_tests;
 pub mod vmm_tests;
 
 use crate::harness::LabTest;
@@ -23,6 +25,7 @@ pub fn all() -> Vec<LabTest> {
     let mut v = ioasid_tests::tests();
     v.extend(pdev_tests::tests());
     v.extend(pdev_dma_tests::tests());
+    v.extend(viommu_shadow_tests::tests());
     v.extend(mock_tests::tests());
     v.extend(viommu_mock_tests::tests());
     v.extend(kvm::tests());
@@ -30,6 +33,7 @@ pub fn all() -> Vec<LabTest> {
     v.extend(l3_viommu_tests::tests());
     v.extend(vmm_tests::tests());
     v.extend(api_tests::tests());
+    v.extend(lifecycle_tests::tests());
     v
 }
 

@@ -1,30 +1,283 @@
-//! The vIOMMU bridge's nested path on the kernel's selftest mock IOMMU: guest PASID-entry
-//! changes become nested HWPT allocations and replaces, guest IOTLB invalidations become
-//! `HWPT_INVALIDATE` batches (one per nested HWPT per doorbell), checked with the mock's own
-//! `IOMMU_TEST_OP_MD_CHECK_IOTLB` and `IOMMU_TEST_OP_PASID_CHECK_HWPT`; removal releases
-//! every host object.
+//! The vIOMMU bridge on real kernels. On the kernel's selftest mock IOMMU, the nested path:
+//! guest PASID-entry changes become nested HWPT allocations and replaces, guest IOTLB
+//! invalidations become `HWPT_INVALIDATE` batches (one per nested HWPT per doorbell), checked
+//! with the mock's own `IOMMU_TEST_OP_MD_CHECK_IOTLB` and `IOMMU_TEST_OP_PASID_CHECK_HWPT`;
+//! removal releases every host object. On QEMU's VT-d (no nesting) with edu, the shadow path
+//! on a "VM without vCPUs": the guest's second-stage table (written into guest RAM by the
+//! test) maps IOVA X to buffer B, and edu's DMA at X lands in B (through `IOAS_COPY` into the
+//! shadow IOAS); after unmap and invalidation it does not; a missing invalidation leaves a
+//! stale mapping that still points inside guest RAM.
 
+use std::fs::File;
 use std::sync::Arc;
 
 use devices::pci::PciBdf;
-use devices::viommu::{BridgeMode, DomainScope, GuestInvalidation, Translation, ViommuBridge};
+use devices::viommu::{
+    BridgeMode, DomainScope, GuestInvalidation, SecondStage, Translation, ViommuBridge,
+};
 use ioasid::iommufd::selftest::{MockDevice, MOCK_FLAGS_DEVICE_PASID};
 use ioasid::{HwInfo, HwptId, Invalidation, IommuBackend, IommufdBackend, Pasid, VtdStage1};
+use vmm::memory::RamRegion;
 use vmm::viommu::{selftest_iotlb_tag, VtdBridge};
+
+use super::env::pattern;
+use super::pdev_fixture::{Assigned, EduBus, Iommu, Kind, LEN, RAM_LAYOUT, SRC_GPA};
+use crate::edu::EDU_BUF;
 
 use crate::ensure;
 use crate::harness::{chain, LabTest, Outcome, TestResult};
 
-/// The vIOMMU mock tests.
+/// The vIOMMU bridge's lab tests: the nested path on the mock, the shadow path on QEMU's
+/// VT-d with edu.
 pub fn tests() -> Vec<LabTest> {
-    vec![LabTest {
-        name: "viommu_nested_bridge_mock",
-        run: viommu_nested_bridge_mock,
-    }]
+    vec![
+        LabTest {
+            name: "viommu_nested_bridge_mock",
+            run: viommu_nested_bridge_mock,
+        },
+        LabTest {
+            name: "viommu_shadow_edu_dma",
+            run: viommu_shadow_edu_dma,
+        },
+        LabTest {
+            name: "viommu_shadow_unmap_plus_invalidate_blocks_dma",
+            run: viommu_shadow_unmap_plus_invalidate_blocks_dma,
+        },
+        LabTest {
+            name: "viommu_missing_invalidation_is_guest_bug_not_host_hole",
+            run: viommu_missing_invalidation_is_guest_bug_not_host_hole,
+        },
+    ]
 }
 
 fn s(e: impl std::error::Error) -> String {
     chain(&e)
+}
+
+// ---- the shadow path on QEMU's VT-d (no nesting) with edu ---------------------------------
+
+/// Guest IOVA X: in the hole between the RAM regions (not a GPA, so nothing maps it unless
+/// the shadow does), below edu's 28-bit DMA mask.
+const X: u64 = 0x0800_0000;
+/// Guest buffer B (region 1).
+const B: u64 = 0x0c20_0000;
+/// The guest's second-stage table pages (region 0).
+const SL_TABLES: u64 = 0x0100_0000;
+const DID: u16 = 5;
+
+/// edu assigned on iommufd with guest RAM mapped at IOVA = GPA, a bridge over that IOAS, and
+/// the guest's second-stage table mapping `[X, X + 8 KiB)` to B (4-level, 4 KiB leaves).
+struct Shadow {
+    a: Assigned,
+    bridge: VtdBridge,
+    root: u64,
+}
+
+fn shadow_fixture() -> Result<Shadow, String> {
+    let a = Assigned::edu(Kind::Iommufd, Some(&RAM_LAYOUT), Arc::default())?;
+    let ram = a.ram()?;
+    let memfd = Arc::new(
+        File::open(format!("/proc/self/fd/{}", ram.fd()))
+            .map_err(|e| format!("reopen of the RAM memfd: {e}"))?,
+    );
+    let regions: Vec<RamRegion> = ram
+        .regions()
+        .iter()
+        .map(|r| RamRegion {
+            gpa: r.gpa,
+            size: r.len,
+            host_addr: r.host_addr(),
+            memfd: memfd.clone(),
+            file_offset: r.file_offset,
+        })
+        .collect();
+    let Iommu::Iommufd(b, dev) = &a.iommu else {
+        return Err("edu is not on iommufd".to_string());
+    };
+    let caps = b.hw_info(*dev).map_err(s)?;
+    ensure!(
+        !caps.supports_nesting(),
+        "this lab's VT-d nests: the shadow test expects it not to"
+    );
+    let backend: Arc<dyn IommuBackend> = b.clone();
+    let bridge = VtdBridge::new(backend, a.ioas, regions);
+    bridge.add_assigned(a.bdf, *dev, Some(&caps)).map_err(s)?;
+    // The guest's table: root -> L3 -> L2 -> L1, two leaves X -> B, X + 4K -> B + 4K.
+    let (root, l3, l2, l1) = (
+        SL_TABLES,
+        SL_TABLES + 0x1000,
+        SL_TABLES + 0x2000,
+        SL_TABLES + 0x3000,
+    );
+    let rw = 3u64;
+    let e = |gpa: u64, v: u64| ram.write(gpa, &v.to_le_bytes()).map_err(s);
+    e(root + ((X >> 39) & 511) * 8, l3 | rw)?;
+    e(l3 + ((X >> 30) & 511) * 8, l2 | rw)?;
+    e(l2 + ((X >> 21) & 511) * 8, l1 | rw)?;
+    e(l1 + ((X >> 12) & 511) * 8, B | rw)?;
+    e(l1 + (((X >> 12) + 1) & 511) * 8, (B + 0x1000) | rw)?;
+    Ok(Shadow { a, bridge, root })
+}
+
+impl Shadow {
+    fn translate(&self) -> Result<(), String> {
+        let mode = self
+            .bridge
+            .set_translation(
+                self.a.bdf,
+                Pasid(0),
+                Translation::SecondStage {
+                    did: DID,
+                    table: SecondStage {
+                        root: self.root,
+                        levels: 4,
+                        slee: false,
+                        slade: false,
+                    },
+                },
+            )
+            .map_err(s)?;
+        ensure!(mode == BridgeMode::Shadow, "mode {mode:?}, want shadow");
+        Ok(())
+    }
+
+    /// Clears the guest's leaf for X (the guest unmaps; no invalidation yet).
+    fn guest_unmap_x(&self) -> Result<(), String> {
+        let l1 = SL_TABLES + 0x3000;
+        self.a
+            .ram()?
+            .write(l1 + ((X >> 12) & 511) * 8, &0u64.to_le_bytes())
+            .map_err(s)
+    }
+
+    fn teardown(self) -> TestResult {
+        let rel = self.bridge.remove(self.a.bdf).map_err(s)?;
+        ensure!(rel.errors.is_empty(), "teardown: {:?}", rel.errors);
+        let c = self.bridge.counters();
+        ensure!(
+            rel.shadow_ioases == 1 && c.shadow_ioases_live == 0,
+            "shadow IOAS not released: {rel:?} {c:?}"
+        );
+        Ok(Outcome::Pass)
+    }
+}
+
+/// Loads edu's buffer with a pattern from RAM (pass-through, before translation is on).
+fn load_edu(sh: &Shadow, edu: &EduBus<'_>, seed: u8) -> Result<Vec<u8>, String> {
+    let want = pattern(seed, LEN);
+    sh.a.ram()?.write(SRC_GPA, &want).map_err(s)?;
+    edu.dma(SRC_GPA, EDU_BUF, LEN, false)?;
+    Ok(want)
+}
+
+fn viommu_shadow_edu_dma() -> TestResult {
+    let sh = shadow_fixture()?;
+    let edu = sh.a.bring_up()?;
+    let want = load_edu(&sh, &edu, 0x3c)?;
+    sh.translate()?;
+    let ram = sh.a.ram()?;
+    ram.fill(B - 64, LEN + 0x1000 + 128, 0xee).map_err(s)?;
+    // edu DMA at guest IOVA X + 0x800 (crossing into the second page) lands in B + 0x800.
+    edu.dma(EDU_BUF, X + 0x800, LEN, true)?;
+    let got = ram.read(B + 0x800, LEN).map_err(s)?;
+    if let Some(i) = got.iter().zip(&want).position(|(a, b)| a != b) {
+        return Err(format!(
+            "byte {i} at GPA {:#x} is {:#04x}, want {:#04x} (edu DMA at IOVA {:#x})",
+            B + 0x800 + i as u64,
+            got[i],
+            want[i],
+            X + 0x800
+        ));
+    }
+    let c = sh.bridge.counters();
+    ensure!(
+        c.shadow_map_calls == 1,
+        "two contiguous guest pages took {} IOAS_COPY calls",
+        c.shadow_map_calls
+    );
+    // IOVA = GPA no longer reaches RAM: B is not mapped at IOVA B in the shadow.
+    let before = ram.digest();
+    edu.dma(EDU_BUF, B, LEN, true)?;
+    ensure!(
+        ram.digest() == before,
+        "a DMA to IOVA {B:#x} (a GPA the guest did not map) changed guest RAM"
+    );
+    sh.teardown()
+}
+
+fn viommu_shadow_unmap_plus_invalidate_blocks_dma() -> TestResult {
+    let sh = shadow_fixture()?;
+    let edu = sh.a.bring_up()?;
+    load_edu(&sh, &edu, 0x51)?;
+    sh.translate()?;
+    sh.guest_unmap_x()?;
+    sh.bridge
+        .invalidate(&[GuestInvalidation::Iotlb {
+            scope: DomainScope::Domain(DID),
+            inv: Invalidation::Range {
+                pasid: None,
+                addr: X,
+                npages: 1,
+                leaf: true,
+            },
+        }])
+        .map_err(s)?;
+    let ram = sh.a.ram()?;
+    let before = ram.digest();
+    edu.dma(EDU_BUF, X, LEN, true)?;
+    ensure!(
+        ram.digest() == before,
+        "a DMA to IOVA {X:#x} after unmap + invalidation changed guest RAM"
+    );
+    // The other page stays mapped.
+    ram.fill(B + 0x1000, LEN, 0xee).map_err(s)?;
+    edu.dma(EDU_BUF, X + 0x1000, LEN, true)?;
+    ensure!(
+        ram.read(B + 0x1000, 16).map_err(s)? == pattern(0x51, 16),
+        "the page next to the unmapped one lost its mapping"
+    );
+    sh.teardown()
+}
+
+fn viommu_missing_invalidation_is_guest_bug_not_host_hole() -> TestResult {
+    let sh = shadow_fixture()?;
+    let edu = sh.a.bring_up()?;
+    let want = load_edu(&sh, &edu, 0x77)?;
+    sh.translate()?;
+    // The guest unmaps X and points its leaf outside RAM, without invalidating: the stale
+    // shadow mapping may stay, and it still points at B, inside guest RAM.
+    let l1 = SL_TABLES + 0x3000;
+    let ram = sh.a.ram()?;
+    ram.write(
+        l1 + ((X >> 12) & 511) * 8,
+        &(0x7_0000_0000u64 | 3).to_le_bytes(),
+    )
+    .map_err(s)?;
+    ram.fill(B, LEN, 0xee).map_err(s)?;
+    edu.dma(EDU_BUF, X, LEN, true)?;
+    ensure!(
+        ram.read(B, LEN).map_err(s)? == want,
+        "the stale mapping did not reach B (the shadow changed without an invalidation)"
+    );
+    // Once the guest invalidates, the bad leaf is skipped (never mapped) and reported.
+    sh.bridge
+        .invalidate(&[GuestInvalidation::Iotlb {
+            scope: DomainScope::All,
+            inv: Invalidation::All,
+        }])
+        .map_err(s)?;
+    let c = sh.bridge.counters();
+    ensure!(
+        c.bad_table_entries >= 1 && c.host_errors == 0,
+        "the leaf outside RAM was not skipped and reported: {c:?}"
+    );
+    let before = ram.digest();
+    edu.dma(EDU_BUF, X, LEN, true)?;
+    ensure!(
+        ram.digest() == before,
+        "a DMA to IOVA {X:#x}, whose guest leaf points outside RAM, changed guest RAM"
+    );
+    sh.teardown()
 }
 
 fn s1(root: u64) -> VtdStage1 {

@@ -118,7 +118,17 @@ fn poll_timeout(t: Option<Duration>) -> libc::c_int {
 /// and returns the exit code. `cfg` is the VM of the command line (booted at once), or none
 /// for an empty VMM that waits for `vm.create` on `api_socket`.
 pub fn run(cfg: Option<VmConfig>, api_socket: Option<PathBuf>) -> Result<i32, ControlError> {
-    run_with(cfg, api_socket, Box::new(|_, _, _| Ok(Vec::new())))
+    // The device manager's own ACPI tables (the DMAR when a vIOMMU is configured).
+    run_with(
+        cfg,
+        api_socket,
+        Box::new(|_, devices, _| {
+            Ok(devices
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .acpi_tables()?)
+        }),
+    )
 }
 
 /// [`run`] with an attach step for every boot (see [`crate::runner::boot`]).

@@ -5,39 +5,30 @@
 //! must name a table inside guest RAM (or be Blocked/PassThrough), and the run must have
 //! recorded faults and queue errors (so the hostile paths were reached).
 //!
-//! Seed: `VIOMMU_FUZZ_SEED` (decimal) or a fixed default; printed. Budget: a fixed number of
-//! cases.
+//! Seed and budget: the crate's `fuzz` plumbing (`FUZZ_SEED`, `FUZZ_CASES`; printed).
 
 use std::ops::Range;
 
 use super::*;
+use crate::fuzz::{self, Rng};
 use crate::viommu::linux_harness::desc;
 use crate::viommu::prq::PageRequest;
 use crate::viommu::regs::{self, gcmd};
 use crate::viommu::vtd::VtdCounters;
 
-/// SplitMix64: small, seedable, good enough to drive a fuzzer.
-struct Rng(u64);
+/// The shared generator with the shorthands this target uses.
+trait RngExt {
+    fn next(&mut self) -> u64;
+    fn percent(&mut self, p: u64) -> bool;
+}
 
-impl Rng {
+impl RngExt for Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.next_u64()
     }
 
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
+    fn percent(&mut self, p: u64) -> bool {
+        Rng::chance(self, p, 100)
     }
 }
 
@@ -129,12 +120,12 @@ fn addr(r: &mut Rng) -> u64 {
 /// A qword that looks like a table entry: a pointer with random low bits.
 fn entry(r: &mut Rng) -> u64 {
     let p = addr(r) & !0xfff;
-    let low = if r.chance(70) {
+    let low = if r.percent(70) {
         1 | (r.below(0x1000) & r.next())
     } else {
         r.below(0x1000)
     };
-    let high = if r.chance(10) {
+    let high = if r.percent(10) {
         r.next() & 0xfff0_0000_0000_0000
     } else {
         0
@@ -144,7 +135,7 @@ fn entry(r: &mut Rng) -> u64 {
 
 fn descriptor(r: &mut Rng, rids: &[u16]) -> [u64; 4] {
     let did = r.below(8) as u16;
-    let sid = if r.chance(80) {
+    let sid = if r.percent(80) {
         r.pick(rids)
     } else {
         r.next() as u16
@@ -156,15 +147,15 @@ fn descriptor(r: &mut Rng, rids: &[u16]) -> [u64; 4] {
         1 => desc::context_device(did, sid, r.below(4) as u8),
         2 => desc::context_domain(did),
         3 => desc::iotlb_global(),
-        4 => desc::iotlb_page(did, a, r.below(24) as u8, r.chance(50)),
-        5 => desc::piotlb_page(did, pasid, a, r.below(24) as u8, r.chance(50)),
+        4 => desc::iotlb_page(did, a, r.below(24) as u8, r.percent(50)),
+        5 => desc::piotlb_page(did, pasid, a, r.below(24) as u8, r.percent(50)),
         6 => desc::pasid_cache(r.below(4) as u8, did, pasid),
         7 => desc::dev_tlb(sid, sid, 0, a, r.below(53) as u8),
         8 => desc::pasid_dev_tlb(sid, sid, pasid, 0, a, r.below(53) as u8),
-        9 => desc::wait(addr(r), r.next() as u32, r.chance(50), r.chance(50)),
+        9 => desc::wait(addr(r), r.next() as u32, r.percent(50), r.percent(50)),
         10 => desc::page_response(
             sid,
-            r.chance(50).then_some(pasid),
+            r.percent(50).then_some(pasid),
             r.below(512) as u16,
             r.pick(&[0, 1, 0xf, 3]),
         ),
@@ -172,7 +163,7 @@ fn descriptor(r: &mut Rng, rids: &[u16]) -> [u64; 4] {
         12 => [r.next(), r.next(), r.next(), r.next()],
         _ => [r.below(16), 0, 0, 0],
     };
-    if r.chance(10) {
+    if r.percent(10) {
         d[r.below(2) as usize] ^= 1 << r.below(64);
     }
     d
@@ -212,12 +203,12 @@ struct Case {
 }
 
 fn write_reg(c: &mut Case, r: &mut Rng) {
-    let off = if r.chance(85) {
+    let off = if r.percent(85) {
         r.pick(REG_OFFSETS)
     } else {
         r.below(0x1100)
     };
-    let len = if r.chance(90) {
+    let len = if r.percent(90) {
         r.pick(&[4usize, 8])
     } else {
         r.pick(&[1usize, 2, 3, 16])
@@ -225,7 +216,7 @@ fn write_reg(c: &mut Case, r: &mut Rng) {
     let v = match off {
         regs::GCMD => {
             let mut v = r.next() as u32 & 0xff80_0000;
-            if r.chance(50) {
+            if r.percent(50) {
                 v |= gcmd::TE | gcmd::QIE;
             }
             u64::from(v)
@@ -269,7 +260,7 @@ fn scribble_tables(c: &mut Case, r: &mut Rng) {
 }
 
 fn queue_descriptors(c: &mut Case, r: &mut Rng) {
-    if r.chance(60) {
+    if r.percent(60) {
         // The guest's IQE handler: clear and go on.
         c.vtd.write(0, regs::FSTS, &regs::fsts::IQE.to_le_bytes());
     }
@@ -291,14 +282,14 @@ fn queue_descriptors(c: &mut Case, r: &mut Rng) {
         }
         tail = (tail + dsize) % size;
     }
-    if r.chance(5) {
+    if r.percent(5) {
         tail = r.below(0x8_0000);
     }
     c.vtd.write(0, regs::IQT, &(tail as u32).to_le_bytes());
 }
 
 fn page_request(c: &mut Case, r: &mut Rng) {
-    let rid = if r.chance(80) {
+    let rid = if r.percent(80) {
         r.pick(&c.rids)
     } else {
         r.next() as u16
@@ -310,15 +301,39 @@ fn page_request(c: &mut Case, r: &mut Rng) {
         (rid & 7) as u8,
     )
     .unwrap();
+    if r.percent(50) {
+        // Make the requester's context entry take page requests (P, DTE, PASIDE, PRE), so
+        // that the queue itself is exercised.
+        let mut b = [0u8; 8];
+        c.vtd.read(0, regs::RTADDR, &mut b);
+        let root = u64::from_le_bytes(b) & !0xfff;
+        let devfn = u64::from(rid & 0xff);
+        let re_addr = root.wrapping_add(u64::from(rid >> 8) * 16 + (devfn >> 7) * 8);
+        if let Ok(mut re) = c.mem.read_u64(re_addr) {
+            if re & 1 == 0 || r.percent(30) {
+                re = (BASE + (r.below(SIZE / 4096) << 12)) | 1;
+                let _ = c.mem.write_u64(re_addr, re);
+            }
+            let ce = (re & !0xfff).wrapping_add((devfn & 0x7f) * 32);
+            let _ = c.mem.write_u64(ce, (addr(r) & !0xfff) | 0x1d);
+            for q in 1..4 {
+                let _ = c.mem.write_u64(ce.wrapping_add(q * 8), 0);
+            }
+        }
+        if r.percent(50) {
+            let pq = (addr(r) & !0xfff) | r.below(3);
+            c.vtd.write(0, regs::PQA, &pq.to_le_bytes());
+        }
+    }
     let _ = c.vtd.post_page_request(PageRequest {
         bdf,
-        pasid: r.chance(50).then_some(Pasid(r.below(1 << 20) as u32)),
+        pasid: r.percent(50).then_some(Pasid(r.below(1 << 20) as u32)),
         prgi: r.next() as u16,
-        last: r.chance(50),
-        read: r.chance(50),
-        write: r.chance(50),
-        exec: r.chance(10),
-        privileged: r.chance(10),
+        last: r.percent(50),
+        read: r.percent(50),
+        write: r.percent(50),
+        exec: r.percent(10),
+        privileged: r.percent(10),
         addr: r.next(),
     });
 }
@@ -336,7 +351,7 @@ fn run_case(r: &mut Rng, ops: u64) -> (Vec<String>, VtdCounters) {
         rids: Vec::new(),
     };
     for _ in 0..1 + r.below(4) {
-        let rid = if r.chance(70) {
+        let rid = if r.percent(70) {
             (r.below(32) << 3) as u16
         } else {
             r.next() as u16
@@ -352,9 +367,9 @@ fn run_case(r: &mut Rng, ops: u64) -> (Vec<String>, VtdCounters) {
         c.rids.push(rid);
     }
     // Start like a guest would most of the time: queue and root programmed and enabled.
-    if r.chance(80) {
+    if r.percent(80) {
         let iq = BASE + (r.below(SIZE / 4096) << 12);
-        let dw = if cfg.scalable_mode && r.chance(80) {
+        let dw = if cfg.scalable_mode && r.percent(80) {
             1u64 << 11
         } else {
             0
@@ -362,7 +377,7 @@ fn run_case(r: &mut Rng, ops: u64) -> (Vec<String>, VtdCounters) {
         c.vtd
             .write(0, regs::IQA, &(iq | dw | r.below(2)).to_le_bytes());
         let root = addr(r) & !0xfff;
-        let ttm = if r.chance(80) {
+        let ttm = if r.percent(80) {
             u64::from(cfg.scalable_mode) << 10
         } else {
             r.below(4) << 10
@@ -374,6 +389,19 @@ fn run_case(r: &mut Rng, ops: u64) -> (Vec<String>, VtdCounters) {
             .write(0, regs::GCMD, &(gcmd::QIE | gcmd::TE).to_le_bytes());
         c.vtd.write(0, regs::FECTL, &0u32.to_le_bytes());
     }
+    // Some cases start with whole pages of random bytes (the latched root table's among
+    // them).
+    if r.percent(30) {
+        let mut b = [0u8; 8];
+        c.vtd.read(0, regs::RTADDR, &mut b);
+        let root = u64::from_le_bytes(b) & !0xfff;
+        let pages = [root, addr(r) & !0xfff, addr(r) & !0xfff, addr(r) & !0xfff];
+        for p in pages {
+            for i in 0..512 {
+                let _ = c.mem.write_u64(p.wrapping_add(i * 8), r.next());
+            }
+        }
+    }
     for _ in 0..ops {
         match r.below(10) {
             0..=2 => write_reg(&mut c, r),
@@ -381,7 +409,7 @@ fn run_case(r: &mut Rng, ops: u64) -> (Vec<String>, VtdCounters) {
             6..=8 => queue_descriptors(&mut c, r),
             _ => page_request(&mut c, r),
         }
-        if r.chance(3) {
+        if r.percent(3) {
             if let Some(&rid) = c.rids.first() {
                 let bdf = PciBdf::new(
                     0,
@@ -408,17 +436,16 @@ fn run_case(r: &mut Rng, ops: u64) -> (Vec<String>, VtdCounters) {
 
 #[test]
 fn viommu_bad_tables_fault_not_panic() {
-    const CASES: u64 = 3000;
     const OPS: u64 = 40;
-    let seed = std::env::var("VIOMMU_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_7d00_2026_1204u64);
-    println!("viommu_bad_tables_fault_not_panic: seed {seed} ({CASES} cases of {OPS} operations)");
+    let seed = fuzz::seed("viommu_bad_tables_fault_not_panic", 0x5eed_7d00_2026_1204);
+    let cases = fuzz::cases(3000) as u64;
     let mut total = VtdCounters::default();
-    for case in 0..CASES {
-        let mut r = Rng(seed ^ case.wrapping_mul(0x9e37_79b9));
-        let (violations, c) = run_case(&mut r, OPS);
+    for case in 0..cases {
+        let mut r = Rng::new(seed ^ case.wrapping_mul(0x9e37_79b9));
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case(&mut r, OPS)));
+        let Ok((violations, c)) = run else {
+            panic!("seed {seed} case {case}: the model panicked (replay with FUZZ_SEED={seed})");
+        };
         assert!(
             violations.is_empty(),
             "seed {seed} case {case}: translations outside guest RAM: {violations:?}"
@@ -443,5 +470,85 @@ fn viommu_bad_tables_fault_not_panic() {
     assert!(total.set_translation_calls > 0);
     assert!(total.invalidate_calls > 0);
     assert!(total.bad_accesses > 0);
+    assert!(
+        total.page_requests > 0,
+        "the page request queue was never reached"
+    );
     assert!(total.desc_wait > 0 && total.desc_context_cache > 0 && total.desc_pasid_cache > 0);
+}
+
+/// Pointers at the very top of the address space: every sum of a table pointer and an
+/// offset must be checked (no overflow panic in debug builds), and every such table faults.
+#[test]
+fn viommu_hostile_pointers_at_top_of_address_space() {
+    let cfg = VtdConfig {
+        pasid_bits: 20,
+        ..full_cfg()
+    };
+    let mut rig = Rig::new(cfg);
+    let dev = PciBdf::new(0, 0xff, 31, 7).unwrap();
+    rig.vtd.add_device(dev);
+    rig.vtd.add_device(bdf(1));
+    let top = 0xffff_ffff_ffff_f000u64;
+    rig.w64(regs::RTADDR, top | (1 << 10));
+    rig.w32(regs::GCMD, gcmd::SRTP);
+    rig.w32(regs::GCMD, gcmd::TE);
+    // Root table outside RAM: both devices blocked, faults recorded.
+    assert!(rig.vtd.counters().faults_recorded >= 1);
+    assert_eq!(
+        rig.vtd.translation(dev, Pasid(0)),
+        Some(Translation::Blocked)
+    );
+    // A root table in RAM whose context entry names a PASID directory at the top, with the
+    // largest PDTS and PASIDE: the bounded scan faults instead of wrapping.
+    rig.mem.write_u64(0x20_0000, 0x20_1000 | 1).unwrap();
+    rig.mem
+        .write_u64(0x20_1000 + 8 * 32, top | (7 << 9) | (1 << 3) | 1)
+        .unwrap();
+    rig.w64(regs::RTADDR, 0x20_0000 | (1 << 10));
+    rig.w32(regs::GCMD, gcmd::TE | gcmd::SRTP);
+    // Queue at the top of the address space with the largest size.
+    rig.w64(regs::IQA, top | (1 << 11) | 7);
+    rig.w32(regs::GCMD, gcmd::TE | gcmd::QIE);
+    rig.w32(regs::IQT, 0x7_ffe0);
+    assert_ne!(rig.r32(regs::FSTS) & regs::fsts::IQE, 0);
+    assert_eq!(rig.r64(regs::IQERCD) & 0xf, 2, "fetch error");
+    // A queue in RAM with a wait whose status address is the top of memory, a context
+    // invalidation that scans the hostile directory, and an IOTLB register invalidation
+    // with the largest address mask.
+    // (Clearing IQE resumes the queue where it stopped: empty it first.)
+    rig.w32(regs::IQT, 0);
+    rig.w32(regs::FSTS, regs::fsts::IQE);
+    assert_eq!(rig.r32(regs::FSTS) & regs::fsts::IQE, 0);
+    let mut q = Queue::enable(&mut rig);
+    q.submit(
+        &mut rig,
+        &[
+            desc::context_global(),
+            desc::pasid_cache(1, 0, (1 << 20) - 1),
+            desc::wait(u64::MAX, 1, true, false),
+        ],
+    );
+    assert_eq!(rig.r64(regs::IQH), q.tail);
+    rig.w64(regs::IVA, u64::MAX);
+    rig.w64(regs::IOTLB, (1 << 63) | (3 << 60));
+    // Page request queue at the top.
+    rig.w64(regs::PQA, top | 7);
+    rig.w64(regs::PQT, 0x7_ffe0);
+    let _ = rig.vtd.post_page_request(PageRequest {
+        bdf: dev,
+        pasid: Some(Pasid((1 << 20) - 1)),
+        prgi: u16::MAX,
+        last: true,
+        read: true,
+        write: true,
+        exec: true,
+        privileged: true,
+        addr: u64::MAX,
+    });
+    let c = rig.vtd.counters();
+    assert!(c.faults_recorded >= 2, "{c:?}");
+    for (_, _, t) in rig.vtd.translations() {
+        assert!(matches!(t, Translation::Blocked | Translation::PassThrough));
+    }
 }
