@@ -36,19 +36,22 @@ fn setup() -> (GuestMemoryMmap<()>, SoftIommu, DevId, IoasId, HwptId) {
     (mem, soft, dev, ioas, parent)
 }
 
-/// A 3-level table at 0x10_0000 mapping IOVA 0x4000_0000 to GPA 0x80_0000 (4 KiB, R/W).
+/// The IOVA the test table maps.
+const IOVA: u64 = 0x4020_3000;
+
+/// The entry for `iova` in the table at `table`, at the level that resolves bits from
+/// `shift` up.
+fn slot(table: u64, iova: u64, shift: u32) -> GuestAddress {
+    GuestAddress(table + ((iova >> shift) & 511) * 8)
+}
+
+/// A 3-level table at 0x10_0000 mapping [`IOVA`] to GPA 0x80_0000 (4 KiB, R/W).
 fn table(mem: &GuestMemoryMmap<()>) -> SlConfig {
     let (root, l2, l1) = (0x10_0000u64, 0x10_1000u64, 0x10_2000u64);
-    let iova = 0x4000_0000u64;
-    mem.write_obj(l2 | R | W, GuestAddress(root + ((iova >> 30) & 511) * 8))
+    mem.write_obj(l2 | R | W, slot(root, IOVA, 30)).unwrap();
+    mem.write_obj(l1 | R | W, slot(l2, IOVA, 21)).unwrap();
+    mem.write_obj(0x80_0000u64 | R | W, slot(l1, IOVA, 12))
         .unwrap();
-    mem.write_obj(l1 | R | W, GuestAddress(l2 + ((iova >> 21) & 511) * 8))
-        .unwrap();
-    mem.write_obj(
-        0x80_0000u64 | R | W,
-        GuestAddress(l1 + ((iova >> 12) & 511) * 8),
-    )
-    .unwrap();
     SlConfig { root, levels: 3 }
 }
 
@@ -119,46 +122,46 @@ fn second_level_walked_per_access_until_invalidated() {
         .unwrap();
     soft.attach(dev, Some(Pasid(2)), PtId::Hwpt(n)).unwrap();
     let req = DmaRequest::default();
-    soft.dma_write(dev, Some(Pasid(2)), 0x4000_0010, b"sl", req)
+    soft.dma_write(dev, Some(Pasid(2)), IOVA + 0x10, b"sl", req)
         .unwrap();
     let mut b = [0u8; 2];
     mem.read_slice(&mut b, GuestAddress(0x80_0010)).unwrap();
     assert_eq!(&b, b"sl");
     // Read-only leaf: writes fault (rights come from the guest table).
-    let leaf = GuestAddress(0x10_2000 + ((0x4000_0000u64 >> 12) & 511) * 8);
+    let leaf = slot(0x10_2000, IOVA, 12);
     mem.write_obj(0x80_0000u64 | R, leaf).unwrap();
     soft.hwpt_invalidate(n, &[Invalidation::All]).unwrap();
     assert!(soft
-        .dma_write(dev, Some(Pasid(2)), 0x4000_0010, b"ro", req)
+        .dma_write(dev, Some(Pasid(2)), IOVA + 0x10, b"ro", req)
         .is_err());
-    soft.dma_read(dev, Some(Pasid(2)), 0x4000_0010, &mut b, req)
+    soft.dma_read(dev, Some(Pasid(2)), IOVA + 0x10, &mut b, req)
         .unwrap();
     // Cleared without invalidation: the IOTLB keeps serving the old translation.
     mem.write_obj(0u64, leaf).unwrap();
-    soft.dma_read(dev, Some(Pasid(2)), 0x4000_0010, &mut b, req)
+    soft.dma_read(dev, Some(Pasid(2)), IOVA + 0x10, &mut b, req)
         .unwrap();
     soft.hwpt_invalidate(
         n,
         &[Invalidation::Range {
             pasid: None,
-            addr: 0x4000_0000,
+            addr: IOVA,
             npages: 1,
             leaf: true,
         }],
     )
     .unwrap();
     assert!(matches!(
-        soft.dma_read(dev, Some(Pasid(2)), 0x4000_0010, &mut b, req),
+        soft.dma_read(dev, Some(Pasid(2)), IOVA + 0x10, &mut b, req),
         Err(DmaError::Fault(f)) if f.reason == crate::FaultReason::NotPresent
     ));
     // Stage 2 under the table: unmapping the table pages from the parent's IOAS makes the
     // walk fault, with no guest invalidation needed.
     mem.write_obj(0x80_0000u64 | R | W, leaf).unwrap();
     soft.hwpt_invalidate(n, &[Invalidation::All]).unwrap();
-    soft.dma_read(dev, Some(Pasid(2)), 0x4000_0010, &mut b, req)
+    soft.dma_read(dev, Some(Pasid(2)), IOVA + 0x10, &mut b, req)
         .unwrap();
     soft.ioas_unmap(ioas, 0x10_0000, 0x3000).unwrap();
     assert!(soft
-        .dma_read(dev, Some(Pasid(2)), 0x4000_0010, &mut b, req)
+        .dma_read(dev, Some(Pasid(2)), IOVA + 0x10, &mut b, req)
         .is_err());
 }
