@@ -6,6 +6,8 @@
 //! soft backend holds.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 
 use devices::pci::{MsiMessage, PciBdf};
@@ -21,7 +23,9 @@ use ioasid::{
 use vm_memory::{Bytes, GuestAddress};
 use vmm::device_manager::dma::{map_ram, RamMapMode};
 use vmm::memory::{GuestRam, RamConfig};
-use vmm::viommu::{BridgeLimits, DevicePath, VmGuestMemory, VtdBridge};
+use vmm::viommu::{BridgeLimits, DevicePath, KvmMsiSignal, VmGuestMemory, VtdBridge};
+
+use common::{assert_msi_handler_ran, run_msi_payload, MSI_VECTOR};
 
 const MIB: u64 = 1 << 20;
 const RAM: u64 = 256 * MIB;
@@ -912,4 +916,24 @@ fn viommu_harness_linux_sequence() {
         msis.0.lock().unwrap().is_empty(),
         "no fault events expected"
     );
+}
+
+/// The model's own interrupts (fault event, invalidation completion) go through
+/// `KVM_SIGNAL_MSI`: a long-mode payload on this host's KVM takes one in its handler.
+#[test]
+fn viommu_msi_signal_reaches_guest_handler() {
+    let name = "viommu_msi_signal_reaches_guest_handler";
+    let Some((pvm, out, _)) = run_msi_payload(
+        name,
+        |vm| KvmMsiSignal::new(vm.vm_fd().clone()),
+        |msi| {
+            msi.signal(MsiMessage {
+                address: 0xfee0_0000,
+                data: u32::from(MSI_VECTOR),
+            })
+        },
+    ) else {
+        return;
+    };
+    assert_msi_handler_ran(name, &pvm, &out);
 }
