@@ -422,6 +422,8 @@ fn shadow_page_resync_splits_area_and_keeps_neighbours() {
 fn shadow_blocked_passthrough_and_first_stage_unsupported() {
     let mut e = env();
     let (b, dev) = e.assigned("00:04.0", None);
+    assert_eq!(e.bridge.supports_first_stage(b), Some(false));
+    assert_eq!(e.bridge.supports_first_stage(bdf("00:1f.0")), None);
     e.dma_write(dev, BUFS, b"pt").unwrap();
     assert_eq!(
         e.bridge
@@ -559,6 +561,7 @@ fn nested_path_replaces_hwpt_and_batches_invalidations() {
     let caps = vtd_nesting_caps();
     assert!(caps.supports_nesting());
     let (b, dev) = e.assigned("00:06.0", Some(&caps));
+    assert_eq!(e.bridge.supports_first_stage(b), Some(true));
     let (t1, t2) = (e.table(), e.table());
     let f = S1_P | S1_RW | S1_US;
     e.map(t1, 4, 0x20_0000, BUFS, 1, f, f);

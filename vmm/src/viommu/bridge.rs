@@ -325,6 +325,19 @@ impl VtdBridge {
         Ok(rel)
     }
 
+    /// Whether `bdf` can be given first-stage translation: an emulated device always (the
+    /// soft backend walks it), an assigned one only on a host that nests. The wiring
+    /// advertises ECAP.FSTS only on units whose every device can (Linux prefers first stage
+    /// whenever FSTS is set, and a shadow cannot follow first-stage maps). `None`: unknown
+    /// device.
+    pub fn supports_first_stage(&self, bdf: PciBdf) -> Option<bool> {
+        let st = self.lock();
+        st.devices.get(&bdf).map(|d| match &d.path {
+            Path::Assigned { caps, .. } => caps.as_ref().is_some_and(HwCaps::supports_nesting),
+            Path::Emulated { .. } => true,
+        })
+    }
+
     /// Every (device, PASID) behind the vIOMMU with its mode, for `vm.iommu`.
     pub fn devices(&self) -> Vec<DeviceView> {
         let st = self.lock();
