@@ -1,8 +1,9 @@
 //! Request and response bodies other than `DeviceConfig`: plain serde structs the VMM fills.
 //!
-//! The Cloud Hypervisor ones (`VmmPingResponse`, `VmInfo`, `PciDeviceInfo`, `VmRemoveDevice`)
-//! have Cloud Hypervisor's field names. The introspection ones (`IommuInfo`, `IoasidsInfo`,
-//! `PasidsInfo`, `VmCounters`) are ours; `api/openapi.yaml` describes all of them.
+//! The Cloud Hypervisor ones (`VmmPingResponse`, `VmInfo`, `VmCounters`, `PciDeviceInfo`,
+//! `VmRemoveDevice`) have Cloud Hypervisor's field names and nesting. The introspection ones
+//! (`IommuInfo`, `IoasidsInfo`, `PasidsInfo`) are ours; `api/openapi.yaml` describes all of
+//! them. `VmConfig` (the body of `vm.create`) is in [`crate::vm_config`].
 
 use std::collections::BTreeMap;
 
@@ -55,11 +56,12 @@ pub struct DeviceNode {
     pub pci_bdf: Option<String>,
 }
 
-/// `GET /api/v1/vm.info`.
+/// `GET /api/v1/vm.info` (Cloud Hypervisor's `VmInfo`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmInfo {
-    /// The VM's configuration, as the VMM serializes it.
-    pub config: serde_json::Value,
+    /// The VM's configuration in Cloud Hypervisor's `VmConfig` field names, with the devices
+    /// added since (and their ids).
+    pub config: crate::vm_config::VmConfig,
     /// VM state.
     pub state: VmState,
     /// Guest memory actually backed, in bytes.
@@ -271,9 +273,13 @@ pub struct PasidsInfo {
     pub entries: Vec<PasidEntry>,
 }
 
-/// `GET /api/v1/vm.counters`.
+/// The VM-wide IOMMU counters: one entry of `vm.counters`, under [`IOMMU_COUNTERS_KEY`].
+///
+/// Serialized as a map of counter name to integer built from the fields, so a counter added
+/// here appears in `vm.counters` without a schema change (the schema says "map of integers").
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmCounters {
+#[serde(default)]
+pub struct IommuCounters {
     /// I/O page faults read from fault queues.
     pub faults: u64,
     /// Page requests (PRI) forwarded to the guest.
@@ -287,28 +293,73 @@ pub struct VmCounters {
     /// ioctls issued on `/dev/iommu` and `/dev/vfio/*`.
     pub host_ioctls: u64,
     /// vIOMMU: guest invalidation queue descriptors processed (all types).
-    #[serde(default)]
     pub guest_invalidation_descriptors: u64,
     /// vIOMMU: host invalidation calls (`HWPT_INVALIDATE`) the bridge issued.
-    #[serde(default)]
     pub host_invalidation_calls: u64,
     /// vIOMMU: shadow map calls (`IOAS_COPY`/`IOAS_MAP_FILE` into shadow IOASes).
-    #[serde(default)]
     pub shadow_map_calls: u64,
     /// vIOMMU: shadow unmap calls.
-    #[serde(default)]
     pub shadow_unmap_calls: u64,
     /// vIOMMU: fault records written for the guest.
-    #[serde(default)]
     pub faults_recorded: u64,
+}
+
+/// The key of [`IommuCounters`] in `vm.counters`. Device ids starting with `_` are the
+/// VMM's own, so no device can take it.
+pub const IOMMU_COUNTERS_KEY: &str = "_iommu";
+
+/// `GET /api/v1/vm.counters`: Cloud Hypervisor's shape, a map of device id to a map of
+/// counter name to integer. The VM-wide IOMMU counters are the entry
+/// [`IOMMU_COUNTERS_KEY`]; the device manager may add VM-wide entries of its own (`_vm`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmCounters {
+    /// The VM-wide IOMMU counters.
+    pub iommu: IommuCounters,
     /// Per-device counters, free-form names.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub devices: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
-/// The body of every error reply: `{"error": "..."}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// What went wrong.
-    pub error: String,
+impl VmCounters {
+    /// The wire form: every device's map plus the IOMMU counters under their key.
+    pub fn to_map(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        let mut map = self.devices.clone();
+        let iommu: BTreeMap<String, u64> = serde_json::to_value(&self.iommu)
+            .ok()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        map.insert(IOMMU_COUNTERS_KEY.to_string(), iommu);
+        map
+    }
+}
+
+impl Serialize for VmCounters {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_map().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for VmCounters {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut devices = BTreeMap::<String, BTreeMap<String, u64>>::deserialize(d)?;
+        let iommu = match devices.remove(IOMMU_COUNTERS_KEY) {
+            Some(m) => serde_json::to_value(m)
+                .and_then(serde_json::from_value)
+                .map_err(serde::de::Error::custom)?,
+            None => IommuCounters::default(),
+        };
+        Ok(VmCounters { iommu, devices })
+    }
+}
+
+/// The body of every error reply: the message, then its causes, outermost first (Cloud
+/// Hypervisor's clients read a JSON array of strings).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ErrorBody(pub Vec<String>);
+
+impl ErrorBody {
+    /// Message and causes joined with `: `.
+    pub fn joined(&self) -> String {
+        self.0.join(": ")
+    }
 }

@@ -11,3 +11,6 @@ pub mod bus;
 pub mod pci;
 pub mod vfio;
 pub mod viommu;
+
+#[cfg(test)]
+pub(crate) mod fuzz;

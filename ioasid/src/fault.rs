@@ -46,6 +46,8 @@ pub struct FaultCounters {
     pub timeouts: u64,
     /// Unrecoverable faults read.
     pub unrecoverable: u64,
+    /// Answers (caller's or timeout) the queue refused; the group is no longer tracked.
+    pub failed_responses: u64,
 }
 
 type GroupKey = (DevId, Option<Pasid>, u32);
@@ -183,13 +185,20 @@ impl FaultHandler {
                 Errno(libc::EINVAL),
             ));
         }
-        self.queue.respond(PageResponse { cookie, code })?;
+        if let Err(e) = self.queue.respond(PageResponse { cookie, code }) {
+            self.counters.failed_responses += 1;
+            return Err(e);
+        }
         self.counters.responses += 1;
         Ok(())
     }
 
     /// Answers "invalid" for every group past its deadline (and incomplete groups older than
-    /// the timeout); returns the cookies answered.
+    /// the timeout); returns the cookies answered. Every group taken is answered even when
+    /// one answer fails (the queue refuses it, e.g. after the device went away): the others
+    /// still get theirs, the failed ones are counted in
+    /// [`FaultCounters::failed_responses`], and the first failure is returned after all
+    /// were tried. No group taken here stays tracked, so none is answered twice.
     pub fn expire(&mut self, now: Instant) -> Result<Vec<u32>> {
         let mut due: Vec<u32> = self
             .outstanding
@@ -202,15 +211,28 @@ impl FaultHandler {
         }
         due.sort_unstable();
         due.dedup();
-        for &cookie in &due {
+        let mut answered = Vec::with_capacity(due.len());
+        let mut first_error = None;
+        for cookie in due {
             self.outstanding.remove(&cookie);
-            self.queue.respond(PageResponse {
+            match self.queue.respond(PageResponse {
                 cookie,
                 code: PageResponseCode::Invalid,
-            })?;
-            self.counters.timeouts += 1;
+            }) {
+                Ok(()) => {
+                    self.counters.timeouts += 1;
+                    answered.push(cookie);
+                }
+                Err(e) => {
+                    self.counters.failed_responses += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(due)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(answered),
+        }
     }
 
     /// Groups handed out and not answered yet.

@@ -3,7 +3,8 @@
 //!
 //! KVM's `KVM_SET_GSI_ROUTING` replaces the whole table, so [`GsiRouter`] keeps the complete
 //! table (the irqchip's default pin routes for GSI 0..24 plus every MSI route) and commits it
-//! on each change.
+//! on each change, or once at the end of a batch ([`GsiRouter::begin_batch`]): a guest write
+//! that enables 2048 MSI-X vectors is one commit, not 2048.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -107,6 +108,12 @@ struct RouterState {
     msi: BTreeMap<u32, MsiMessage>,
     next_gsi: u32,
     free: Vec<u32>,
+    /// Open batches; changes wait for the outermost one to end.
+    batch_depth: u32,
+    /// A change waits for the batch's commit.
+    dirty: bool,
+    /// `KVM_SET_GSI_ROUTING` calls made.
+    commits: u64,
 }
 
 impl std::fmt::Debug for GsiRouter {
@@ -163,6 +170,9 @@ impl GsiRouter {
                 msi: BTreeMap::new(),
                 next_gsi: MSI_GSI_BASE,
                 free: Vec::new(),
+                batch_depth: 0,
+                dirty: false,
+                commits: 0,
             }),
         }
     }
@@ -171,7 +181,17 @@ impl GsiRouter {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn commit(&self, state: &RouterState) -> Result<(), IrqError> {
+    fn commit(&self, state: &mut RouterState) -> Result<(), IrqError> {
+        if state.batch_depth > 0 {
+            state.dirty = true;
+            return Ok(());
+        }
+        self.commit_now(state)
+    }
+
+    fn commit_now(&self, state: &mut RouterState) -> Result<(), IrqError> {
+        state.dirty = false;
+        state.commits += 1;
         let mut entries = default_irqchip_routes();
         entries.extend(state.msi.iter().map(|(&g, &m)| msi_entry(g, m)));
         let n = entries.len();
@@ -194,7 +214,7 @@ impl GsiRouter {
             None => return Err(IrqError::NoFreeGsi),
         };
         s.msi.insert(gsi, msg);
-        if let Err(e) = self.commit(&s) {
+        if let Err(e) = self.commit(&mut s) {
             s.msi.remove(&gsi);
             s.free.push(gsi);
             return Err(e);
@@ -207,7 +227,7 @@ impl GsiRouter {
         let mut s = self.lock();
         let old = *s.msi.get(&gsi).ok_or(IrqError::UnknownGsi { gsi })?;
         s.msi.insert(gsi, msg);
-        if let Err(e) = self.commit(&s) {
+        if let Err(e) = self.commit(&mut s) {
             s.msi.insert(gsi, old);
             return Err(e);
         }
@@ -219,7 +239,31 @@ impl GsiRouter {
         let mut s = self.lock();
         s.msi.remove(&gsi).ok_or(IrqError::UnknownGsi { gsi })?;
         s.free.push(gsi);
-        self.commit(&s)
+        self.commit(&mut s)
+    }
+
+    /// Starts a batch: route changes are committed together when the outermost batch ends
+    /// ([`Self::end_batch`]). A GSI added inside a batch does not deliver until then (KVM
+    /// keeps an irqfd on an unrouted GSI inactive until the routing update). Batches are
+    /// VM-wide: another device's change inside one waits for the same commit.
+    pub fn begin_batch(&self) {
+        let mut s = self.lock();
+        s.batch_depth = s.batch_depth.saturating_add(1);
+    }
+
+    /// Ends a batch; the outermost one commits the table if anything changed.
+    pub fn end_batch(&self) -> Result<(), IrqError> {
+        let mut s = self.lock();
+        s.batch_depth = s.batch_depth.saturating_sub(1);
+        if s.batch_depth == 0 && s.dirty {
+            return self.commit_now(&mut s);
+        }
+        Ok(())
+    }
+
+    /// `KVM_SET_GSI_ROUTING` calls made so far.
+    pub fn commits(&self) -> u64 {
+        self.lock().commits
     }
 
     /// The MSI routes currently installed, by GSI.

@@ -6,11 +6,13 @@
 //! soft backend holds.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use devices::pci::PciBdf;
+use devices::pci::{MsiMessage, PciBdf};
+use devices::viommu::linux_harness::{LinuxHarness, Stage};
 use devices::viommu::{
-    BridgeError, BridgeMode, DomainScope, GuestInvalidation, SecondStage, Translation, ViommuBridge,
+    BridgeError, BridgeMode, DomainScope, GuestInvalidation, GuestMemoryAccess, MsiSignal,
+    SecondStage, Translation, ViommuBridge, Vtd, VtdConfig,
 };
 use ioasid::soft::{SoftConfig, SoftIommu};
 use ioasid::{
@@ -19,7 +21,7 @@ use ioasid::{
 use vm_memory::{Bytes, GuestAddress};
 use vmm::device_manager::dma::{map_ram, RamMapMode};
 use vmm::memory::{GuestRam, RamConfig};
-use vmm::viommu::{BridgeLimits, DevicePath, VtdBridge};
+use vmm::viommu::{BridgeLimits, DevicePath, VmGuestMemory, VtdBridge};
 
 const MIB: u64 = 1 << 20;
 const RAM: u64 = 256 * MIB;
@@ -42,7 +44,7 @@ const ADDR: u64 = 0x000f_ffff_ffff_f000;
 struct Env {
     ram: GuestRam,
     soft: Arc<SoftIommu>,
-    bridge: VtdBridge,
+    bridge: Arc<VtdBridge>,
     next_table: u64,
 }
 
@@ -56,7 +58,12 @@ fn env_with(limits: BridgeLimits) -> Env {
     let ram_ioas = soft.ioas_alloc().unwrap();
     map_ram(&*soft, ram_ioas, ram.regions(), RamMapMode::ByAddress).unwrap();
     let backend: Arc<dyn IommuBackend> = soft.clone();
-    let bridge = VtdBridge::with_limits(backend, ram_ioas, ram.regions().to_vec(), limits);
+    let bridge = Arc::new(VtdBridge::with_limits(
+        backend,
+        ram_ioas,
+        ram.regions().to_vec(),
+        limits,
+    ));
     Env {
         ram,
         soft,
@@ -447,6 +454,25 @@ fn shadow_blocked_passthrough_and_first_stage_unsupported() {
         matches!(&err, BridgeError::Unsupported { reason, .. } if reason.contains("cache_tag_flush_range_np")),
         "{err}"
     );
+    // A table with a level count the unit never advertises: the domain maps nothing.
+    let bad = e.bridge.counters().bad_table_entries;
+    e.sl_map(root, 0x1000, BUFS, 4096);
+    e.bridge
+        .set_translation(
+            b,
+            Pasid(0),
+            Translation::SecondStage {
+                did: 1,
+                table: SecondStage {
+                    levels: 9,
+                    ..sl(root)
+                },
+            },
+        )
+        .unwrap();
+    assert!(e.bridge.shadow_areas(1).is_empty());
+    assert_eq!(e.bridge.counters().bad_table_entries, bad + 1);
+    assert!(e.dma_write(dev, 0x1000, b"x").is_err());
     // Unknown BDF.
     assert!(matches!(
         e.bridge
@@ -670,11 +696,14 @@ fn soft_path_walks_guest_tables_per_access() {
         .set_translation(b, Pasid(3), Translation::Blocked)
         .unwrap();
     assert!(view.write(Some(Pasid(3)), 0x1008, b"x").is_err());
-    assert_eq!(e.bridge.counters().nested_hwpts_live, 1);
+    let c = e.bridge.counters();
+    assert_eq!((c.nested_hwpts_live, c.nest_parents_live), (1, 1));
     let rel = e.bridge.remove(b).unwrap();
     assert!(rel.errors.is_empty(), "{:?}", rel.errors);
     assert_eq!((rel.nested_hwpts, rel.nest_parents), (1, 1));
     assert!(view.write(None, 0x7000_0010, b"after").is_err());
+    let c = e.bridge.counters();
+    assert_eq!((c.nested_hwpts_live, c.nest_parents_live), (0, 0));
 }
 
 /// xorshift64*: a small seeded generator.
@@ -776,4 +805,111 @@ fn shadow_hostile_tables_never_map_outside_ram() {
     let rel = e.bridge.remove(b).unwrap();
     assert!(rel.errors.is_empty(), "seed {seed}: {:?}", rel.errors);
     assert_eq!(e.bridge.counters().shadow_ioases_live, 0);
+}
+
+/// Records the model's own MSIs.
+#[derive(Default)]
+struct Msis(Mutex<Vec<MsiMessage>>);
+
+impl MsiSignal for Msis {
+    fn signal(&self, msg: MsiMessage) {
+        self.0.lock().unwrap().push(msg);
+    }
+}
+
+/// The model programmed as Linux's intel-iommu does (boot, attach, map, unmap, teardown),
+/// wired to the bridge: an emulated device on the soft path and an "assigned" one on the
+/// shadow path. DMA at IOVA X lands in guest buffer B; after unmap and its invalidation it
+/// faults.
+#[test]
+fn viommu_harness_linux_sequence() {
+    let e = env();
+    let mem: Arc<dyn GuestMemoryAccess> = Arc::new(VmGuestMemory::new(e.ram.memory().clone()));
+    let bridge: Arc<dyn ViommuBridge> = e.bridge.clone();
+    let msis = Arc::new(Msis::default());
+    let mut vtd = Vtd::new(VtdConfig::default(), mem.clone(), bridge, msis.clone()).unwrap();
+    // The emulated device (soft path) and an assigned one (shadow path).
+    let emu = bdf("00:03.0");
+    let dev = e.soft.register_device("emulated").unwrap();
+    let view = e.bridge.add_emulated(emu, e.soft.clone(), dev).unwrap();
+    let (asg, adev) = e.assigned("00:05.0", None);
+    vtd.add_device(emu);
+    vtd.add_device(asg);
+    let mut h = LinuxHarness::new(mem, TABLES..TABLES_END);
+
+    h.boot(&mut vtd).unwrap();
+    // Translation on, nothing attached: every DMA is blocked.
+    assert!(view.write(None, BUFS, b"boot").is_err());
+    assert!(e.dma_write(adev, BUFS, b"boot").is_err());
+    assert_eq!(&e.read(BUFS, 4), &[0u8; 4]);
+
+    let did = h.attach(&mut vtd, emu, Stage::Second).unwrap();
+    let adid = h.attach(&mut vtd, asg, Stage::Second).unwrap();
+    let modes: Vec<(PciBdf, BridgeMode, Option<u16>)> = e
+        .bridge
+        .devices()
+        .iter()
+        .map(|v| (v.bdf, v.mode, v.did))
+        .collect();
+    assert_eq!(
+        modes,
+        vec![
+            (emu, BridgeMode::Soft, Some(did)),
+            (asg, BridgeMode::Shadow, Some(adid))
+        ]
+    );
+
+    let (x, b) = (0x10_0000u64, BUFS + 0x20_0000);
+    h.map(&mut vtd, emu, x, b, 0x3000).unwrap();
+    h.map(&mut vtd, asg, x, b + 0x10_0000, 0x3000).unwrap();
+    view.write(None, x + 0x1008, b"emulated DMA at X").unwrap();
+    assert_eq!(&e.read(b + 0x1008, 17), b"emulated DMA at X");
+    let mut back = [0u8; 17];
+    view.read(None, x + 0x1008, &mut back).unwrap();
+    assert_eq!(&back, b"emulated DMA at X");
+    e.dma_write(adev, x + 0x2010, b"assigned DMA at X").unwrap();
+    assert_eq!(&e.read(b + 0x10_2010, 17), b"assigned DMA at X");
+    let c = e.bridge.counters();
+    assert_eq!(
+        c.shadow_map_calls, 1,
+        "three contiguous pages, one IOAS_COPY: {c:?}"
+    );
+
+    h.unmap(&mut vtd, emu, x, 0x3000).unwrap();
+    h.unmap(&mut vtd, asg, x, 0x3000).unwrap();
+    assert!(matches!(
+        view.write(None, x + 0x1008, b"after unmap"),
+        Err(DmaError::Fault(_))
+    ));
+    assert!(matches!(
+        e.dma_write(adev, x + 0x2010, b"after unmap"),
+        Err(DmaError::Fault(_))
+    ));
+    assert_eq!(&e.read(b + 0x1008, 17), b"emulated DMA at X");
+    assert!(e.bridge.shadow_areas(adid).is_empty());
+
+    h.teardown(&mut vtd, emu).unwrap();
+    h.teardown(&mut vtd, asg).unwrap();
+    assert!(e
+        .bridge
+        .devices()
+        .iter()
+        .all(|v| v.mode == BridgeMode::Blocked));
+    assert!(!h.queue_error(&mut vtd));
+    let model = vtd.counters();
+    assert_eq!(model.faults_recorded, 0, "{model:?}");
+    let c = e.bridge.counters();
+    assert_eq!((c.shadow_ioases_live, c.nested_hwpts_live), (0, 0), "{c:?}");
+    assert!(c.guest_invalidations > 0 && c.resyncs > 0, "{c:?}");
+    for b in [emu, asg] {
+        vtd.remove_device(b);
+        let rel = e.bridge.remove(b).unwrap();
+        assert!(rel.errors.is_empty(), "{:?}", rel.errors);
+    }
+    let c = e.bridge.counters();
+    assert_eq!((c.nest_parents_live, c.pasids_live), (0, 0), "{c:?}");
+    assert!(
+        msis.0.lock().unwrap().is_empty(),
+        "no fault events expected"
+    );
 }

@@ -176,7 +176,7 @@ fn viommu_vcpu_payload_programs_qi() {
     // No device behind it: nothing reached the host.
     assert_eq!(bridge.host_invalidation_calls, 0);
     let c = dm.counters();
-    assert_eq!(c.guest_invalidation_descriptors, 2);
+    assert_eq!(c.iommu.guest_invalidation_descriptors, 2);
     let info = dm.iommu_info().viommu.unwrap();
     println!("{name}: vm.iommu viommu {info}");
     let ecap: Vec<String> = serde_json::from_value(info["ecap_names"].clone()).unwrap();

@@ -176,36 +176,65 @@ pub struct ExtCapEntry {
 fn le_u32(bytes: &[u8], off: usize) -> u32 {
     let mut b = [0u8; 4];
     for (i, v) in b.iter_mut().enumerate() {
-        *v = bytes.get(off + i).copied().unwrap_or(0);
+        *v = off
+            .checked_add(i)
+            .and_then(|o| bytes.get(o))
+            .copied()
+            .unwrap_or(0);
     }
     u32::from_le_bytes(b)
 }
 
-/// Walks the standard capability list of a config-space image. Stops at a pointer below
-/// 0x40, past the image, or after 48 entries (a looped list).
+/// Most standard capabilities a list can hold: (256 - 0x40) / 4 headers (Linux stops at 48).
+pub const MAX_CAPABILITIES: usize = 48;
+/// Most extended capabilities a list can hold: (4096 - 0x100) / 4 headers.
+pub const MAX_EXT_CAPABILITIES: usize = (EXT_CONFIG_SPACE_SIZE - EXT_CAP_START) / 4;
+
+/// Walks the standard capability list of a config-space image. Every entry's 2-byte header
+/// lies inside the image and the first 256 bytes; the walk stops at a pointer below 0x40, a
+/// header that would cross the end, an offset already visited (a looped list), or after
+/// [`MAX_CAPABILITIES`] entries. A device controls these bytes: nothing here may index
+/// past the image.
 pub fn walk_capabilities(bytes: &[u8]) -> Vec<CapEntry> {
     let mut out = Vec::new();
     let status = u16::from(bytes.get(reg::STATUS).copied().unwrap_or(0));
     if status & status::CAP_LIST == 0 {
         return out;
     }
+    let end = bytes.len().min(CONFIG_SPACE_SIZE);
+    let mut visited = [false; CONFIG_SPACE_SIZE / 4];
     let mut ptr = usize::from(bytes.get(reg::CAPABILITY_LIST).copied().unwrap_or(0)) & !3;
-    while ptr >= CAP_START && ptr + 1 < bytes.len().min(CONFIG_SPACE_SIZE) && out.len() < 48 {
-        out.push(CapEntry {
-            offset: ptr,
-            id: bytes[ptr],
-        });
-        ptr = usize::from(bytes[ptr + 1]) & !3;
+    while ptr >= CAP_START && ptr + 2 <= end && out.len() < MAX_CAPABILITIES {
+        let (Some(&id), Some(&next), Some(seen)) =
+            (bytes.get(ptr), bytes.get(ptr + 1), visited.get_mut(ptr / 4))
+        else {
+            break;
+        };
+        if std::mem::replace(seen, true) {
+            break;
+        }
+        out.push(CapEntry { offset: ptr, id });
+        ptr = usize::from(next) & !3;
     }
     out
 }
 
 /// Walks the extended capability list of a config-space image (empty for a 256-byte image).
-/// Stops at a zero or all-ones header, a pointer below 0x100, or after 1024 entries.
+/// Every entry's 4-byte header lies inside the image; the walk stops at a zero or all-ones
+/// header, a pointer below 0x100, a header that would cross the end, an offset already
+/// visited, or after [`MAX_EXT_CAPABILITIES`] entries.
 pub fn walk_ext_capabilities(bytes: &[u8]) -> Vec<ExtCapEntry> {
     let mut out = Vec::new();
+    let end = bytes.len().min(EXT_CONFIG_SPACE_SIZE);
+    let mut visited = [false; EXT_CONFIG_SPACE_SIZE / 4];
     let mut ptr = EXT_CAP_START;
-    while ptr >= EXT_CAP_START && ptr + 4 <= bytes.len() && out.len() < 1024 {
+    while ptr >= EXT_CAP_START && ptr + 4 <= end && out.len() < MAX_EXT_CAPABILITIES {
+        let Some(seen) = visited.get_mut(ptr / 4) else {
+            break;
+        };
+        if std::mem::replace(seen, true) {
+            break;
+        }
         let hdr = le_u32(bytes, ptr);
         if hdr == 0 || hdr == u32::MAX {
             break;
@@ -218,6 +247,16 @@ pub fn walk_ext_capabilities(bytes: &[u8]) -> Vec<ExtCapEntry> {
         ptr = ((hdr >> 20) as usize) & !3;
     }
     out
+}
+
+/// The little-endian u32 at `off` of a device image; bytes past the end read as 0.
+pub fn image_u32(bytes: &[u8], off: usize) -> u32 {
+    le_u32(bytes, off)
+}
+
+/// The little-endian u16 at `off` of a device image; bytes past the end read as 0.
+pub fn image_u16(bytes: &[u8], off: usize) -> u16 {
+    le_u32(bytes, off) as u16
 }
 
 /// Identity of a type 0 function.
@@ -589,6 +628,13 @@ mod tests {
         img[reg::CAPABILITY_LIST] = 0x40;
         img[0x40] = 1;
         img[0x41] = 0x40;
-        assert_eq!(walk_capabilities(&img).len(), 48);
+        assert_eq!(
+            walk_capabilities(&img).len(),
+            1,
+            "a looped list is walked once"
+        );
+        let mut ext = vec![0u8; 4096];
+        ext[0x100..0x104].copy_from_slice(&(0x000b_u32 | (0x100 << 20)).to_le_bytes());
+        assert_eq!(walk_ext_capabilities(&ext).len(), 1);
     }
 }

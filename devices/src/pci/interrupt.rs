@@ -5,6 +5,10 @@
 //! raises that vector (the VMM: an irqfd plus a GSI route). The model hands the eventfd to
 //! the device (for VFIO, `VFIO_DEVICE_SET_IRQS`), so interrupts then flow device → eventfd →
 //! KVM without passing through the model.
+//!
+//! Route changes a single guest write causes (enabling 2048 MSI-X vectors, disabling them)
+//! are bracketed by [`RouteBatch`], so the VMM commits its routing table once per guest
+//! write rather than once per vector.
 
 use std::io;
 
@@ -110,6 +114,13 @@ pub enum InterruptError {
         #[source]
         source: io::Error,
     },
+    /// The VMM could not commit a batch of route changes.
+    #[error("Cannot commit a batch of interrupt route changes")]
+    Commit {
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Where a device model's interrupts go. Implemented by the VMM (KVM irqfd + GSI routes),
@@ -145,6 +156,48 @@ pub trait InterruptSink: Send + Sync {
     /// Releases the INTx line [`Self::intx`] returned (the device is removed). The default
     /// does nothing.
     fn intx_release(&self) {}
+
+    /// Starts a batch: the route changes up to the matching [`Self::end_route_batch`] may be
+    /// committed together (the VMM: one `KVM_SET_GSI_ROUTING`). Batches nest. An eventfd
+    /// [`Self::msi_route`] returns inside a batch may deliver only once the batch ends. The
+    /// default commits each change at once. Use [`RouteBatch`] rather than calling this.
+    fn begin_route_batch(&self) {}
+
+    /// Ends a batch and commits what it deferred.
+    fn end_route_batch(&self) -> Result<(), InterruptError> {
+        Ok(())
+    }
+}
+
+/// A batch of route changes on a sink, ended (and committed) by [`RouteBatch::finish`], or
+/// on drop when an early return skips that (the commit error is then lost).
+pub struct RouteBatch<'a> {
+    sink: &'a dyn InterruptSink,
+    open: bool,
+}
+
+impl<'a> RouteBatch<'a> {
+    /// Starts a batch on `sink`.
+    pub fn new(sink: &'a dyn InterruptSink) -> Self {
+        sink.begin_route_batch();
+        Self { sink, open: true }
+    }
+
+    /// Ends the batch: the sink commits the deferred changes.
+    pub fn finish(mut self) -> Result<(), InterruptError> {
+        self.open = false;
+        self.sink.end_route_batch()
+    }
+}
+
+impl Drop for RouteBatch<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            if let Err(e) = self.sink.end_route_batch() {
+                log::warn!("{e}");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

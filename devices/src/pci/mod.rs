@@ -13,7 +13,8 @@
 //!
 //! Modules: [`bdf`] addresses, [`bar`] BAR encoding, [`config`] the register model and
 //! capability lists, [`msi`] / [`msix`] message-signalled interrupt emulation, [`interrupt`]
-//! the trait interrupts leave through, [`device`] the function trait, [`root`] the bus,
+//! the trait interrupts leave through, [`ratelimit`] the limit on guest-triggered
+//! warnings, [`device`] the function trait, [`root`] the bus,
 //! [`ecam`] and [`port_io`] the two config mechanisms, [`host_bridge`] 00:00.0.
 
 pub mod bar;
@@ -26,6 +27,7 @@ pub mod interrupt;
 pub mod msi;
 pub mod msix;
 pub mod port_io;
+pub mod ratelimit;
 pub mod root;
 
 pub use bar::{BarKind, PciBarInfo};
@@ -35,6 +37,7 @@ pub use device::{PciDevice, SharedPciDevice};
 pub use ecam::{PciEcam, ECAM_BUS_SIZE};
 pub use interrupt::{
     InterruptError, InterruptSink, IntxEventFds, IntxPin, MsiKind, MsiMessage, MsiVector,
+    RouteBatch,
 };
 pub use port_io::{PciConfigIo, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_SIZE};
 pub use root::{AddressWindow, BarState, PciBus, PciBusConfig, PciError, SharedPciBus};

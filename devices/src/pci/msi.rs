@@ -5,7 +5,7 @@
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::ConfigSpace;
-use super::interrupt::{InterruptError, InterruptSink, MsiKind, MsiMessage, MsiVector};
+use super::interrupt::{InterruptError, InterruptSink, MsiKind, MsiMessage, MsiVector, RouteBatch};
 
 const CTRL_ENABLE: u16 = 1 << 0;
 const CTRL_MME_SHIFT: u16 = 4;
@@ -191,6 +191,17 @@ impl MsiState {
         cfg: &ConfigSpace,
         sink: &dyn InterruptSink,
     ) -> Result<MsiChange, InterruptError> {
+        let batch = RouteBatch::new(sink);
+        let change = self.apply(cfg, sink)?;
+        batch.finish()?;
+        Ok(change)
+    }
+
+    fn apply(
+        &mut self,
+        cfg: &ConfigSpace,
+        sink: &dyn InterruptSink,
+    ) -> Result<MsiChange, InterruptError> {
         let regs = self.cap.regs(cfg);
         match (&mut self.active, regs.enabled) {
             (None, false) => Ok(MsiChange::None),
@@ -247,8 +258,12 @@ impl MsiState {
     /// Releases every route (guest disable, reset or removal).
     pub fn release(&mut self, sink: &dyn InterruptSink) {
         if let Some(a) = self.active.take() {
+            let batch = RouteBatch::new(sink);
             for i in 0..a.regs.count {
                 sink.msi_release(Self::vector(i));
+            }
+            if let Err(e) = batch.finish() {
+                log::warn!("MSI release: {e}");
             }
         }
     }

@@ -6,7 +6,7 @@ use std::ops::Range;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::ConfigSpace;
-use super::interrupt::{InterruptError, InterruptSink, MsiKind, MsiMessage, MsiVector};
+use super::interrupt::{InterruptError, InterruptSink, MsiKind, MsiMessage, MsiVector, RouteBatch};
 use super::msi::MsiChange;
 
 const CTRL_ENABLE: u16 = 1 << 15;
@@ -148,7 +148,8 @@ impl MsixState {
         }
     }
 
-    /// Applies the control word after a guest config write.
+    /// Applies the control word after a guest config write. All route changes of one write
+    /// form one [`RouteBatch`]: enabling 2048 vectors is one routing commit, not 2048.
     pub fn control_written(
         &mut self,
         cfg: &ConfigSpace,
@@ -158,6 +159,7 @@ impl MsixState {
         let old_fmask = std::mem::replace(&mut self.func_masked, fmask);
         match (self.enabled, enable) {
             (false, true) => {
+                let batch = RouteBatch::new(sink);
                 let mut fds = Vec::with_capacity(usize::from(self.cap.table_size));
                 for i in 0..self.cap.table_size {
                     let (msg, masked) = self.entry(i).unwrap_or_default();
@@ -167,9 +169,18 @@ impl MsixState {
                             for j in 0..i {
                                 sink.msi_release(Self::vector(j));
                             }
+                            batch.finish()?;
                             return Err(e);
                         }
                     }
+                }
+                if let Err(e) = batch.finish() {
+                    let undo = RouteBatch::new(sink);
+                    for i in 0..self.cap.table_size {
+                        sink.msi_release(Self::vector(i));
+                    }
+                    undo.finish()?;
+                    return Err(e);
                 }
                 self.fds = fds;
                 self.enabled = true;
@@ -180,12 +191,14 @@ impl MsixState {
                 Ok(MsiChange::Disabled)
             }
             (true, true) if old_fmask != fmask => {
+                let batch = RouteBatch::new(sink);
                 for i in 0..self.cap.table_size {
                     let (_, masked) = self.entry(i).unwrap_or_default();
                     if !masked {
                         sink.msi_mask(Self::vector(i), fmask)?;
                     }
                 }
+                batch.finish()?;
                 Ok(MsiChange::None)
             }
             _ => Ok(MsiChange::None),
@@ -254,8 +267,12 @@ impl MsixState {
     /// Releases every route (guest disable, reset or removal).
     pub fn release(&mut self, sink: &dyn InterruptSink) {
         if self.enabled {
+            let batch = RouteBatch::new(sink);
             for i in 0..self.cap.table_size {
                 sink.msi_release(Self::vector(i));
+            }
+            if let Err(e) = batch.finish() {
+                log::warn!("MSI-X release: {e}");
             }
         }
         self.enabled = false;

@@ -1,6 +1,7 @@
 //! The root bus: a host bridge at 00:00.0, device slots 1..=31, BAR allocation and the
 //! BAR ranges on the MMIO and PIO [`Bus`]es.
 
+use super::ratelimit::GuestWarn;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -181,6 +182,8 @@ pub struct PciBus {
     mmio64: Option<AddressAllocator>,
     io: Option<AddressAllocator>,
     slots: BTreeMap<u8, Slot>,
+    /// BAR moves are guest writes: their warnings are rate limited.
+    warn: GuestWarn,
 }
 
 /// The root bus as the ECAM and 0xCF8 handlers and the device manager share it.
@@ -238,6 +241,7 @@ impl PciBus {
                 .map(|w| allocator(Pool::Io.name(), w))
                 .transpose()?,
             slots,
+            warn: GuestWarn::new(),
         })
     }
 
@@ -518,7 +522,10 @@ impl PciBus {
                 (Some(old), Some(new)) => match bus.relocate(old, new) {
                     Ok(()) => Some(new),
                     Err(e) => {
-                        warn!("BAR{} of {bdf} not decoded at {new:#x}: {e}", b.info.index);
+                        self.warn.warn(format_args!(
+                            "BAR{} of {bdf} not decoded at {new:#x}: {e}",
+                            b.info.index
+                        ));
                         let _ = bus.remove(old);
                         None
                     }
@@ -530,7 +537,10 @@ impl PciBus {
                 (None, Some(new)) => match bus.insert(b.range.clone(), new, b.info.size) {
                     Ok(()) => Some(new),
                     Err(e) => {
-                        warn!("BAR{} of {bdf} not decoded at {new:#x}: {e}", b.info.index);
+                        self.warn.warn(format_args!(
+                            "BAR{} of {bdf} not decoded at {new:#x}: {e}",
+                            b.info.index
+                        ));
                         None
                     }
                 },

@@ -126,6 +126,17 @@ pub fn trapped_ranges(size: u64, mmap: &[MmapWindow]) -> Vec<Range<u64>> {
     out
 }
 
+/// Which part of a BAR a piece of an access falls in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BarPart {
+    /// The MSI-X table (emulated).
+    MsixTable,
+    /// The MSI-X PBA (emulated).
+    MsixPba,
+    /// The device (trapped to VFIO).
+    Device,
+}
+
 impl BarPlan {
     /// Whether `offset` falls in the MSI-X table.
     pub fn in_table(&self, offset: u64) -> bool {
@@ -137,5 +148,80 @@ impl BarPlan {
     /// Whether `offset` falls in the MSI-X PBA.
     pub fn in_pba(&self, offset: u64) -> bool {
         self.msix_pba.as_ref().is_some_and(|r| r.contains(&offset))
+    }
+
+    /// Splits an access of `len` bytes at `offset` by range overlap: each piece (BAR offsets)
+    /// goes to the MSI-X table, the PBA or the device. An access that straddles the start
+    /// or end of the table is emulated for its table bytes and never reaches the device
+    /// there (as QEMU's memory core splits it at region boundaries). The table wins where
+    /// a device lays the table and PBA over each other.
+    pub fn split(&self, offset: u64, len: usize) -> Vec<(Range<u64>, BarPart)> {
+        let end = offset.saturating_add(len as u64);
+        let parts = [
+            (self.msix_table.as_ref(), BarPart::MsixTable),
+            (self.msix_pba.as_ref(), BarPart::MsixPba),
+        ];
+        let mut out: Vec<(Range<u64>, BarPart)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let inside = parts
+                .iter()
+                .find_map(|(r, p)| r.filter(|r| r.contains(&pos)).map(|r| (r.end, *p)));
+            let (stop, part) = match inside {
+                Some((r_end, p)) => (r_end.min(end), p),
+                None => {
+                    // Up to the next emulated range that starts after `pos`.
+                    let next = parts
+                        .iter()
+                        .filter_map(|(r, _)| r.map(|r| r.start))
+                        .filter(|&s| s > pos)
+                        .min()
+                        .unwrap_or(end);
+                    (next.min(end), BarPart::Device)
+                }
+            };
+            out.push((pos..stop, part));
+            pos = stop;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::pci::bar::BarKind;
+
+    #[test]
+    fn split_by_overlap() {
+        let plan = BarPlan {
+            info: PciBarInfo::new(0, BarKind::Mem32, 0x4000, false).unwrap(),
+            region_size: 0x4000,
+            mmap: Vec::new(),
+            trapped: std::iter::once(0..0x4000).collect(),
+            msix_table: Some(0x1000..0x1100),
+            msix_pba: Some(0x1100..0x1108),
+        };
+        assert_eq!(
+            plan.split(0x0ffc, 8),
+            vec![
+                (0x0ffc..0x1000, BarPart::Device),
+                (0x1000..0x1004, BarPart::MsixTable)
+            ]
+        );
+        assert_eq!(
+            plan.split(0x10fc, 16),
+            vec![
+                (0x10fc..0x1100, BarPart::MsixTable),
+                (0x1100..0x1108, BarPart::MsixPba),
+                (0x1108..0x110c, BarPart::Device)
+            ]
+        );
+        assert_eq!(
+            plan.split(0x2000, 4),
+            vec![(0x2000..0x2004, BarPart::Device)]
+        );
+        assert!(plan.split(u64::MAX, 8).len() <= 1);
     }
 }

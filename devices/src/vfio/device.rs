@@ -11,18 +11,19 @@ use thiserror::Error;
 use super::backend::{
     page_size, MmapArea, VfioRegions, CONFIG_REGION, INTX_IRQ, MSIX_IRQ, MSI_IRQ,
 };
-use super::bar::{plan_bar, trapped_ranges, BarMapper, BarPlan, DirectMapping};
+use super::bar::{plan_bar, trapped_ranges, BarMapper, BarPart, BarPlan, DirectMapping};
 use super::caps::{self, CapContext, CapDecision, CapPolicy};
 use super::intx::{IntxUnmask, IntxUnmasker};
 use crate::pci::bar::{BarKind, PciBarInfo, BAR0_OFFSET, MAX_IO_BAR, NUM_BARS};
 use crate::pci::config::{
-    cap_id, ext_cap_id, reg, status, walk_capabilities, walk_ext_capabilities, ConfigSpace,
-    CONFIG_SPACE_SIZE, EXT_CAP_START, EXT_CONFIG_SPACE_SIZE,
+    cap_id, ext_cap_id, image_u16, image_u32, reg, status, walk_capabilities,
+    walk_ext_capabilities, ConfigSpace, CONFIG_SPACE_SIZE, EXT_CAP_START, EXT_CONFIG_SPACE_SIZE,
 };
 use crate::pci::device::PciDevice;
 use crate::pci::interrupt::{InterruptSink, IntxEventFds, IntxPin};
 use crate::pci::msi::{MsiCap, MsiChange, MsiState};
 use crate::pci::msix::{MsixCap, MsixState};
+use crate::pci::ratelimit::GuestWarn;
 
 /// Which assigned device a model stands for (error and log context).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,6 +156,8 @@ pub struct VfioPciDevice {
     caps: Vec<CapDecision>,
     vpasid: Option<usize>,
     pasid_listener: Option<PasidListener>,
+    /// Warnings a guest can trigger (MSI/MSI-X routing, BAR moves) go through this limit.
+    warn: GuestWarn,
 }
 
 fn irq_count(regions: &dyn VfioRegions, index: u32) -> u32 {
@@ -213,6 +216,7 @@ impl VfioPciDevice {
             caps: Vec::new(),
             vpasid: None,
             pasid_listener: None,
+            warn: GuestWarn::new(),
         };
         dev.virt.set_bytes(0, &snap);
         let bar_infos = dev.discover_bars(&snap)?;
@@ -307,19 +311,27 @@ impl VfioPciDevice {
         let msi_count = irq_count(self.regions.as_ref(), MSI_IRQ);
         let msix_count = irq_count(self.regions.as_ref(), MSIX_IRQ);
         let has_bar = |i: u8| bars.iter().any(|b| b.index == i && b.is_memory());
-        let u16_at =
-            |o: usize| u16::from_le_bytes([snap[o], snap.get(o + 1).copied().unwrap_or(0)]);
-        let u32_at = |o: usize| {
-            u32::from_le_bytes([
-                snap.get(o).copied().unwrap_or(0),
-                snap.get(o + 1).copied().unwrap_or(0),
-                snap.get(o + 2).copied().unwrap_or(0),
-                snap.get(o + 3).copied().unwrap_or(0),
-            ])
-        };
+        let u16_at = |o: usize| image_u16(snap, o);
+        let u32_at = |o: usize| image_u32(snap, o);
         let mut visible = Vec::new();
+        // Registers of emulated capabilities: a later header inside them is the device lying
+        // about its layout; it is hidden without touching the registers.
+        let mut claimed: Vec<std::ops::Range<usize>> = Vec::new();
         for cap in walk_capabilities(snap) {
             let o = cap.offset;
+            if claimed
+                .iter()
+                .any(|r| r.contains(&o) || r.contains(&(o + 1)))
+            {
+                self.caps.push(CapDecision {
+                    offset: o,
+                    id: u16::from(cap.id),
+                    extended: false,
+                    policy: CapPolicy::Hide,
+                    reason: "overlaps an emulated capability",
+                });
+                continue;
+            }
             let mut ctx = CapContext {
                 msi_irqs: msi_count > 0,
                 ..Default::default()
@@ -348,6 +360,7 @@ impl VfioPciDevice {
                     } else {
                         m.install(&mut self.virt);
                         self.emulate(o, m.len());
+                        claimed.push(o..o + m.len());
                         self.msi = Some(MsiState::new(m));
                     }
                 }
@@ -355,6 +368,7 @@ impl VfioPciDevice {
                     if let Some(m) = msix_layout {
                         m.install(&mut self.virt);
                         self.emulate(o, MsixCap::LEN);
+                        claimed.push(o..o + MsixCap::LEN);
                         self.msix = Some(MsixState::new(m));
                     }
                 }
@@ -362,7 +376,7 @@ impl VfioPciDevice {
                 (CapPolicy::Pass, cap_id::EXP) => {
                     // Device control and status; device control 2 for a version 2 capability.
                     self.passthrough_writes(o + 8, 4);
-                    if snap[o + 2] & 0xf >= 2 {
+                    if snap.get(o + 2).is_some_and(|v| v & 0xf >= 2) {
                         self.passthrough_writes(o + 0x28, 2);
                     }
                 }
@@ -433,13 +447,14 @@ impl VfioPciDevice {
             if policy == CapPolicy::Pass {
                 visible.push((cap.offset, cap.id, cap.version));
                 if matches!(cap.id, ext_cap_id::VSEC | ext_cap_id::DVSEC) {
-                    let hdr = u32::from_le_bytes([
-                        snap[cap.offset + 4],
-                        snap[cap.offset + 5],
-                        snap[cap.offset + 6],
-                        snap[cap.offset + 7],
-                    ]);
-                    let len = ((hdr >> 20) as usize).min(EXT_CONFIG_SPACE_SIZE - cap.offset);
+                    // The walk only promises the 4-byte header inside the image: a VSEC header
+                    // in the last dword has its length dword past the end (reads as 0).
+                    let hdr = image_u32(snap, cap.offset + 4);
+                    let len = ((hdr >> 20) as usize).min(
+                        snap.len()
+                            .min(EXT_CONFIG_SPACE_SIZE)
+                            .saturating_sub(cap.offset),
+                    );
                     if len > 8 {
                         self.passthrough_writes(cap.offset + 8, len - 8);
                     }
@@ -447,7 +462,10 @@ impl VfioPciDevice {
             }
         }
         if let Some(cfg) = vpasid {
-            let off = hidden_pasid.unwrap_or(VPASID_FALLBACK_OFFSET);
+            // The hidden capability's place when the 8 bytes fit there.
+            let off = hidden_pasid
+                .filter(|&o| o + 8 <= EXT_CONFIG_SPACE_SIZE)
+                .unwrap_or(VPASID_FALLBACK_OFFSET);
             self.install_vpasid(off, cfg);
             visible.push((off, ext_cap_id::PASID, 1));
             let (policy, reason) = caps::extended(ext_cap_id::PASID, &ctx);
@@ -622,11 +640,13 @@ impl VfioPciDevice {
         };
         match r {
             Ok(()) => intx.armed = on,
-            Err(e) => warn!(
-                "{}: cannot switch INTx {}: {e}",
-                self.id,
-                if on { "on" } else { "off" }
-            ),
+            Err(e) => {
+                self.warn.warn(format_args!(
+                    "{}: cannot switch INTx {}: {e}",
+                    self.id,
+                    if on { "on" } else { "off" }
+                ));
+            }
         }
         intx.unmasker.set_armed(intx.armed);
         if on && intx.unmasker.mode() == IntxUnmask::Kernel {
@@ -690,17 +710,25 @@ impl VfioPciDevice {
                 self.set_intx(false);
                 let fds = self.msi.as_ref().map(|m| m.eventfds()).unwrap_or_default();
                 if let Err(e) = self.regions.enable_irq(MSI_IRQ, &fds) {
-                    warn!("{}: cannot enable {} MSI vectors: {e}", self.id, fds.len());
+                    self.warn.warn(format_args!(
+                        "{}: cannot enable {} MSI vectors: {e}",
+                        self.id,
+                        fds.len()
+                    ));
                 }
             }
             Ok(MsiChange::Disabled) => {
                 if let Err(e) = self.regions.disable_irq(MSI_IRQ) {
-                    warn!("{}: cannot disable MSI: {e}", self.id);
+                    self.warn
+                        .warn(format_args!("{}: cannot disable MSI: {e}", self.id));
                 }
                 self.set_intx(true);
             }
             Ok(MsiChange::None) => {}
-            Err(e) => warn!("{}: MSI routing failed: {e}", self.id),
+            Err(e) => {
+                self.warn
+                    .warn(format_args!("{}: MSI routing failed: {e}", self.id));
+            }
         }
     }
 
@@ -714,21 +742,25 @@ impl VfioPciDevice {
                 self.set_intx(false);
                 let fds = self.msix.as_ref().map(|m| m.eventfds()).unwrap_or_default();
                 if let Err(e) = self.regions.enable_irq(MSIX_IRQ, &fds) {
-                    warn!(
+                    self.warn.warn(format_args!(
                         "{}: cannot enable {} MSI-X vectors: {e}",
                         self.id,
                         fds.len()
-                    );
+                    ));
                 }
             }
             Ok(MsiChange::Disabled) => {
                 if let Err(e) = self.regions.disable_irq(MSIX_IRQ) {
-                    warn!("{}: cannot disable MSI-X: {e}", self.id);
+                    self.warn
+                        .warn(format_args!("{}: cannot disable MSI-X: {e}", self.id));
                 }
                 self.set_intx(true);
             }
             Ok(MsiChange::None) => {}
-            Err(e) => warn!("{}: MSI-X routing failed: {e}", self.id),
+            Err(e) => {
+                self.warn
+                    .warn(format_args!("{}: MSI-X routing failed: {e}", self.id));
+            }
         }
     }
 
@@ -779,6 +811,12 @@ impl VfioPciDevice {
     /// MSI vectors are routed.
     pub fn msi_enabled(&self) -> bool {
         self.msi.as_ref().is_some_and(|m| m.enabled())
+    }
+
+    /// The MSI-X state (tests).
+    #[cfg(test)]
+    pub(crate) fn msix_state(&self) -> Option<&MsixState> {
+        self.msix.as_ref()
     }
 
     /// MSI-X vectors are routed.
@@ -940,23 +978,34 @@ impl PciDevice for VfioPciDevice {
             data.fill(0xff);
             return;
         };
-        if let (true, Some(t), Some(m)) = (b.plan.in_table(offset), &b.plan.msix_table, &self.msix)
-        {
-            m.table_read(offset - t.start, data);
-            return;
-        }
-        if let (true, Some(p), Some(m)) = (b.plan.in_pba(offset), &b.plan.msix_pba, &self.msix) {
-            m.pba_read(offset - p.start, data);
-            return;
-        }
-        if offset + data.len() as u64 > b.plan.region_size {
-            data.fill(0xff);
-            return;
-        }
-        self.intx_before_access();
-        if let Err(e) = self.regions.region_read(u32::from(bar), offset, data) {
-            debug!("{}: BAR{bar} read at {offset:#x} failed: {e}", self.id);
-            data.fill(0xff);
+        let region_size = b.plan.region_size;
+        let table_start = b.plan.msix_table.as_ref().map_or(0, |t| t.start);
+        let pba_start = b.plan.msix_pba.as_ref().map_or(0, |p| p.start);
+        for (range, part) in b.plan.split(offset, data.len()) {
+            let Some(piece) =
+                data.get_mut((range.start - offset) as usize..(range.end - offset) as usize)
+            else {
+                continue;
+            };
+            match (part, &self.msix) {
+                (BarPart::MsixTable, Some(m)) => m.table_read(range.start - table_start, piece),
+                (BarPart::MsixPba, Some(m)) => m.pba_read(range.start - pba_start, piece),
+                (BarPart::MsixTable | BarPart::MsixPba, None) => piece.fill(0),
+                (BarPart::Device, _) => {
+                    if range.end > region_size {
+                        piece.fill(0xff);
+                        continue;
+                    }
+                    self.intx_before_access();
+                    if let Err(e) = self.regions.region_read(u32::from(bar), range.start, piece) {
+                        debug!(
+                            "{}: BAR{bar} read at {:#x} failed: {e}",
+                            self.id, range.start
+                        );
+                        piece.fill(0xff);
+                    }
+                }
+            }
         }
     }
 
@@ -964,21 +1013,43 @@ impl PciDevice for VfioPciDevice {
         let Some(b) = self.bar(bar) else {
             return;
         };
-        if b.plan.in_table(offset) {
-            let start = b.plan.msix_table.as_ref().map(|t| t.start).unwrap_or(0);
-            if let Some(m) = self.msix.as_mut() {
-                if let Err(e) = m.table_write(offset - start, data, self.sink.as_ref()) {
-                    warn!("{}: MSI-X table update failed: {e}", self.id);
+        let region_size = b.plan.region_size;
+        let table_start = b.plan.msix_table.as_ref().map_or(0, |t| t.start);
+        for (range, part) in b.plan.split(offset, data.len()) {
+            let Some(piece) =
+                data.get((range.start - offset) as usize..(range.end - offset) as usize)
+            else {
+                continue;
+            };
+            match part {
+                BarPart::MsixTable => {
+                    if let Some(m) = self.msix.as_mut() {
+                        if let Err(e) =
+                            m.table_write(range.start - table_start, piece, self.sink.as_ref())
+                        {
+                            self.warn
+                                .warn(format_args!("{}: MSI-X table update failed: {e}", self.id));
+                        }
+                    }
+                }
+                // The PBA is read-only.
+                BarPart::MsixPba => {}
+                BarPart::Device => {
+                    if range.end > region_size {
+                        continue;
+                    }
+                    self.intx_before_access();
+                    if let Err(e) = self
+                        .regions
+                        .region_write(u32::from(bar), range.start, piece)
+                    {
+                        debug!(
+                            "{}: BAR{bar} write at {:#x} failed: {e}",
+                            self.id, range.start
+                        );
+                    }
                 }
             }
-            return;
-        }
-        if b.plan.in_pba(offset) || offset + data.len() as u64 > b.plan.region_size {
-            return;
-        }
-        self.intx_before_access();
-        if let Err(e) = self.regions.region_write(u32::from(bar), offset, data) {
-            debug!("{}: BAR{bar} write at {offset:#x} failed: {e}", self.id);
         }
     }
 
@@ -992,15 +1063,23 @@ impl PciDevice for VfioPciDevice {
         let Some(mapper) = mapper else {
             return;
         };
+        // The guest moves BARs as often as it likes: these warnings are rate limited.
+        let limit = &self.warn;
         for (off, area) in &b.maps {
             if let Some(o) = old {
                 if let Err(e) = mapper.unmap(o + off, area.len()) {
-                    warn!("{id}: cannot unmap BAR{bar} at {:#x}: {e}", o + off);
+                    limit.warn(format_args!(
+                        "{id}: cannot unmap BAR{bar} at {:#x}: {e}",
+                        o + off
+                    ));
                 }
             }
             if let Some(n) = new {
                 if let Err(e) = mapper.map(n + off, area.host_addr(), area.len()) {
-                    warn!("{id}: cannot map BAR{bar} at {:#x}: {e}", n + off);
+                    limit.warn(format_args!(
+                        "{id}: cannot map BAR{bar} at {:#x}: {e}",
+                        n + off
+                    ));
                 }
             }
         }

@@ -378,6 +378,11 @@ pub struct FakeSink {
     /// The pin asked for, and the VMM's ends of the eventfds handed out.
     pub intx_given: Mutex<Option<(IntxPin, EventFd, Option<EventFd>)>>,
     pub intx_released: Mutex<u32>,
+    /// Routing-table commits, as a VMM that commits each route change outside a batch and
+    /// once per outermost batch with changes would make them.
+    pub commits: Mutex<u32>,
+    /// (open batch depth, a change is waiting for the batch's commit)
+    pub batch: Mutex<(u32, bool)>,
 }
 
 impl FakeSink {
@@ -397,6 +402,20 @@ impl FakeSink {
     pub fn take(&self) -> Vec<SinkCall> {
         std::mem::take(&mut *self.calls.lock().unwrap())
     }
+
+    pub fn commits(&self) -> u32 {
+        *self.commits.lock().unwrap()
+    }
+
+    /// A route table change: committed now, or at the end of the open batch.
+    fn changed(&self) {
+        let mut b = self.batch.lock().unwrap();
+        if b.0 > 0 {
+            b.1 = true;
+        } else {
+            *self.commits.lock().unwrap() += 1;
+        }
+    }
 }
 
 impl InterruptSink for FakeSink {
@@ -410,6 +429,7 @@ impl InterruptSink for FakeSink {
             .lock()
             .unwrap()
             .push(SinkCall::Route(vector, msg, masked));
+        self.changed();
         EventFd::new(EFD_NONBLOCK).map_err(|source| InterruptError::Route { vector, source })
     }
     fn msi_update(&self, vector: MsiVector, msg: MsiMessage) -> Result<(), InterruptError> {
@@ -417,6 +437,7 @@ impl InterruptSink for FakeSink {
             .lock()
             .unwrap()
             .push(SinkCall::Update(vector, msg));
+        self.changed();
         Ok(())
     }
     fn msi_mask(&self, vector: MsiVector, masked: bool) -> Result<(), InterruptError> {
@@ -428,6 +449,18 @@ impl InterruptSink for FakeSink {
     }
     fn msi_release(&self, vector: MsiVector) {
         self.calls.lock().unwrap().push(SinkCall::Release(vector));
+        self.changed();
+    }
+    fn begin_route_batch(&self) {
+        self.batch.lock().unwrap().0 += 1;
+    }
+    fn end_route_batch(&self) -> Result<(), InterruptError> {
+        let mut b = self.batch.lock().unwrap();
+        b.0 -= 1;
+        if b.0 == 0 && std::mem::take(&mut b.1) {
+            *self.commits.lock().unwrap() += 1;
+        }
+        Ok(())
     }
     fn intx(&self, pin: IntxPin) -> Option<IntxEventFds> {
         if !self.wire_intx {

@@ -79,4 +79,6 @@ pub use intx::IntxUnmask;
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;

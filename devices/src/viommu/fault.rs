@@ -46,6 +46,32 @@ impl FaultRecord {
     }
 }
 
+/// Why a DMA request faulted, as the VMM's translation path (soft walk, shadow) saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DmaFaultKind {
+    /// The leaf (or a directory) entry does not allow the read: fault reason 6h.
+    Read,
+    /// The leaf (or a directory) entry does not allow the write: fault reason 5h.
+    Write,
+    /// The address is beyond the table's input width (MGAW): fault reason 4h.
+    AddressBeyondWidth,
+    /// A paging entry could not be read (outside guest RAM) or is malformed: 7h.
+    PagingEntry,
+}
+
+impl DmaFaultKind {
+    /// The fault reason code. The legacy codes are used in scalable mode too, as QEMU
+    /// does; Linux decodes both ranges.
+    pub fn code(self) -> u8 {
+        match self {
+            DmaFaultKind::AddressBeyondWidth => 0x04,
+            DmaFaultKind::Write => 0x05,
+            DmaFaultKind::Read => 0x06,
+            DmaFaultKind::PagingEntry => 0x07,
+        }
+    }
+}
+
 const F_BIT: u64 = 1 << 63;
 
 /// FSTS, FECTL/FEDATA/FEADDR/FEUADDR and the fault recording registers.

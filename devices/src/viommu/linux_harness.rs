@@ -13,7 +13,7 @@
 //!   GCMD.QIE); root table allocated and latched (RTADDR with TTM=01b, GCMD.SRTP); global
 //!   context-cache, global PASID-cache and global IOTLB invalidations, one doorbell each;
 //!   GCMD.TE;
-//! - attach: the scalable-mode context entry (PASID directory, PDTS, PASIDE/DTE if
+//! - attach (`attach_pasid` for PASID > 0): the scalable-mode context entry (PASID directory, PDTS, PASIDE/DTE if
 //!   supported) made present, then a device-selective context-cache and a domain-selective
 //!   IOTLB invalidation of domain 0; then the PASID entry of RID_PASID 0 (second stage, or
 //!   first stage) made present, then a PASID-selective PASID-cache and a PASID-based IOTLB
@@ -23,10 +23,9 @@
 //!   (`calculate_psi_aligned_address`), domain-selective beyond MAMV;
 //! - unmap: leaf entries cleared, then the same invalidation (PASID-based for first stage),
 //!   plus the device TLB when ATS is on;
-//! - teardown: PASID entry cleared, PASID-selective PASID-cache invalidation, IOTLB
-//!   invalidation of the domain, device TLB; then the context entry cleared, a
-//!   device-selective context-cache invalidation, an all-PASIDs PASID-cache invalidation of
-//!   the domain and a domain-selective IOTLB invalidation.
+//! - teardown: PASID entry cleared (FPD kept), PASID-selective PASID-cache invalidation,
+//!   IOTLB invalidation of the domain, device TLB; then the context entry cleared, a
+//!   device-selective context-cache invalidation and the device TLB.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -251,6 +250,11 @@ pub mod desc {
         ]
     }
 
+    /// Interrupt entry cache invalidation, global (ignored by a unit without IR).
+    pub fn iec() -> [u64; 4] {
+        [4 | (1 << 4), 0, 0, 0]
+    }
+
     /// Invalidation wait with a status write of `data` at `status`.
     pub fn wait(status: u64, data: u32, interrupt: bool, fence: bool) -> [u64; 4] {
         [
@@ -332,21 +336,31 @@ pub enum Stage {
     First,
 }
 
-/// One attached device.
+/// One attached (device, PASID).
 #[derive(Debug, Clone, Copy)]
 pub struct Attached {
     /// The device.
     pub bdf: PciBdf,
+    /// The PASID (0: requests without PASID).
+    pub pasid: u32,
     /// Its domain id.
     pub did: u16,
     /// The stage programmed.
     pub stage: Stage,
-    /// Guest address of the PASID directory.
+    /// Guest address of the device's PASID directory.
     pub pasid_dir: u64,
-    /// Guest address of the PASID table of directory entry 0.
-    pub pasid_table: u64,
+    /// Guest address of the PASID table entry (legacy mode: the context entry).
+    pub pasid_entry: u64,
     /// Guest address of the I/O page table root (4-level).
     pub pgtable: u64,
+}
+
+/// The tables of one probed device.
+#[derive(Debug, Clone)]
+struct DeviceTables {
+    ctx: u64,
+    pasid_dir: u64,
+    pasid_tables: BTreeMap<u64, u64>,
 }
 
 const PAGE: u64 = 4096;
@@ -375,7 +389,8 @@ pub struct LinuxHarness {
     next_did: u16,
     /// Whether device-TLB invalidations are sent (ATS on the devices).
     pub ats: bool,
-    devices: BTreeMap<u16, Attached>,
+    devices: BTreeMap<u16, DeviceTables>,
+    attached: BTreeMap<(u16, u32), Attached>,
     /// Doorbells rung (IQT writes).
     pub doorbells: u64,
 }
@@ -385,7 +400,7 @@ impl std::fmt::Debug for LinuxHarness {
         f.debug_struct("LinuxHarness")
             .field("root", &format_args!("{:#x}", self.root))
             .field("iq", &format_args!("{:#x}", self.iq))
-            .field("devices", &self.devices)
+            .field("attached", &self.attached)
             .field("doorbells", &self.doorbells)
             .finish()
     }
@@ -418,13 +433,19 @@ impl LinuxHarness {
             next_did: 2,
             ats: false,
             devices: BTreeMap::new(),
+            attached: BTreeMap::new(),
             doorbells: 0,
         }
     }
 
-    /// The attached devices.
+    /// PASID 0 of `bdf`, if attached.
     pub fn attached(&self, bdf: PciBdf) -> Option<Attached> {
-        self.devices.get(&bdf.rid()).copied()
+        self.attached_pasid(bdf, 0)
+    }
+
+    /// (`bdf`, `pasid`), if attached.
+    pub fn attached_pasid(&self, bdf: PciBdf, pasid: u32) -> Option<Attached> {
+        self.attached.get(&(bdf.rid(), pasid)).copied()
     }
 
     /// Allocates `pages` zeroed, contiguous pages from the arena.
@@ -588,41 +609,90 @@ impl LinuxHarness {
         Ok(Some((re & !0xfff) + index * size))
     }
 
-    /// Probe and attach of `bdf` (`intel_pasid_setup_sm_context`, then
-    /// `intel_pasid_setup_second_level`/`_first_level` for PASID 0). Returns the domain id.
+    /// Probe of `bdf` (`intel_pasid_setup_sm_context` / `device_pasid_table_setup`): a
+    /// one-page PASID directory named by a scalable-mode context entry, then the
+    /// caching-mode flush of a non-present to present context. Idempotent.
+    pub fn probe(&mut self, vtd: &mut dyn BusDevice, bdf: PciBdf) -> Result<(), HarnessError> {
+        let sid = bdf.rid();
+        if self.devices.contains_key(&sid) {
+            return Ok(());
+        }
+        let ctx = self
+            .context_entry_addr(bdf, true)?
+            .ok_or(HarnessError::NotAttached(bdf))?;
+        let pasid_dir = self.alloc(1)?;
+        if self.wide {
+            let mut lo = pasid_dir | (PDTS_ONE_PAGE << 9) | 1;
+            if self.ats && self.ecap & ecap_bits::DT != 0 {
+                lo |= 1 << 2; // DTE
+            }
+            if self.ecap & ecap_bits::PASID != 0 {
+                lo |= 1 << 3; // PASIDE
+            }
+            self.w_u64(ctx + 8, 0)?; // RID_PASID = 0
+            self.w_u64(ctx, lo)?;
+            // Non-present to present: flush domain 0, where not-present entries may be
+            // cached.
+            self.submit(vtd, &[desc::context_device(0, sid, 0)])?;
+            self.submit(vtd, &[desc::iotlb_domain(0)])?;
+        }
+        self.devices.insert(
+            sid,
+            DeviceTables {
+                ctx,
+                pasid_dir,
+                pasid_tables: BTreeMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Probe and attach of `bdf` to a new paging domain on PASID 0 (RID_PASID). Returns the
+    /// domain id.
     pub fn attach(
         &mut self,
         vtd: &mut dyn BusDevice,
         bdf: PciBdf,
         stage: Stage,
     ) -> Result<u16, HarnessError> {
-        let sid = bdf.rid();
-        let pasid_dir = self.alloc(1)?;
-        let ctx = self
-            .context_entry_addr(bdf, true)?
-            .ok_or(HarnessError::NotAttached(bdf))?;
-        if self.wide {
-            let mut lo = pasid_dir | (PDTS_ONE_PAGE << 9) | 1;
-            if self.ecap & ecap_bits::PASID != 0 {
-                lo |= 1 << 3; // PASIDE
-            }
-            if self.ats && self.ecap & ecap_bits::DT != 0 {
-                lo |= 1 << 2; // DTE
-            }
-            self.w_u64(ctx + 8, 0)?; // RID_PASID = 0
-            self.w_u64(ctx, lo)?;
-        }
-        // context_present_cache_flush (caching mode): device-selective context cache,
-        // then the IOTLB of domain 0 where not-present entries may be cached.
-        self.submit(vtd, &[desc::context_device(0, sid, 0)])?;
-        self.submit(vtd, &[desc::iotlb_domain(0)])?;
+        self.attach_pasid(vtd, bdf, 0, stage)
+    }
 
+    /// Attach of `bdf`'s `pasid` to a new paging domain (`intel_pasid_setup_second_level`
+    /// or `intel_pasid_setup_first_level`, then `pasid_flush_caches`: PASID-selective
+    /// PASID-cache and PASID-based IOTLB invalidations). In legacy mode only PASID 0 exists
+    /// and the context entry itself names the table. Returns the domain id.
+    pub fn attach_pasid(
+        &mut self,
+        vtd: &mut dyn BusDevice,
+        bdf: PciBdf,
+        pasid: u32,
+        stage: Stage,
+    ) -> Result<u16, HarnessError> {
+        self.probe(vtd, bdf)?;
+        let sid = bdf.rid();
+        let dev = self
+            .devices
+            .get(&sid)
+            .cloned()
+            .ok_or(HarnessError::NotAttached(bdf))?;
         let did = self.next_did;
         self.next_did = self.next_did.wrapping_add(1).max(2);
         let pgtable = self.alloc(1)?;
-        let pasid_table = self.alloc(1)?;
-        if self.wide {
-            self.w_u64(pasid_dir, pasid_table | 1)?;
+        let pasid_entry = if self.wide {
+            let dir_index = u64::from(pasid >> 6);
+            let table = match dev.pasid_tables.get(&dir_index) {
+                Some(t) => *t,
+                None => {
+                    let t = self.alloc(1)?;
+                    self.w_u64(dev.pasid_dir + dir_index * 8, t | 1)?;
+                    if let Some(d) = self.devices.get_mut(&sid) {
+                        d.pasid_tables.insert(dir_index, t);
+                    }
+                    t
+                }
+            };
+            let entry = table + u64::from(pasid & 0x3f) * 64;
             let agaw: u64 = 2; // 48-bit, 4 levels
             let (q0, q1, q2) = match stage {
                 Stage::Second => (pgtable | (2 << 6) | (agaw << 2) | 1, u64::from(did), 0),
@@ -632,27 +702,32 @@ impl LinuxHarness {
                     pgtable,
                 ),
             };
-            self.w_u64(pasid_table + 8, q1)?;
-            self.w_u64(pasid_table + 16, q2)?;
-            self.w_u64(pasid_table, q0)?;
-            // pasid_flush_caches.
-            self.submit(vtd, &[desc::pasid_cache(1, did, 0)])?;
-            self.submit(vtd, &[desc::piotlb_pasid(did, 0)])?;
+            self.w_u64(entry + 8, q1)?;
+            self.w_u64(entry + 16, q2)?;
+            self.w_u64(entry, q0)?;
+            self.submit(vtd, &[desc::pasid_cache(1, did, pasid)])?;
+            self.submit(vtd, &[desc::piotlb_pasid(did, pasid)])?;
+            entry
         } else {
+            if pasid != 0 || stage != Stage::Second {
+                return Err(HarnessError::NotAttached(bdf));
+            }
             // Legacy context entry: second stage, 4 levels.
-            self.w_u64(ctx + 8, 2 | (u64::from(did) << 8))?;
-            self.w_u64(ctx, pgtable | 1)?;
+            self.w_u64(dev.ctx + 8, 2 | (u64::from(did) << 8))?;
+            self.w_u64(dev.ctx, pgtable | 1)?;
             self.submit(vtd, &[desc::context_device(did, sid, 0)])?;
             self.submit(vtd, &[desc::iotlb_domain(did)])?;
-        }
-        self.devices.insert(
-            sid,
+            dev.ctx
+        };
+        self.attached.insert(
+            (sid, pasid),
             Attached {
                 bdf,
+                pasid,
                 did,
                 stage,
-                pasid_dir,
-                pasid_table,
+                pasid_dir: dev.pasid_dir,
+                pasid_entry,
                 pgtable,
             },
         );
@@ -740,21 +815,24 @@ impl LinuxHarness {
                     return Ok(());
                 }
                 if am > MAMV {
-                    descs.push(desc::piotlb_pasid(a.did, 0));
+                    descs.push(desc::piotlb_pasid(a.did, a.pasid));
                 } else {
-                    descs.push(desc::piotlb_page(a.did, 0, addr, am, false));
+                    descs.push(desc::piotlb_page(a.did, a.pasid, addr, am, false));
                 }
             }
         }
         if unmap && self.ats {
             let sid = a.bdf.rid();
-            descs.push(desc::dev_tlb(sid, sid, 0, addr, am));
+            if a.pasid == 0 {
+                descs.push(desc::dev_tlb(sid, sid, 0, addr, am));
+            } else {
+                descs.push(desc::pasid_dev_tlb(sid, sid, a.pasid, 0, addr, am));
+            }
         }
         self.submit(vtd, &descs)
     }
 
-    /// Maps `[iova, iova + len)` to `[gpa, gpa + len)` with 4 KiB pages, then invalidates
-    /// as Linux does after a map (`iotlb_sync_map`).
+    /// Maps `[iova, iova + len)` to `[gpa, gpa + len)` on PASID 0 (see [`Self::map_pasid`]).
     pub fn map(
         &mut self,
         vtd: &mut dyn BusDevice,
@@ -763,8 +841,24 @@ impl LinuxHarness {
         gpa: u64,
         len: u64,
     ) -> Result<(), HarnessError> {
+        self.map_pasid(vtd, bdf, 0, iova, gpa, len)
+    }
+
+    /// Maps `[iova, iova + len)` to `[gpa, gpa + len)` with 4 KiB pages in the domain of
+    /// (`bdf`, `pasid`), then invalidates as Linux does after a map (`iotlb_sync_map`).
+    pub fn map_pasid(
+        &mut self,
+        vtd: &mut dyn BusDevice,
+        bdf: PciBdf,
+        pasid: u32,
+        iova: u64,
+        gpa: u64,
+        len: u64,
+    ) -> Result<(), HarnessError> {
         Self::check_aligned(iova, gpa, len)?;
-        let a = self.attached(bdf).ok_or(HarnessError::NotAttached(bdf))?;
+        let a = self
+            .attached_pasid(bdf, pasid)
+            .ok_or(HarnessError::NotAttached(bdf))?;
         let leaf = match a.stage {
             Stage::Second => 0x3,
             Stage::First => 0x67,
@@ -778,7 +872,7 @@ impl LinuxHarness {
         self.flush_range(vtd, a, iova, len, false)
     }
 
-    /// Unmaps `[iova, iova + len)` and invalidates (`iotlb_sync`).
+    /// Unmaps `[iova, iova + len)` on PASID 0 (see [`Self::unmap_pasid`]).
     pub fn unmap(
         &mut self,
         vtd: &mut dyn BusDevice,
@@ -786,8 +880,22 @@ impl LinuxHarness {
         iova: u64,
         len: u64,
     ) -> Result<(), HarnessError> {
+        self.unmap_pasid(vtd, bdf, 0, iova, len)
+    }
+
+    /// Unmaps `[iova, iova + len)` of (`bdf`, `pasid`) and invalidates (`iotlb_sync`).
+    pub fn unmap_pasid(
+        &mut self,
+        vtd: &mut dyn BusDevice,
+        bdf: PciBdf,
+        pasid: u32,
+        iova: u64,
+        len: u64,
+    ) -> Result<(), HarnessError> {
         Self::check_aligned(iova, 0, len)?;
-        let a = self.attached(bdf).ok_or(HarnessError::NotAttached(bdf))?;
+        let a = self
+            .attached_pasid(bdf, pasid)
+            .ok_or(HarnessError::NotAttached(bdf))?;
         for off in (0..len).step_by(PAGE as usize) {
             if let Some(pte) = self.walk(a.pgtable, iova + off, a.stage, false)? {
                 self.w_u64(pte, 0)?;
@@ -796,35 +904,70 @@ impl LinuxHarness {
         self.flush_range(vtd, a, iova, len, true)
     }
 
-    /// Detach and release of `bdf` (`intel_pasid_tear_down_entry`, then
-    /// `intel_pasid_teardown_sm_context` with `intel_context_flush_no_pasid`).
-    pub fn teardown(&mut self, vtd: &mut dyn BusDevice, bdf: PciBdf) -> Result<(), HarnessError> {
-        let a = self.attached(bdf).ok_or(HarnessError::NotAttached(bdf))?;
+    /// Detach of (`bdf`, `pasid`): `intel_pasid_tear_down_entry` (entry cleared keeping
+    /// FPD, PASID-selective PASID-cache invalidation, domain-selective IOTLB for second
+    /// stage or PASID-based IOTLB for first stage, the device TLB).
+    pub fn detach_pasid(
+        &mut self,
+        vtd: &mut dyn BusDevice,
+        bdf: PciBdf,
+        pasid: u32,
+    ) -> Result<(), HarnessError> {
         let sid = bdf.rid();
-        if self.wide {
-            self.w_u64(a.pasid_table, 0)?;
-            self.submit(vtd, &[desc::pasid_cache(1, a.did, 0)])?;
-            match a.stage {
-                Stage::First => self.submit(vtd, &[desc::piotlb_pasid(a.did, 0)])?,
-                Stage::Second => self.submit(vtd, &[desc::iotlb_domain(a.did)])?,
+        let a = self
+            .attached
+            .remove(&(sid, pasid))
+            .ok_or(HarnessError::NotAttached(bdf))?;
+        if !self.wide {
+            return Ok(());
+        }
+        // pasid_clear_entry_with_fpd: everything but FPD cleared.
+        self.w_u64(a.pasid_entry + 8, 0)?;
+        self.w_u64(a.pasid_entry + 16, 0)?;
+        self.w_u64(a.pasid_entry, 2)?;
+        self.submit(vtd, &[desc::pasid_cache(1, a.did, pasid)])?;
+        match a.stage {
+            Stage::First => self.submit(vtd, &[desc::piotlb_pasid(a.did, pasid)])?,
+            Stage::Second => self.submit(vtd, &[desc::iotlb_domain(a.did)])?,
+        }
+        if self.ats {
+            if pasid == 0 {
+                self.submit(vtd, &[desc::dev_tlb(sid, sid, 0, 0, 52)])?;
+            } else {
+                self.submit(vtd, &[desc::pasid_dev_tlb(sid, sid, pasid, 0, 0, 52)])?;
             }
-            if self.ats {
-                self.submit(vtd, &[desc::pasid_dev_tlb(sid, sid, 0, 0, 0, 52)])?;
-            }
         }
-        if let Some(ctx) = self.context_entry_addr(bdf, false)? {
-            self.w_u64(ctx, 0)?;
-            self.w_u64(ctx + 8, 0)?;
+        Ok(())
+    }
+
+    /// Detach and release of `bdf`: every attached PASID detached ([`Self::detach_pasid`]),
+    /// then `device_pasid_table_teardown` (context entry cleared,
+    /// `intel_context_flush_present`: device-selective context-cache invalidation and the
+    /// global device TLB; legacy mode: the domain's IOTLB).
+    pub fn teardown(&mut self, vtd: &mut dyn BusDevice, bdf: PciBdf) -> Result<(), HarnessError> {
+        let sid = bdf.rid();
+        let dev = self
+            .devices
+            .remove(&sid)
+            .ok_or(HarnessError::NotAttached(bdf))?;
+        let pasids: Vec<(u32, u16)> = self
+            .attached
+            .range((sid, 0)..=(sid, u32::MAX))
+            .map(|(&(_, p), a)| (p, a.did))
+            .collect();
+        for (p, _) in &pasids {
+            self.detach_pasid(vtd, bdf, *p)?;
         }
-        self.submit(vtd, &[desc::context_device(a.did, sid, 0)])?;
-        if self.wide {
-            self.submit(vtd, &[desc::pasid_cache(0, a.did, 0)])?;
+        let did = pasids.first().map(|(_, d)| *d).unwrap_or(0);
+        self.w_u64(dev.ctx, 0)?;
+        self.w_u64(dev.ctx + 8, 0)?;
+        self.submit(vtd, &[desc::context_device(did, sid, 0)])?;
+        if !self.wide {
+            self.submit(vtd, &[desc::iotlb_domain(did)])?;
         }
-        self.submit(vtd, &[desc::iotlb_domain(a.did)])?;
         if self.ats {
             self.submit(vtd, &[desc::dev_tlb(sid, sid, 0, 0, 52)])?;
         }
-        self.devices.remove(&sid);
         Ok(())
     }
 

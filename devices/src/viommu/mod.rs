@@ -34,9 +34,18 @@
 //! `page_response` for page group responses. A device starts in pass-through (the bridge is
 //! not called for it until the guest enables translation). [`Vtd::cap`], [`Vtd::ecap`] with
 //! [`cap_names`]/[`ecap_names`] feed `vm.iommu`; [`Vtd::counters`] feeds `vm.counters`;
-//! [`Vtd::translation`] is the last translation sent for a (BDF, PASID);
+//! [`Vtd::translation`] is the last translation sent for a (BDF, PASID); [`Vtd::status`]
+//! is the guest-programmed state (GSTS, root table, queues);
 //! [`Vtd::post_page_request`] queues a page request (a full queue returns
-//! [`PrqError::Full`]: answer the device SUCCESS and count it).
+//! [`PrqError::Full`]: answer the device SUCCESS and count it; [`PrqError::Refused`] means
+//! the guest's context entry does not take page requests: answer Invalid).
+//!
+//! Faults: the model reads guest tables when the guest invalidates a cache (caching mode),
+//! not per DMA, so a malformed present entry is recorded then (fault recording registers,
+//! fault event MSI) and the (BDF, PASID) becomes [`Translation::Blocked`]; a not-present
+//! entry is just `Blocked`. Bridge errors `BadTable`/`Unsupported` are recorded as faults
+//! too, with a rate-limited warning. A DMA that the VMM's path refused can be shown to the
+//! guest with [`Vtd::record_dma_fault`].
 
 pub mod bridge;
 pub mod caps;
@@ -58,6 +67,7 @@ pub use bridge::{
     Translation, ViommuBridge,
 };
 pub use caps::{cap_names, ecap_names, VtdConfig, VtdConfigError};
+pub use fault::DmaFaultKind;
 pub use mem::{DmaView, GuestMemoryAccess, GuestMemoryError, MsiSignal};
 pub use prq::{PageRequest, PrqError};
-pub use vtd::{Vtd, VtdCounters};
+pub use vtd::{Vtd, VtdCounters, VtdStatus};

@@ -88,6 +88,16 @@ pub enum PrqError {
         /// The requester.
         bdf: PciBdf,
     },
+    /// The guest does not accept page requests from this device now: translation is off,
+    /// the device has no scalable-mode context entry, or the entry's PRE bit is clear (then
+    /// a fault with reason 47h is recorded). Answer the device Invalid.
+    #[error("Page request of {bdf} refused: {reason}")]
+    Refused {
+        /// The requester.
+        bdf: PciBdf,
+        /// Why.
+        reason: &'static str,
+    },
     /// The queue lies outside guest RAM.
     #[error("The guest page request queue is outside guest RAM")]
     Memory(#[source] GuestMemoryError),
@@ -98,7 +108,7 @@ pub enum PrqError {
 pub struct PrqRegs {
     /// Head (byte offset, bits 18:5), written by the guest.
     pub pqh: u64,
-    /// Tail (byte offset), written by the model.
+    /// Tail (byte offset), advanced by the model (software writes it only to reset it).
     pub pqt: u64,
     /// Queue address and size.
     pub pqa: u64,
@@ -129,6 +139,11 @@ impl PrqRegs {
         }
     }
 
+    /// Whether the guest programmed the queue (PQA).
+    pub fn enabled(&self) -> bool {
+        self.pqa & !0xfff != 0
+    }
+
     /// Queue size in bytes (2^PQS 4 KiB pages).
     pub fn size(&self) -> u64 {
         4096u64 << (self.pqa & 7)
@@ -149,7 +164,7 @@ impl PrqRegs {
         mem: &dyn GuestMemoryAccess,
         req: &PageRequest,
     ) -> Result<Option<MsiMessage>, (PrqError, Option<MsiMessage>)> {
-        if self.pqa & !0xfff == 0 {
+        if !self.enabled() {
             return Err((PrqError::NotEnabled { bdf: req.bdf }, None));
         }
         let full = PrqError::Full {

@@ -46,7 +46,7 @@ pub const IEUADDR: u64 = 0xac;
 pub const IQERCD: u64 = 0xb0;
 /// Page request queue head (64-bit).
 pub const PQH: u64 = 0xc0;
-/// Page request queue tail (64-bit, read-only for software).
+/// Page request queue tail (64-bit; advanced by hardware, reset by software).
 pub const PQT: u64 = 0xc8;
 /// Page request queue address (64-bit).
 pub const PQA: u64 = 0xd0;

@@ -34,6 +34,8 @@ pub enum FaultReason {
     ContextEntryInvalid,
     /// The PASID is beyond the PASID directory size (PDTS) of the context entry (46h).
     PasidTooLarge,
+    /// A page request from a device whose context entry has PRE clear (47h).
+    PageRequestDisabled,
     /// RID_PASID beyond the supported PASID width (48h).
     RidPasidInvalid,
     /// The PASID directory entry could not be read (50h).
@@ -70,6 +72,7 @@ impl FaultReason {
             (ContextEntryInvalid, true) => 0x43,
             (ContextEntryInvalid, false) => 0x03,
             (PasidTooLarge, _) => 0x46,
+            (PageRequestDisabled, _) => 0x47,
             (RidPasidInvalid, _) => 0x48,
             (PasidDirAccess, _) => 0x50,
             (PasidDirReserved, _) => 0x52,
@@ -302,7 +305,8 @@ pub fn parse_legacy_context(
     }
     let fpd = lo & 2 != 0;
     let fault = |r| TableFault::new(r, addr).with_fpd(fpd);
-    if lo & 0xff0 != 0 || hi & !0x00ff_ff07 != 0 {
+    // Reserved: lo bits 11:4; hi bit 7 and 63:24 (bits 6:3 are ignored).
+    if lo & 0xff0 != 0 || hi & 0xffff_ffff_ff00_0080 != 0 {
         return Err(fault(FaultReason::ContextEntryReserved));
     }
     let did = ((hi >> 8) & 0xffff) as u16;
@@ -391,8 +395,9 @@ pub fn parse_pasid_entry(
     }
     let fpd = q0 & 2 != 0;
     let fault = |r| TableFault::new(r, addr).with_pasid(pasid).with_fpd(fpd);
-    // Reserved: qw0 bits 11:10; qw2 bits 6:5 and 11:8.
-    if q0 & 0xc00 != 0 || q2 & 0xf60 != 0 {
+    // Reserved: qw0 bits 11:10. (The other qwords are left alone: their reserved bits
+    // differ between spec revisions and a false fault would break a correct guest.)
+    if q0 & 0xc00 != 0 {
         return Err(fault(FaultReason::PasidEntryReserved));
     }
     let pgtt = match (q0 >> 6) & 7 {

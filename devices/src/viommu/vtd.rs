@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ioasid::{Invalidation, PageResponseCode, Pasid};
-use log::warn;
 use serde::Serialize;
 
 use crate::bus::BusDevice;
+use crate::pci::ratelimit::GuestWarn;
 use crate::pci::{MsiMessage, PciBdf};
 
 use super::bridge::{
@@ -23,7 +23,7 @@ use super::bridge::{
 };
 use super::caps::{VtdConfig, VtdConfigError, NUM_FAULT_RECORDS};
 use super::event::EventRegs;
-use super::fault::{FaultRecord, FaultUnit};
+use super::fault::{DmaFaultKind, FaultRecord, FaultUnit};
 use super::mem::{GuestMemoryAccess, MsiSignal};
 use super::prq::{PageRequest, PrqError, PrqRegs, OFFSET_MASK};
 use super::qi::{
@@ -105,6 +105,37 @@ impl VtdCounters {
     }
 }
 
+/// The guest-programmed state of the unit, for `vm.iommu` and debugging.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct VtdStatus {
+    /// GSTS.
+    pub gsts: u32,
+    /// Translation enabled (GSTS.TES).
+    pub translation_enabled: bool,
+    /// Queued invalidation enabled (GSTS.QIES).
+    pub qi_enabled: bool,
+    /// The root table latched by the last SRTP (with TTM), if any.
+    pub root_table: Option<u64>,
+    /// The latched root table is in scalable mode (TTM = 01b).
+    pub scalable: bool,
+    /// FSTS.
+    pub fsts: u32,
+    /// IQA.
+    pub iqa: u64,
+    /// IQH.
+    pub iqh: u64,
+    /// IQT.
+    pub iqt: u64,
+    /// PQA.
+    pub pqa: u64,
+    /// PQH.
+    pub pqh: u64,
+    /// PQT.
+    pub pqt: u64,
+    /// PRS.
+    pub prs: u32,
+}
+
 /// The register version: 3.0 in scalable mode (as QEMU reports), 1.0 otherwise.
 fn version(cfg: &VtdConfig) -> u32 {
     if cfg.scalable_mode {
@@ -142,7 +173,7 @@ pub struct Vtd {
     /// Last translation sent per (requester id, PASID).
     known: BTreeMap<(u16, u32), Translation>,
     counters: VtdCounters,
-    warnings: u64,
+    warnings: GuestWarn,
 }
 
 impl std::fmt::Debug for Vtd {
@@ -200,7 +231,7 @@ impl Vtd {
             devices: BTreeMap::new(),
             known: BTreeMap::new(),
             counters: VtdCounters::default(),
-            warnings: 0,
+            warnings: GuestWarn::new(),
         })
     }
 
@@ -222,6 +253,25 @@ impl Vtd {
     /// The counters.
     pub fn counters(&self) -> VtdCounters {
         self.counters
+    }
+
+    /// The guest-programmed state.
+    pub fn status(&self) -> VtdStatus {
+        VtdStatus {
+            gsts: self.gsts,
+            translation_enabled: self.translation_enabled(),
+            qi_enabled: self.gsts & gcmd::QIE != 0,
+            root_table: self.root,
+            scalable: self.scalable_active(),
+            fsts: self.faults.fsts(),
+            iqa: self.iqa,
+            iqh: self.iqh,
+            iqt: self.iqt,
+            pqa: self.prq.pqa,
+            pqh: self.prq.pqh,
+            pqt: self.prq.pqt,
+            prs: self.prq.prs,
+        }
     }
 
     /// Whether the guest enabled translation (GSTS.TES).
@@ -271,10 +321,36 @@ impl Vtd {
     }
 
     /// Queues a page request for the guest (PRQ). A full queue sets PRS.PRO and returns
-    /// [`PrqError::Full`]: the caller answers the device itself.
+    /// [`PrqError::Full`]: the caller answers the device itself (SUCCESS, the device
+    /// retries). A device whose context entry does not enable page requests (PRE) gets
+    /// [`PrqError::Refused`] and a fault record, as QEMU does: answer it Invalid.
     pub fn post_page_request(&mut self, req: PageRequest) -> Result<(), PrqError> {
-        if !self.cfg.svm {
+        if !self.cfg.svm || !self.prq.enabled() {
             return Err(PrqError::NotEnabled { bdf: req.bdf });
+        }
+        let refused = |reason| PrqError::Refused {
+            bdf: req.bdf,
+            reason,
+        };
+        if !self.translation_enabled() {
+            return Err(refused("translation is disabled"));
+        }
+        let rid = req.bdf.rid();
+        match self.context_of(rid) {
+            Some(DeviceContext::Scalable(ctx)) if ctx.pre => {}
+            Some(DeviceContext::Scalable(ctx)) => {
+                if !ctx.fpd {
+                    self.record_fault(FaultRecord {
+                        sid: rid,
+                        pasid: req.pasid.map(|p| p.0),
+                        reason: FaultReason::PageRequestDisabled.code(true),
+                        addr: req.addr,
+                        write: req.write,
+                    });
+                }
+                return Err(refused("the context entry's PRE bit is clear"));
+            }
+            _ => return Err(refused("no scalable-mode context entry")),
         }
         match self.prq.post(self.mem.as_ref(), &req) {
             Ok(msg) => {
@@ -292,6 +368,28 @@ impl Vtd {
         }
     }
 
+    /// Records a fault for a DMA request that the VMM's translation path refused (soft
+    /// walk or shadow miss), so that the guest sees it as it would on hardware: a fault
+    /// recording register and the fault event. Ignored while translation is disabled.
+    pub fn record_dma_fault(
+        &mut self,
+        bdf: PciBdf,
+        pasid: Option<Pasid>,
+        addr: u64,
+        kind: DmaFaultKind,
+    ) {
+        if !self.translation_enabled() {
+            return;
+        }
+        self.record_fault(FaultRecord {
+            sid: bdf.rid(),
+            pasid: pasid.map(|p| p.0),
+            reason: kind.code(),
+            addr,
+            write: matches!(kind, DmaFaultKind::Write),
+        });
+    }
+
     fn bdf_of(&self, rid: u16) -> PciBdf {
         self.devices
             .get(&rid)
@@ -305,12 +403,8 @@ impl Vtd {
         }
     }
 
-    fn warn_limited(&mut self, what: std::fmt::Arguments<'_>) {
-        self.warnings += 1;
-        // The first 16, then every power of two.
-        if self.warnings <= 16 || self.warnings.is_power_of_two() {
-            warn!("vIOMMU: {what} (warning {})", self.warnings);
-        }
+    fn warn_limited(&self, what: std::fmt::Arguments<'_>) {
+        self.warnings.warn(format_args!("vIOMMU: {what}"));
     }
 
     fn scalable_active(&self) -> bool {
@@ -540,7 +634,10 @@ impl Vtd {
                 self.gsts |= gcmd::QIE;
                 self.process_queue();
             } else {
+                // Linux waits for IQH == IQT before it disables; the queue restarts at 0.
                 self.gsts &= !gcmd::QIE;
+                self.iqh = 0;
+                self.iqt = 0;
             }
         }
         let te = v & gcmd::TE != 0;
@@ -800,6 +897,9 @@ impl Vtd {
             }
             regs::CCMD => self.write_ccmd(v),
             regs::FSTS => {
+                // Clearing IQE resumes fetching at IQH, as the spec says (QEMU waits for
+                // the next IQT write). Linux copies its wait descriptor over the bad one
+                // before it clears IQE, so both work for it.
                 if self.faults.write_fsts(v32) {
                     self.process_queue();
                 }
@@ -834,6 +934,8 @@ impl Vtd {
             regs::IEADDR => self.inv_event.write_addr(v32),
             regs::IEUADDR => self.inv_event.write_uaddr(v32),
             regs::PQH => self.prq.pqh = v & OFFSET_MASK,
+            // Linux resets PQT (and PQH) to 0 before it programs PQA.
+            regs::PQT => self.prq.pqt = v & OFFSET_MASK,
             regs::PQA => self.prq.pqa = v & (!0xfff | 7),
             regs::PRS => self.prq.write_prs(v32),
             regs::PECTL => {
@@ -849,7 +951,7 @@ impl Vtd {
                 if let Some((i, high)) = frcd_index(start) {
                     self.faults.write_frcd(i, high, v & mask);
                 }
-                // VER, CAP, ECAP, GSTS, IQH, IQERCD, PQT: read-only.
+                // VER, CAP, ECAP, GSTS, IQH, IQERCD: read-only.
             }
         }
     }

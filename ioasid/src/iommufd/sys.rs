@@ -1,7 +1,8 @@
-//! Thin wrappers for the iommufd ioctls that `iommufd-ioctls` does not wrap: IOAS_COPY,
+//! Thin wrappers for the iommufd ioctls that `iommufd-ioctls` does not wrap, or wraps without
+//! the kernel's write-back: IOAS_MAP and IOAS_MAP_FILE (the kernel-chosen IOVA), IOAS_COPY,
 //! IOVA_RANGES, ALLOW_IOVAS, OPTION, FAULT_QUEUE_ALLOC, and the selftest's IOMMU_TEST_CMD;
-//! plus `VFIO_DEVICE_ATTACH_IOMMUFD_PT` on a VFIO cdev, whose written-back `pt_id`
-//! `vfio-ioctls` drops. Each function is one ioctl; it returns the raw errno on failure and leaves policy to the
+//! plus `VFIO_DEVICE_BIND_IOMMUFD` and `VFIO_DEVICE_ATTACH_IOMMUFD_PT` on a VFIO cdev, whose
+//! written-back ids `vfio-ioctls` keeps private or drops. Each function is one ioctl; it returns the raw errno on failure and leaves policy to the
 //! caller.
 
 use std::os::fd::AsRawFd;
@@ -10,14 +11,23 @@ use vfio_bindings::bindings::vfio::vfio_device_attach_iommufd_pt;
 
 use iommufd_bindings::iommufd::{
     iommu_fault_alloc, iommu_ioas_allow_iovas, iommu_ioas_copy, iommu_ioas_iova_ranges,
-    iommu_iova_range, iommu_option, IOMMUFD_CMD_FAULT_QUEUE_ALLOC, IOMMUFD_CMD_IOAS_ALLOW_IOVAS,
-    IOMMUFD_CMD_IOAS_COPY, IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_CMD_OPTION, IOMMUFD_TYPE,
+    iommu_ioas_map, iommu_ioas_map_file, iommu_iova_range, iommu_option,
+    IOMMUFD_CMD_FAULT_QUEUE_ALLOC, IOMMUFD_CMD_IOAS_ALLOW_IOVAS, IOMMUFD_CMD_IOAS_COPY,
+    IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_CMD_IOAS_MAP, IOMMUFD_CMD_IOAS_MAP_FILE,
+    IOMMUFD_CMD_OPTION, IOMMUFD_TYPE,
 };
+use vfio_bindings::bindings::vfio::vfio_device_bind_iommufd;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
 use crate::error::Errno;
 
+ioctl_io_nr!(IOMMU_IOAS_MAP, IOMMUFD_TYPE as u32, IOMMUFD_CMD_IOAS_MAP);
+ioctl_io_nr!(
+    IOMMU_IOAS_MAP_FILE,
+    IOMMUFD_TYPE as u32,
+    IOMMUFD_CMD_IOAS_MAP_FILE
+);
 ioctl_io_nr!(IOMMU_IOAS_COPY, IOMMUFD_TYPE as u32, IOMMUFD_CMD_IOAS_COPY);
 ioctl_io_nr!(
     IOMMU_IOAS_IOVA_RANGES,
@@ -41,6 +51,8 @@ ioctl_io_nr!(IOMMU_TEST_CMD, IOMMUFD_TYPE as u32, 0x80 + 32);
 const VFIO_TYPE: u32 = 0x3b;
 /// `VFIO_BASE` of include/uapi/linux/vfio.h.
 const VFIO_BASE: u32 = 100;
+// `_IO(VFIO_TYPE, VFIO_BASE + 18)` in include/uapi/linux/vfio.h (Linux 6.6 and later).
+ioctl_io_nr!(VFIO_DEVICE_BIND_IOMMUFD, VFIO_TYPE, VFIO_BASE + 18);
 // `_IO(VFIO_TYPE, VFIO_BASE + 19)` in include/uapi/linux/vfio.h (Linux 6.6 and later).
 ioctl_io_nr!(VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_TYPE, VFIO_BASE + 19);
 
@@ -50,6 +62,47 @@ fn check(ret: i32) -> Result<(), Errno> {
     } else {
         Ok(())
     }
+}
+
+/// `IOMMU_IOAS_MAP` of process memory; the kernel writes back the IOVA it chose (without
+/// `FIXED_IOVA`).
+///
+/// # Safety
+///
+/// `arg.user_va .. + arg.length` must be memory of this process that stays mapped, and is
+/// not handed back to the allocator, for as long as the mapping exists: the device may
+/// read and write it at any time (the contract of `IommuBackend::ioas_map`).
+pub unsafe fn ioas_map(fd: &impl AsRawFd, arg: &mut iommu_ioas_map) -> Result<(), Errno> {
+    arg.size = std::mem::size_of::<iommu_ioas_map>() as u32;
+    // SAFETY: `arg` is a valid, exclusively borrowed iommu_ioas_map with its size set; the
+    // kernel writes back `iova` only. The memory contract for `user_va` is the caller's.
+    check(unsafe { ioctl_with_mut_ref(fd, IOMMU_IOAS_MAP(), arg) })
+}
+
+/// `IOMMU_IOAS_MAP_FILE`: maps a range of a memfd; the kernel writes back the IOVA.
+pub fn ioas_map_file(fd: &impl AsRawFd, arg: &mut iommu_ioas_map_file) -> Result<(), Errno> {
+    arg.size = std::mem::size_of::<iommu_ioas_map_file>() as u32;
+    // SAFETY: `arg` is a valid, exclusively borrowed iommu_ioas_map_file with its size set;
+    // the kernel pins the file's pages itself (no process memory contract) and writes back
+    // `iova` only.
+    check(unsafe { ioctl_with_mut_ref(fd, IOMMU_IOAS_MAP_FILE(), arg) })
+}
+
+/// `VFIO_DEVICE_BIND_IOMMUFD` on a VFIO cdev: binds it to `iommufd` and returns the device id
+/// the kernel writes back.
+pub fn device_bind_iommufd(dev: &impl AsRawFd, iommufd: i32) -> Result<u32, Errno> {
+    let mut bind = vfio_device_bind_iommufd {
+        argsz: std::mem::size_of::<vfio_device_bind_iommufd>() as u32,
+        flags: 0,
+        iommufd,
+        out_devid: 0,
+        token_uuid_ptr: 0,
+    };
+    // SAFETY: `bind` is a valid vfio_device_bind_iommufd with its argsz set, borrowed
+    // exclusively for the call; the kernel writes `out_devid` only. On a fd that is not a
+    // VFIO cdev the ioctl fails without touching memory.
+    check(unsafe { ioctl_with_mut_ref(dev, VFIO_DEVICE_BIND_IOMMUFD(), &mut bind) })?;
+    Ok(bind.out_devid)
 }
 
 /// `IOMMU_IOAS_COPY`.

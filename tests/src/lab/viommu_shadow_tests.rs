@@ -293,11 +293,11 @@ impl Lab {
         let c = self.dm.counters();
         format!(
             "guest descriptors {}, host invalidation calls {}, shadow maps {}, unmaps {}, faults {}",
-            c.guest_invalidation_descriptors,
-            c.host_invalidation_calls,
-            c.shadow_map_calls,
-            c.shadow_unmap_calls,
-            c.faults_recorded
+            c.iommu.guest_invalidation_descriptors,
+            c.iommu.host_invalidation_calls,
+            c.iommu.shadow_map_calls,
+            c.iommu.shadow_unmap_calls,
+            c.iommu.faults_recorded
         )
     }
 
@@ -381,7 +381,7 @@ fn viommu_shadow_edu_dma() -> TestResult {
     let c = lab.dm.counters();
     println!("  LAB-INFO {}", lab.counters());
     ensure!(
-        c.shadow_map_calls >= 2 && c.guest_invalidation_descriptors > 0,
+        c.iommu.shadow_map_calls >= 2 && c.iommu.guest_invalidation_descriptors > 0,
         "counters do not show the shadow maps and guest invalidations: {}",
         lab.counters()
     );
@@ -405,7 +405,7 @@ fn viommu_shadow_unmap_plus_invalidate_blocks_dma() -> TestResult {
         "the mapped DMA did not land in B ({})",
         lab.counters()
     );
-    let unmaps_before = lab.dm.counters().shadow_unmap_calls;
+    let unmaps_before = lab.dm.counters().iommu.shadow_unmap_calls;
     lab.unmap(X)?;
     let areas = lab.bridge()?.shadow_areas(lab.did()?);
     ensure!(
@@ -413,7 +413,7 @@ fn viommu_shadow_unmap_plus_invalidate_blocks_dma() -> TestResult {
         "after unmap + invalidation the shadow still maps IOVA {X:#x}: {areas:x?}"
     );
     ensure!(
-        lab.dm.counters().shadow_unmap_calls > unmaps_before,
+        lab.dm.counters().iommu.shadow_unmap_calls > unmaps_before,
         "no shadow unmap call after the guest's unmap + invalidation ({})",
         lab.counters()
     );

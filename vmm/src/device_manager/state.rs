@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use api::types::{
-    Attachment, DeviceIommuCaps, DeviceNode, HwptInfo, HwptKind, IoasInfo, IoasidsInfo, IommuInfo,
-    PasidEntry, PasidsInfo, PciDeviceInfo, PtType, VmCounters,
+    Attachment, DeviceIommuCaps, DeviceNode, HwptInfo, HwptKind, IoasInfo, IoasidsInfo,
+    IommuCounters, IommuInfo, PasidEntry, PasidsInfo, PciDeviceInfo, PtType, VmCounters,
 };
 use ioasid::{HwCaps, HwptId};
 use serde_json::json;
@@ -177,16 +177,19 @@ impl DeviceManager {
             devices.insert(d.id.clone(), c);
         }
         let mut out = VmCounters {
-            host_ioctls,
-            invalidations,
+            iommu: IommuCounters {
+                host_ioctls,
+                invalidations,
+                ..Default::default()
+            },
             ..Default::default()
         };
         if let Some((model, bridge)) = self.viommu_counters() {
-            out.guest_invalidation_descriptors = model.descriptors();
-            out.faults_recorded = model.faults_recorded;
-            out.host_invalidation_calls = bridge.host_invalidation_calls;
-            out.shadow_map_calls = bridge.shadow_map_calls;
-            out.shadow_unmap_calls = bridge.shadow_unmap_calls;
+            out.iommu.guest_invalidation_descriptors = model.descriptors();
+            out.iommu.faults_recorded = model.faults_recorded;
+            out.iommu.host_invalidation_calls = bridge.host_invalidation_calls;
+            out.iommu.shadow_map_calls = bridge.shadow_map_calls;
+            out.iommu.shadow_unmap_calls = bridge.shadow_unmap_calls;
             let detail = |v: serde_json::Value| -> BTreeMap<String, u64> {
                 v.as_object()
                     .map(|o| {

@@ -245,6 +245,7 @@ impl VtdBridge {
             let _ = soft.destroy(parent.0);
             return Err(host_err(bdf)(e));
         }
+        st.counters.nest_parents_live += 1;
         let mut bindings = BTreeMap::new();
         bindings.insert(Pasid(0), Binding::PassThrough);
         st.devices.insert(
@@ -491,8 +492,7 @@ impl VtdBridge {
             return Ok((*id, false));
         }
         let ioas = self.backend.ioas_alloc().map_err(host_err(bdf))?;
-        let aperture = self.backend.iova_ranges(ioas).ok();
-        let mut s = ShadowDomain::new(did, table, ioas, aperture);
+        let mut s = ShadowDomain::new(did, table, ioas, None);
         let rep = s.resync(&self.sync_ctx(), None);
         self.account(st, did, &rep);
         st.next_shadow += 1;

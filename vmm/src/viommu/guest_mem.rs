@@ -169,3 +169,51 @@ impl GuestMemoryAccess for VmGuestMemory {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::memory::{GuestRam, RamConfig};
+
+    #[test]
+    fn bounds_tables_and_model_memory() {
+        let ram = GuestRam::new(RamConfig {
+            size: 4 << 20,
+            hugepages: false,
+        })
+        .unwrap();
+        let map = RamMap::new(ram.regions().to_vec());
+        assert!(map.contains(0, 4 << 20));
+        assert!(!map.contains((4 << 20) - 8, 16));
+        assert!(!map.contains(u64::MAX - 3, 8));
+        assert!(!map.contains(0, 0));
+
+        let model = VmGuestMemory::new(ram.memory().clone());
+        model.write(0x2000, &0x1234_5678_u64.to_le_bytes()).unwrap();
+        let mut b = [0u8; 8];
+        model.read(0x2000, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 0x1234_5678);
+        // Crossing the end of RAM: refused, and nothing is written.
+        let end = 4 << 20;
+        assert_eq!(
+            model.write(end - 4, &[0xff; 8]),
+            Err(GuestMemoryError {
+                gpa: end - 4,
+                len: 8
+            })
+        );
+        model.read(end - 4, &mut b[..4]).unwrap();
+        assert_eq!(&b[..4], &[0; 4]);
+
+        // The shadow's table reads go through the memfd with the same bounds.
+        let mut t = RamTables::new(&map);
+        assert_eq!(t.read_entry(0x2000), Ok(0x1234_5678));
+        assert_eq!(t.read_entry(0x2004), Err(FaultReason::AddressOutOfRange));
+        assert_eq!(t.read_entry(end), Err(FaultReason::AddressOutOfRange));
+        assert_eq!(t.update_entry(0x2000, 0, 1), Err(FaultReason::Permission));
+        // Cached per scan: a second read of the page costs no pread.
+        t.read_entry(0x2008).unwrap();
+        assert_eq!(t.page_reads, 1);
+    }
+}

@@ -159,6 +159,13 @@ impl ShadowDomain {
         l: u64,
         report: &mut SyncReport,
     ) -> (Vec<Run>, Option<u64>) {
+        if !(3..=5).contains(&self.table.levels) {
+            report.bad(format!(
+                "the table at {:#x} has {} levels (3, 4 or 5 are valid)",
+                self.table.root, self.table.levels
+            ));
+            return (Vec::new(), Some(l));
+        }
         let cfg = SlConfig {
             root: self.table.root,
             levels: self.table.levels,
@@ -325,6 +332,11 @@ impl ShadowDomain {
                 .map(|(s, l)| self.widen(s, l))
                 .collect(),
         );
+        // The windows change when devices attach (their reserved regions, e.g. the MSI
+        // window, leave the IOAS): ask once per resync.
+        if let Ok(a) = ctx.backend.iova_ranges(self.ioas) {
+            self.aperture = Some(a);
+        }
         let mut rep = SyncReport::default();
         let mut tables = RamTables::new(ctx.ram);
         for (s, l) in widened {

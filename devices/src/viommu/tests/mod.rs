@@ -17,6 +17,7 @@ use super::linux_harness::VecGuestMemory;
 use super::mem::MsiSignal;
 use super::vtd::Vtd;
 
+mod behaviour;
 mod decode;
 mod fuzz;
 mod linux;

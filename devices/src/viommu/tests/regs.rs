@@ -274,6 +274,26 @@ fn viommu_prq_post_full_and_response() {
     ));
     const PQ: u64 = 0x18_0000;
     rig.w64(regs::PQA, PQ); // one page: 128 descriptors
+                            // Translation off, then a context entry without PRE: refused, with a fault record.
+    assert!(matches!(
+        rig.vtd.post_page_request(req(1)),
+        Err(PrqError::Refused { .. })
+    ));
+    sm_root(&mut rig);
+    rig.mem
+        .write_u64(ctx_addr(dev), 0x30_0000 | 1 | (1 << 3))
+        .unwrap();
+    rig.w32(regs::GCMD, gcmd::TE);
+    assert!(matches!(
+        rig.vtd.post_page_request(req(1)),
+        Err(PrqError::Refused { .. })
+    ));
+    assert_eq!((rig.r64(regs::FRCD_OFFSET + 8) >> 32) & 0xff, 0x47);
+    rig.w32(regs::FRCD_OFFSET + 12, 1 << 31);
+    rig.mem
+        .write_u64(ctx_addr(dev), 0x30_0000 | 1 | (1 << 3) | (1 << 4))
+        .unwrap();
+    rig.msi.take();
     rig.w32(regs::PEDATA, 0x61);
     rig.w32(regs::PEADDR, 0xfee0_3000);
     rig.w32(regs::PECTL, 0);
@@ -309,6 +329,7 @@ fn viommu_prq_post_full_and_response() {
     rig.vtd.post_page_request(req(3)).unwrap();
     assert_eq!(rig.msi.take().len(), 1);
     // A page group response in the QI reaches the bridge.
+    rig.bridge.take();
     let mut q = Queue::enable(&mut rig);
     q.submit(
         &mut rig,
@@ -336,4 +357,30 @@ fn viommu_prq_post_full_and_response() {
         ]
     );
     assert_eq!(rig.vtd.counters().page_responses, 2);
+}
+
+#[test]
+fn viommu_dma_fault_record() {
+    let mut rig = Rig::new(VtdConfig::default());
+    let dev = bdf(12);
+    rig.w32(regs::FECTL, 0);
+    // Translation off: nothing recorded.
+    rig.vtd
+        .record_dma_fault(dev, None, 0x1234_5000, crate::viommu::DmaFaultKind::Write);
+    assert_eq!(rig.vtd.counters().faults_recorded, 0);
+    rig.w32(regs::GCMD, gcmd::TE);
+    rig.vtd.record_dma_fault(
+        dev,
+        Some(Pasid(3)),
+        0x1234_5678,
+        crate::viommu::DmaFaultKind::Write,
+    );
+    let lo = rig.r64(regs::FRCD_OFFSET);
+    let hi = rig.r64(regs::FRCD_OFFSET + 8);
+    assert_eq!(lo, 0x1234_5000);
+    assert_eq!((hi >> 32) & 0xff, 5, "write permission");
+    assert_eq!((hi >> 62) & 1, 0, "T1 = write");
+    assert_eq!((hi >> 40) & 0xf_ffff, 3);
+    assert_eq!(hi & 0xffff, u64::from(dev.rid()));
+    assert_eq!(rig.msi.take().len(), 1);
 }

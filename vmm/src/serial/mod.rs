@@ -5,10 +5,20 @@
 //! is instant, so THR is always empty; received bytes queue in a FIFO. Interrupts leave
 //! through an [`InterruptLine`] with edge semantics: the line is pulsed each time an enabled
 //! interrupt condition becomes pending.
+//!
+//! Output never blocks the vCPU: [`ConsoleOutput`] puts transmitted bytes in a bounded buffer
+//! that a writer thread drains to stdout or a file; when the reader falls behind (a stdout
+//! pipe nobody reads, a stopped terminal) further bytes are dropped and counted, and a file
+//! stops growing at its size cap ([`DEFAULT_FILE_CAP`]). The buffer and its thread are in
+//! `console`.
+
+mod console;
 
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+
+pub use console::{ConsoleOutput, ConsoleStats, CONSOLE_BUFFER, DEFAULT_FILE_CAP};
 
 use devices::bus::BusDevice;
 
