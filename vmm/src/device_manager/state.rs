@@ -137,7 +137,7 @@ impl DeviceManager {
 
     /// `vm.counters`. With a vIOMMU: guest invalidation descriptors and faults recorded (the
     /// model), host invalidation calls and shadow map/unmap calls (the bridge), with every
-    /// model and bridge count under `_viommu`. `host_ioctls` and `invalidations` are the iommufd backend's own
+    /// model and bridge count under `_viommu` (`model_*`, `bridge_*`). `host_ioctls` and `invalidations` are the iommufd backend's own
     /// counters (0 with type1, which does not count its calls; they restart when the backend
     /// is reopened after the last device left). Fault and page-request counters are 0: no
     /// fault queue is wired yet. Per device: `dev_id` (devices bound to a backend), `msi_vectors`, `msi_vectors_masked`,
@@ -199,7 +199,10 @@ impl DeviceManager {
                     })
                     .unwrap_or_default()
             };
-            let mut c = detail(serde_json::to_value(model).unwrap_or_default());
+            let mut c = BTreeMap::new();
+            for (k, v) in detail(serde_json::to_value(model).unwrap_or_default()) {
+                c.insert(format!("model_{k}"), v);
+            }
             for (k, v) in detail(serde_json::to_value(bridge).unwrap_or_default()) {
                 c.insert(format!("bridge_{k}"), v);
             }
