@@ -576,10 +576,11 @@ fn fuzz_pci_config_registers() {
             let c = fake.config.lock().unwrap();
             u16::from_le_bytes([c[0], c[1]])
         };
+        let sink = Arc::new(CheckingSink::default());
         let Ok(dev) = VfioPciDevice::new(
             VfioDeviceId::Pdev("0000:00:03.0".into()),
             fake,
-            Arc::new(FakeSink::with_intx()),
+            sink.clone(),
             options(rng),
         ) else {
             return;
@@ -646,6 +647,18 @@ fn fuzz_pci_config_registers() {
         }
         let id = rig.ecam_read32(bdf, 0);
         assert_eq!(id as u16, vendor, "vendor ID changed");
+        // Routes exist exactly while MSI or MSI-X is on, and every batch was closed.
+        assert_eq!(*sink.depth.lock().unwrap(), 0, "batch left open");
+        {
+            let d = dev.lock().unwrap();
+            let d = d.as_any().downcast_ref::<VfioPciDevice>().unwrap();
+            let routed = !sink.routes.lock().unwrap().is_empty();
+            assert_eq!(
+                routed,
+                d.msi_enabled() || d.msix_enabled(),
+                "routes vs enable bits"
+            );
+        }
         let mut view = Vec::with_capacity(4096);
         for o in (0..4096).step_by(4) {
             view.extend(rig.ecam_read32(bdf, o as u16).to_le_bytes());
