@@ -110,7 +110,34 @@ impl VfioPciDevice {
         // Registers of emulated capabilities: a later header inside them is the device lying
         // about its layout; it is hidden without touching the registers.
         let mut claimed: Vec<std::ops::Range<usize>> = Vec::new();
-        for cap in walk_capabilities(snap) {
+        let all = walk_capabilities(snap);
+        // The policy table's answer for a capability, and its MSI-X layout.
+        let decide = |cap: &crate::pci::config::CapEntry| {
+            let o = cap.offset;
+            let msix_layout = (cap.id == cap_id::MSIX && o + MsixCap::LEN <= CONFIG_SPACE_SIZE)
+                .then(|| {
+                    MsixCap::from_registers(o, u16_at(o + 2), u32_at(o + 4), u32_at(o + 8))
+                        .with_table_size(u16::try_from(msix_count).unwrap_or(u16::MAX))
+                });
+            let ctx = CapContext {
+                msi_irqs: msi_count > 0,
+                msix_usable: msix_count > 0
+                    && msix_layout.is_some_and(|m| has_bar(m.table_bar) && has_bar(m.pba_bar)),
+                ..Default::default()
+            };
+            (caps::standard(cap.id, &ctx), msix_layout)
+        };
+        // An emulated capability whose registers cover the header of a capability the guest
+        // will see would let the guest rewrite that header's next pointer through its own
+        // registers: such an emulated capability is hidden instead.
+        let shown: Vec<usize> = all
+            .iter()
+            .filter(|c| decide(c).0 .0 != CapPolicy::Hide)
+            .map(|c| c.offset)
+            .collect();
+        let covers_other =
+            |o: usize, len: usize| shown.iter().any(|&c| c != o && c < o + len && o < c + 2);
+        for cap in all.iter().copied() {
             let o = cap.offset;
             if claimed
                 .iter()
@@ -125,18 +152,8 @@ impl VfioPciDevice {
                 });
                 continue;
             }
-            let mut ctx = CapContext {
-                msi_irqs: msi_count > 0,
-                ..Default::default()
-            };
-            let msix_layout = (cap.id == cap_id::MSIX && o + MsixCap::LEN <= CONFIG_SPACE_SIZE)
-                .then(|| {
-                    MsixCap::from_registers(o, u16_at(o + 2), u32_at(o + 4), u32_at(o + 8))
-                        .with_table_size(u16::try_from(msix_count).unwrap_or(u16::MAX))
-                });
-            ctx.msix_usable = msix_count > 0
-                && msix_layout.is_some_and(|m| has_bar(m.table_bar) && has_bar(m.pba_bar));
-            let (mut policy, mut reason) = caps::standard(cap.id, &ctx);
+            let ((policy, reason), msix_layout) = decide(&cap);
+            let (mut policy, mut reason) = (policy, reason);
             if (policy == CapPolicy::Emulate && self.msi.is_some() && cap.id == cap_id::MSI)
                 || (policy == CapPolicy::Emulate && self.msix.is_some() && cap.id == cap_id::MSIX)
             {
@@ -150,12 +167,17 @@ impl VfioPciDevice {
                     m.mmc_log2 = m.mmc_log2.min(granted as u8);
                     if o + m.len() > CONFIG_SPACE_SIZE {
                         (policy, reason) = (CapPolicy::Hide, "truncated capability");
+                    } else if covers_other(o, m.len()) {
+                        (policy, reason) = (CapPolicy::Hide, "overlaps another capability");
                     } else {
                         m.install(&mut self.virt);
                         self.emulate(o, m.len());
                         claimed.push(o..o + m.len());
                         self.msi = Some(MsiState::new(m));
                     }
+                }
+                (CapPolicy::Emulate, cap_id::MSIX) if covers_other(o, MsixCap::LEN) => {
+                    (policy, reason) = (CapPolicy::Hide, "overlaps another capability");
                 }
                 (CapPolicy::Emulate, cap_id::MSIX) => {
                     if let Some(m) = msix_layout {
@@ -215,7 +237,8 @@ impl VfioPciDevice {
         };
         let mut visible: Vec<(usize, u16, u8)> = Vec::new();
         let mut hidden_pasid = None;
-        for cap in walk_ext_capabilities(snap) {
+        let all = walk_ext_capabilities(snap);
+        for cap in all.iter().copied() {
             let (mut policy, mut reason) = caps::extended(cap.id, &ctx);
             if cap.id == ext_cap_id::PASID {
                 if hidden_pasid.is_some() {
@@ -254,11 +277,26 @@ impl VfioPciDevice {
                 }
             }
         }
-        if let Some(cfg) = vpasid {
-            // The hidden capability's place when the 8 bytes fit there.
-            let off = hidden_pasid
-                .filter(|&o| o + 8 <= EXT_CONFIG_SPACE_SIZE)
-                .unwrap_or(VPASID_FALLBACK_OFFSET);
+        // The vPASID's 8 bytes go where they fit without covering a visible capability's
+        // header (the guest could rewrite that header through the control register): the
+        // hidden PASID's place, else the last 8 bytes, else nowhere.
+        let fits = |o: usize| {
+            o + 8 <= EXT_CONFIG_SPACE_SIZE
+                && !visible.iter().any(|&(c, _, _)| c < o + 8 && o < c + 4)
+        };
+        let place = hidden_pasid
+            .filter(|&o| fits(o))
+            .or(Some(VPASID_FALLBACK_OFFSET).filter(|&o| fits(o)));
+        if let (Some(_), None) = (vpasid, place) {
+            self.caps.push(CapDecision {
+                offset: VPASID_FALLBACK_OFFSET,
+                id: ext_cap_id::PASID,
+                extended: true,
+                policy: CapPolicy::Hide,
+                reason: "no room for a vPASID without covering another capability",
+            });
+        }
+        if let (Some(cfg), Some(off)) = (vpasid, place) {
             self.install_vpasid(off, cfg);
             visible.push((off, ext_cap_id::PASID, 1));
             let (policy, reason) = caps::extended(ext_cap_id::PASID, &ctx);
