@@ -64,12 +64,18 @@ impl ClientResponse {
         serde_json::from_slice(&self.body)
     }
 
-    /// The server's `{"error": ...}` message, or the raw body when it is not one.
-    pub fn error_message(&self) -> String {
+    /// The server's error message and its causes (the body, a JSON array of strings), or the
+    /// raw body as one message when it is not one.
+    pub fn error_messages(&self) -> Vec<String> {
         match serde_json::from_slice::<ErrorBody>(&self.body) {
-            Ok(e) => e.error,
-            Err(_) => String::from_utf8_lossy(&self.body).into_owned(),
+            Ok(e) => e.0,
+            Err(_) => vec![String::from_utf8_lossy(&self.body).into_owned()],
         }
+    }
+
+    /// [`Self::error_messages`] joined with `: `.
+    pub fn error_message(&self) -> String {
+        self.error_messages().join(": ")
     }
 }
 

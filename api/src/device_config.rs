@@ -79,6 +79,14 @@ pub enum DeviceConfigError {
          /sys/bus/mdev/devices/<UUID> or /dev/vfio/devices/vfio<N>"
     )]
     PathNotAllowed(PathBuf),
+    /// `path` has an accepted form's directory, but one part of it is wrong.
+    #[error("Device path {path} is not allowed: {reason}")]
+    BadPath {
+        /// The path as given.
+        path: PathBuf,
+        /// Which part is wrong, and what is expected there.
+        reason: String,
+    },
     /// An id that is empty, too long or has characters we refuse.
     #[error("Invalid device id `{id}`: {reason}")]
     InvalidId {
@@ -150,13 +158,15 @@ fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> 
     Ok(Option::<Vec<u64>>::deserialize(d)?.unwrap_or_default())
 }
 
-/// The device a sysfs path names.
+/// The device a device path names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SysfsDevice {
     /// A PCI function, `DDDD:BB:DD.F`.
     Pci(String),
     /// A mediated device, by UUID.
     Mdev(String),
+    /// A VFIO cdev, `vfio<N>` under `/dev/vfio/devices`.
+    Cdev(String),
 }
 
 impl fmt::Display for SysfsDevice {
@@ -164,6 +174,7 @@ impl fmt::Display for SysfsDevice {
         match self {
             SysfsDevice::Pci(bdf) => write!(f, "{bdf}"),
             SysfsDevice::Mdev(uuid) => write!(f, "mdev {uuid}"),
+            SysfsDevice::Cdev(name) => write!(f, "/dev/vfio/devices/{name}"),
         }
     }
 }
@@ -173,7 +184,8 @@ impl DeviceConfig {
     pub const SYNTAX: &'static str = "path=<sysfs device path>,fd=<VFIO cdev fd>,iommu=on|off,\
         pasid=on|off,id=<device id>,pci_segment=<segment>,pci_device_id=<slot 0-31>,\
         x_nv_gpudirect_clique=<clique id> (unsupported),x_exclude_mmap_bars=[<bar>,...] \
-        (unsupported); path is /sys/bus/pci/devices/<BDF> or /sys/bus/mdev/devices/<UUID>";
+        (unsupported); path is /sys/bus/pci/devices/<DDDD:BB:DD.F>, \
+        /sys/bus/mdev/devices/<UUID> or /dev/vfio/devices/vfio<N>";
 
     /// Parses `key=value[,key=value...]`. Commas inside `[...]` belong to the value. Checks
     /// syntax and value types only; call [`DeviceConfig::validate`] afterwards.
@@ -360,27 +372,61 @@ fn split_top_level(input: &str) -> Result<Vec<&str>, DeviceConfigError> {
     Ok(out)
 }
 
-/// Checks, without touching the filesystem, that `path` is
-/// `/sys/bus/pci/devices/<DDDD:BB:DD.F>` or `/sys/bus/mdev/devices/<UUID>` (a trailing slash
-/// is fine; `.` and `..` are not).
+/// Checks, without touching the filesystem, that `path` is one of the accepted forms:
+/// `/sys/bus/pci/devices/<DDDD:BB:DD.F>`, `/sys/bus/mdev/devices/<UUID>` or
+/// `/dev/vfio/devices/vfio<N>` (a trailing slash is fine; `.` and `..` are not). An error
+/// says which part is wrong.
 pub fn sysfs_device(path: &Path) -> Result<SysfsDevice, DeviceConfigError> {
-    let refuse = || DeviceConfigError::PathNotAllowed(path.to_path_buf());
+    let bad = |reason: String| DeviceConfigError::BadPath {
+        path: path.to_path_buf(),
+        reason,
+    };
     let mut parts = Vec::new();
     for c in path.components() {
         match c {
             Component::RootDir => parts.push("/"),
-            Component::Normal(s) => parts.push(s.to_str().ok_or_else(refuse)?),
-            Component::CurDir | Component::ParentDir | Component::Prefix(_) => return Err(refuse()),
+            Component::Normal(s) => parts.push(
+                s.to_str()
+                    .ok_or_else(|| bad("it is not valid UTF-8".into()))?,
+            ),
+            Component::CurDir | Component::ParentDir | Component::Prefix(_) => {
+                return Err(bad("`.` and `..` are not allowed".into()))
+            }
         }
     }
-    match parts.as_slice() {
-        ["/", "sys", "bus", "pci", "devices", name] if is_bdf(name) => {
-            Ok(SysfsDevice::Pci((*name).to_string()))
+    let (dir, rest): (&[&str], &[&str]) = match parts.as_slice() {
+        ["/", "sys", "bus", "pci", "devices", rest @ ..] => (&["pci"], rest),
+        ["/", "sys", "bus", "mdev", "devices", rest @ ..] => (&["mdev"], rest),
+        ["/", "dev", "vfio", "devices", rest @ ..] => (&["cdev"], rest),
+        _ => return Err(DeviceConfigError::PathNotAllowed(path.to_path_buf())),
+    };
+    let name = match rest {
+        [name] => *name,
+        [] => return Err(bad("it names the directory, not a device in it".into())),
+        [name, ..] => {
+            return Err(bad(format!(
+                "it goes below the device `{name}` (give the device directory itself)"
+            )))
         }
-        ["/", "sys", "bus", "mdev", "devices", name] if is_uuid(name) => {
-            Ok(SysfsDevice::Mdev((*name).to_string()))
-        }
-        _ => Err(refuse()),
+    };
+    match dir {
+        ["pci"] => bdf_problem(name)
+            .map(|p| {
+                Err(bad(format!(
+                    "`{name}` is not a PCI address DDDD:BB:DD.F: {p}"
+                )))
+            })
+            .unwrap_or_else(|| Ok(SysfsDevice::Pci(name.to_string()))),
+        ["mdev"] if is_uuid(name) => Ok(SysfsDevice::Mdev(name.to_string())),
+        ["mdev"] => Err(bad(format!(
+            "`{name}` is not an mdev UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx, hex)"
+        ))),
+        _ => match name.strip_prefix("vfio") {
+            Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                Ok(SysfsDevice::Cdev(name.to_string()))
+            }
+            _ => Err(bad(format!("`{name}` is not a VFIO cdev name vfio<N>"))),
+        },
     }
 }
 
@@ -388,22 +434,41 @@ fn is_hex_field(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// `DDDD:BB:DD.F` with device <= 0x1f and function <= 7.
-pub fn is_bdf(s: &str) -> bool {
+/// What is wrong with `s` as `DDDD:BB:DD.F` (device <= 0x1f, function <= 7), if anything.
+fn bdf_problem(s: &str) -> Option<String> {
     let mut it = s.split(':');
     let (Some(dom), Some(bus), Some(devfn), None) = (it.next(), it.next(), it.next(), it.next())
     else {
-        return false;
+        return Some("expected three `:`-separated parts".into());
     };
     let Some((dev, func)) = devfn.split_once('.') else {
-        return false;
+        return Some(format!("`{devfn}` lacks the `.F` function number"));
     };
-    is_hex_field(dom, 4)
-        && is_hex_field(bus, 2)
-        && is_hex_field(dev, 2)
-        && is_hex_field(func, 1)
-        && u8::from_str_radix(dev, 16).is_ok_and(|d| d <= MAX_PCI_DEVICE_ID)
-        && u8::from_str_radix(func, 16).is_ok_and(|f| f <= 7)
+    if !is_hex_field(dom, 4) {
+        return Some(format!("domain `{dom}` is not 4 hex digits"));
+    }
+    if !is_hex_field(bus, 2) {
+        return Some(format!("bus `{bus}` is not 2 hex digits"));
+    }
+    if !is_hex_field(dev, 2) {
+        return Some(format!("device `{dev}` is not 2 hex digits"));
+    }
+    if !is_hex_field(func, 1) {
+        return Some(format!("function `{func}` is not 1 hex digit"));
+    }
+    match (u8::from_str_radix(dev, 16), u8::from_str_radix(func, 16)) {
+        (Ok(d), _) if d > MAX_PCI_DEVICE_ID => Some(format!(
+            "device number {d:#x} is above {MAX_PCI_DEVICE_ID:#x}"
+        )),
+        (_, Ok(f)) if f > 7 => Some(format!("function number {f} is above 7")),
+        (Ok(_), Ok(_)) => None,
+        _ => Some("not hexadecimal".into()),
+    }
+}
+
+/// `DDDD:BB:DD.F` with device <= 0x1f and function <= 7.
+pub fn is_bdf(s: &str) -> bool {
+    bdf_problem(s).is_none()
 }
 
 /// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (hex).
@@ -431,8 +496,16 @@ pub fn validate_id(id: &str) -> Result<(), DeviceConfigError> {
     {
         return Err(invalid("only letters, digits and _ . : - are allowed"));
     }
+    if RESERVED_IDS.contains(&id) {
+        return Err(invalid(
+            "it names one of the VMM's own entries of vm.counters",
+        ));
+    }
     Ok(())
 }
+
+/// Ids no device may take: the VM-wide entries of `vm.counters`.
+pub const RESERVED_IDS: &[&str] = &[crate::types::IOMMU_COUNTERS_KEY, "_vm"];
 
 #[cfg(test)]
 mod tests {
@@ -507,16 +580,38 @@ mod tests {
     }
 
     #[test]
+    fn path_errors_say_which_part() {
+        for (path, part) in [
+            (
+                "/sys/bus/pci/devices/0000:01:20.0",
+                "device number 0x20 is above 0x1f",
+            ),
+            ("/sys/bus/pci/devices/0000:01:00.8", "function number 8"),
+            ("/sys/bus/pci/devices/01:00.0", "three"),
+            ("/sys/bus/pci/devices/000g:01:00.0", "domain `000g`"),
+            ("/sys/bus/pci/devices/0000:01:00.0/config", "goes below"),
+            ("/sys/bus/mdev/devices/nope", "UUID"),
+            ("/dev/vfio/devices/vfiox", "vfio<N>"),
+            ("/sys/bus/pci/devices/../x", "`..`"),
+            ("/etc/passwd", "/sys/bus/pci/devices/<DDDD:BB:DD.F>"),
+        ] {
+            let e = sysfs_device(Path::new(path)).unwrap_err().to_string();
+            assert!(e.contains(part) && e.contains(path), "{path}: {e}");
+        }
+    }
+
+    #[test]
     fn path_rules() {
         for good in [
             BDF_PATH,
             "/sys/bus/pci/devices/0000:01:00.0/",
             "/sys/bus/mdev/devices/83b8f4f2-509f-382f-3c1e-e6bfe0fa1001",
+            "/dev/vfio/devices/vfio0",
         ] {
             sysfs_device(Path::new(good)).unwrap();
         }
         for bad in [
-            "/dev/vfio/devices/vfio0",
+            "/dev/vfio/devices/vfio",
             "/sys/bus/pci/devices/../../../etc/passwd",
             "/sys/bus/pci/devices/0000:01:00.0/../0000:02:00.0",
             "sys/bus/pci/devices/0000:01:00.0",

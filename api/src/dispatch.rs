@@ -16,6 +16,7 @@ use crate::http::{HttpStatus, Reply};
 use crate::request::{ApiRequest, ApiResult, Responder};
 use crate::routes::{lookup, Endpoint, Lookup};
 use crate::types::VmRemoveDevice;
+use crate::vm_config::VmConfig;
 
 /// Sends requests to the VMM and waits for the answers.
 pub(crate) struct Dispatcher {
@@ -50,7 +51,7 @@ impl Input {
     /// For endpoints that take neither a body nor fds.
     fn expect_nothing(&self) -> Result<(), Reply> {
         if self.body.is_some() {
-            return Err(Reply::error(
+            return Err(refuse(
                 HttpStatus::BadRequest,
                 "This endpoint takes no request body",
             ));
@@ -60,7 +61,7 @@ impl Input {
 
     fn expect_no_files(&self) -> Result<(), Reply> {
         if !self.files.is_empty() {
-            return Err(Reply::error(
+            return Err(refuse(
                 HttpStatus::BadRequest,
                 format!(
                     "This endpoint takes no file descriptors ({} passed with SCM_RIGHTS)",
@@ -72,21 +73,25 @@ impl Input {
     }
 
     fn json_body<T: serde::de::DeserializeOwned>(&self, schema: &str) -> Result<T, Reply> {
-        let Some(body) = &self.body else {
-            return Err(Reply::error(
-                HttpStatus::BadRequest,
-                format!("Request body required: a JSON {schema}"),
-            ));
-        };
+        let body = self.body(schema)?;
         serde_json::from_slice(body).map_err(|e| {
             let detail = match offending_field::<T>(body) {
                 Some((field, err)) if err.contains(&format!("`{field}`")) => err,
                 Some((field, err)) => format!("field `{field}`: {err}"),
                 None => e.to_string(),
             };
-            Reply::error(
+            refuse(
                 HttpStatus::BadRequest,
                 format!("Invalid {schema} body: {detail}"),
+            )
+        })
+    }
+
+    fn body(&self, schema: &str) -> Result<&[u8], Reply> {
+        self.body.as_deref().ok_or_else(|| {
+            refuse(
+                HttpStatus::BadRequest,
+                format!("Request body required: a JSON {schema}"),
             )
         })
     }
@@ -108,8 +113,15 @@ fn offending_field<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<(Strin
     })
 }
 
+/// A request the API layer refuses: logged at `warn` with the reason, then answered.
+pub(crate) fn refuse(status: HttpStatus, msg: impl Into<String>) -> Reply {
+    let msg = msg.into();
+    warn!("API request refused ({}): {msg}", status.code());
+    Reply::error(status, msg)
+}
+
 fn bad_request(msg: impl Into<String>) -> Reply {
-    Reply::error(HttpStatus::BadRequest, msg)
+    refuse(HttpStatus::BadRequest, msg)
 }
 
 impl Dispatcher {
@@ -129,11 +141,11 @@ impl Dispatcher {
         let endpoint = match lookup(&path, method) {
             Lookup::Found(e) => e,
             Lookup::NoSuchPath => {
-                return Reply::error(HttpStatus::NotFound, format!("Unknown route {path}"))
+                return refuse(HttpStatus::NotFound, format!("Unknown route {path}"))
             }
             Lookup::WrongMethod(allowed) => {
                 let allow: Vec<&'static str> = allowed.iter().map(|m| m.as_str()).collect();
-                let mut r = Reply::error(
+                let mut r = refuse(
                     HttpStatus::MethodNotAllowed,
                     format!(
                         "Method {method} is not allowed on {path}; use {}",
@@ -158,6 +170,43 @@ impl Dispatcher {
             Endpoint::VmInfo => {
                 input.expect_nothing()?;
                 self.call_json(ApiRequest::VmInfo)
+            }
+            Endpoint::VmCreate => {
+                input.expect_no_files()?;
+                let config = VmConfig::from_json(input.body("VmConfig")?)
+                    .map_err(|e| bad_request(format!("Invalid VmConfig body: {e}")))?;
+                for d in &config.devices {
+                    if d.fd.is_some() {
+                        return Err(bad_request(
+                            "vm.create takes no VFIO cdev fds: give each device a `path`, or \
+                             add fd-backed devices with vm.add-device after vm.create",
+                        ));
+                    }
+                    d.validate_with_fd(false)
+                        .map_err(|e| bad_request(format!("Invalid VmConfig device: {e}")))?;
+                }
+                let config = Box::new(config);
+                self.call_empty(|reply| ApiRequest::VmCreate { config, reply })
+            }
+            Endpoint::VmBoot => {
+                input.expect_nothing()?;
+                self.call_empty(ApiRequest::VmBoot)
+            }
+            Endpoint::VmPause => {
+                input.expect_nothing()?;
+                self.call_empty(ApiRequest::VmPause)
+            }
+            Endpoint::VmResume => {
+                input.expect_nothing()?;
+                self.call_empty(ApiRequest::VmResume)
+            }
+            Endpoint::VmReboot => {
+                input.expect_nothing()?;
+                self.call_empty(ApiRequest::VmReboot)
+            }
+            Endpoint::VmDelete => {
+                input.expect_nothing()?;
+                self.call_empty(ApiRequest::VmDelete)
             }
             Endpoint::Iommu => {
                 input.expect_nothing()?;
@@ -191,7 +240,10 @@ impl Dispatcher {
             }
             Endpoint::AddDevice => {
                 let (config, fd) = add_device_input(input)?;
-                self.call_json(|reply| ApiRequest::AddDevice { config, fd, reply })
+                match self.call(|reply| ApiRequest::AddDevice { config, fd, reply })? {
+                    Some(info) => Ok(Reply::json(HttpStatus::Ok, &info)),
+                    None => Ok(Reply::no_content()),
+                }
             }
         }
     }
@@ -244,7 +296,7 @@ impl Dispatcher {
         };
         result.map_err(|e| {
             debug!("API request {name} failed: {e}");
-            Reply::error(HttpStatus::from_api_code(e.status()), e.message())
+            Reply::errors(HttpStatus::from_api_code(e.status()), e.messages())
         })
     }
 

@@ -7,7 +7,8 @@
 //!   body size, fd count, and [`DeviceConfig`] validation (sysfs paths only, unsupported `x_`
 //!   options refused) happen here, before anything reaches the VMM;
 //! - the **schema**: [`DeviceConfig`] (also the `--device` syntax, [`DeviceConfig::parse`]),
-//!   the reply bodies in [`types`], [`ApiError`], and `api/openapi.yaml`;
+//!   [`VmConfig`] (the body of `vm.create`), the reply bodies in [`types`], [`ApiError`], and
+//!   `api/openapi.yaml`;
 //! - the **client**: [`client::ApiClient`] and the `ioasid-remote` binary.
 //!
 //! Must not touch: device, VM or IOMMU state. It has no access to any: each request goes to
@@ -42,6 +43,7 @@ pub mod request;
 pub mod routes;
 pub mod server;
 pub mod types;
+pub mod vm_config;
 
 pub use device_config::{DeviceConfig, DeviceConfigError};
 pub use error::{ApiError, ApiErrorKind};
@@ -52,6 +54,7 @@ pub use server::{
 };
 pub use types::{
     Attachment, DeviceIommuCaps, DeviceNode, ErrorBody, HwptInfo, HwptKind, IoasInfo, IoasidsInfo,
-    IommuInfo, PasidEntry, PasidsInfo, PciDeviceInfo, PtType, VmCounters, VmInfo, VmRemoveDevice,
-    VmState, VmmPingResponse,
+    IommuCounters, IommuInfo, PasidEntry, PasidsInfo, PciDeviceInfo, PtType, VmCounters, VmInfo,
+    VmRemoveDevice, VmState, VmmPingResponse, IOMMU_COUNTERS_KEY,
 };
+pub use vm_config::VmConfig;

@@ -20,6 +20,7 @@ use crate::error::ApiError;
 use crate::types::{
     IoasidsInfo, IommuInfo, PasidsInfo, PciDeviceInfo, VmCounters, VmInfo, VmmPingResponse,
 };
+use crate::vm_config::VmConfig;
 
 /// The result the VMM sends back for one request.
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -57,6 +58,24 @@ pub enum ApiRequest {
     Ping(Responder<VmmPingResponse>),
     /// `GET /api/v1/vm.info`.
     VmInfo(Responder<VmInfo>),
+    /// `PUT /api/v1/vm.create`: store the configuration (parsed; its values are the VMM's to
+    /// check). The VM is built at `vm.boot`.
+    VmCreate {
+        /// The configuration.
+        config: Box<VmConfig>,
+        /// Reply.
+        reply: Responder<()>,
+    },
+    /// `PUT /api/v1/vm.boot`.
+    VmBoot(Responder<()>),
+    /// `PUT /api/v1/vm.pause`.
+    VmPause(Responder<()>),
+    /// `PUT /api/v1/vm.resume`.
+    VmResume(Responder<()>),
+    /// `PUT /api/v1/vm.reboot`.
+    VmReboot(Responder<()>),
+    /// `PUT /api/v1/vm.delete`.
+    VmDelete(Responder<()>),
     /// `PUT /api/v1/vm.add-device`. `config` is validated ([`DeviceConfig::validate_with_fd`]):
     /// exactly one of `config.path` and `fd` is set, and `config.fd` is `None` (the number a
     /// client put in the body means nothing in this process; the fd itself is `fd`).
@@ -65,8 +84,10 @@ pub enum ApiRequest {
         config: DeviceConfig,
         /// The VFIO cdev fd the client passed with `SCM_RIGHTS`, close-on-exec.
         fd: Option<OwnedFd>,
-        /// Reply: the device's id and guest BDF.
-        reply: Responder<PciDeviceInfo>,
+        /// Reply: the device's id and guest BDF (200), or `None` when the VM is created but
+        /// not booted and the device was added to its configuration (204, as Cloud
+        /// Hypervisor answers a cold add).
+        reply: Responder<Option<PciDeviceInfo>>,
     },
     /// `PUT /api/v1/vm.remove-device`; `id` is a well-formed device id.
     RemoveDevice {
@@ -75,7 +96,7 @@ pub enum ApiRequest {
         /// Reply: `NotFound` for an unknown id.
         reply: Responder<()>,
     },
-    /// `PUT /api/v1/vm.shutdown`.
+    /// `PUT /api/v1/vm.shutdown`: stop the VM; the VMM and its API stay.
     VmShutdown(Responder<()>),
     /// `PUT /api/v1/vmm.shutdown`. Reply first, then call
     /// [`crate::ServerHandle::stop`] before exiting so the reply reaches the client.
@@ -96,6 +117,12 @@ impl ApiRequest {
         match self {
             ApiRequest::Ping(_) => "vmm.ping",
             ApiRequest::VmInfo(_) => "vm.info",
+            ApiRequest::VmCreate { .. } => "vm.create",
+            ApiRequest::VmBoot(_) => "vm.boot",
+            ApiRequest::VmPause(_) => "vm.pause",
+            ApiRequest::VmResume(_) => "vm.resume",
+            ApiRequest::VmReboot(_) => "vm.reboot",
+            ApiRequest::VmDelete(_) => "vm.delete",
             ApiRequest::AddDevice { .. } => "vm.add-device",
             ApiRequest::RemoveDevice { .. } => "vm.remove-device",
             ApiRequest::VmShutdown(_) => "vm.shutdown",
@@ -114,7 +141,14 @@ impl ApiRequest {
             ApiRequest::VmInfo(r) => r.send(Err(error)),
             ApiRequest::AddDevice { reply, .. } => reply.send(Err(error)),
             ApiRequest::RemoveDevice { reply, .. } => reply.send(Err(error)),
-            ApiRequest::VmShutdown(r) | ApiRequest::VmmShutdown(r) => r.send(Err(error)),
+            ApiRequest::VmCreate { reply, .. } => reply.send(Err(error)),
+            ApiRequest::VmShutdown(r)
+            | ApiRequest::VmmShutdown(r)
+            | ApiRequest::VmBoot(r)
+            | ApiRequest::VmPause(r)
+            | ApiRequest::VmResume(r)
+            | ApiRequest::VmReboot(r)
+            | ApiRequest::VmDelete(r) => r.send(Err(error)),
             ApiRequest::Iommu(r) => r.send(Err(error)),
             ApiRequest::Ioasids(r) => r.send(Err(error)),
             ApiRequest::Pasids(r) => r.send(Err(error)),

@@ -30,6 +30,18 @@ pub enum Endpoint {
     Ping,
     /// `vm.info`.
     VmInfo,
+    /// `vm.create`.
+    VmCreate,
+    /// `vm.boot`.
+    VmBoot,
+    /// `vm.pause`.
+    VmPause,
+    /// `vm.resume`.
+    VmResume,
+    /// `vm.reboot`.
+    VmReboot,
+    /// `vm.delete`.
+    VmDelete,
     /// `vm.add-device`.
     AddDevice,
     /// `vm.remove-device`.
@@ -76,6 +88,12 @@ pub const ROUTES: &[Route] = &[
         Endpoint::VmmShutdown,
     ),
     route("/api/v1/vm.info", HttpMethod::Get, Endpoint::VmInfo),
+    route("/api/v1/vm.create", HttpMethod::Put, Endpoint::VmCreate),
+    route("/api/v1/vm.boot", HttpMethod::Put, Endpoint::VmBoot),
+    route("/api/v1/vm.pause", HttpMethod::Put, Endpoint::VmPause),
+    route("/api/v1/vm.resume", HttpMethod::Put, Endpoint::VmResume),
+    route("/api/v1/vm.reboot", HttpMethod::Put, Endpoint::VmReboot),
+    route("/api/v1/vm.delete", HttpMethod::Put, Endpoint::VmDelete),
     route(
         "/api/v1/vm.add-device",
         HttpMethod::Put,

@@ -254,7 +254,7 @@ impl Conn {
             Err(ConnectionError::StreamReadError(e))
                 if e.errno() == libc::EAGAIN || e.errno() == libc::EINTR => {}
             Err(ConnectionError::ParseError(e)) => {
-                debug!("API request rejected: {e}");
+                warn!("API request refused: malformed HTTP: {e}");
                 self.queue(&parse_error_reply(&e).closing(), false);
             }
             Err(e) => {
@@ -333,6 +333,10 @@ fn accept_all(listener: &UnixListener, conns: &mut Vec<Conn>, options: &ServerOp
                     continue;
                 }
                 if conns.len() >= options.max_connections {
+                    warn!(
+                        "API connection refused: more than {} connections",
+                        options.max_connections
+                    );
                     let reply = Reply::error(
                         HttpStatus::ServiceUnavailable,
                         format!(

@@ -1,8 +1,9 @@
 //! Request and response bodies other than `DeviceConfig`: plain serde structs the VMM fills.
 //!
-//! The Cloud Hypervisor ones (`VmmPingResponse`, `VmInfo`, `PciDeviceInfo`, `VmRemoveDevice`)
-//! have Cloud Hypervisor's field names. The introspection ones (`IommuInfo`, `IoasidsInfo`,
-//! `PasidsInfo`, `VmCounters`) are ours; `api/openapi.yaml` describes all of them.
+//! The Cloud Hypervisor ones (`VmmPingResponse`, `VmInfo`, `VmCounters`, `PciDeviceInfo`,
+//! `VmRemoveDevice`) have Cloud Hypervisor's field names and nesting. The introspection ones
+//! (`IommuInfo`, `IoasidsInfo`, `PasidsInfo`) are ours; `api/openapi.yaml` describes all of
+//! them. `VmConfig` (the body of `vm.create`) is in [`crate::vm_config`].
 
 use std::collections::BTreeMap;
 
@@ -55,11 +56,12 @@ pub struct DeviceNode {
     pub pci_bdf: Option<String>,
 }
 
-/// `GET /api/v1/vm.info`.
+/// `GET /api/v1/vm.info` (Cloud Hypervisor's `VmInfo`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmInfo {
-    /// The VM's configuration, as the VMM serializes it.
-    pub config: serde_json::Value,
+    /// The VM's configuration in Cloud Hypervisor's `VmConfig` field names, with the devices
+    /// added since (and their ids).
+    pub config: crate::vm_config::VmConfig,
     /// VM state.
     pub state: VmState,
     /// Guest memory actually backed, in bytes.
@@ -106,6 +108,56 @@ pub struct DeviceIommuCaps {
     /// The backend's full decoded capability record (e.g. the `ioasid` crate's struct).
     #[serde(default)]
     pub details: serde_json::Value,
+}
+
+/// The guest-visible vIOMMU in [`IommuInfo::viommu`] (serialized into that field).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViommuInfo {
+    /// The model: `vtd`.
+    pub model: String,
+    /// Guest physical address of the register page (the DMAR's DRHD register base).
+    pub register_base: u64,
+    /// The CAP register the guest reads.
+    pub cap: u64,
+    /// The ECAP register the guest reads.
+    pub ecap: u64,
+    /// CAP flags set, by the specification's names (e.g. `CM`, `PSI`).
+    pub cap_names: Vec<String>,
+    /// ECAP flags set, by name (e.g. `QI`, `SMTS`, `SLTS`, `FSTS`).
+    pub ecap_names: Vec<String>,
+    /// CAP and ECAP numeric fields by name (e.g. `SAGAW`, `MGAW`, `NFR`, `PSS`).
+    #[serde(default)]
+    pub fields: BTreeMap<String, u64>,
+    /// Root-bus slots the DMAR puts behind the unit.
+    #[serde(default)]
+    pub scope_slots: Vec<u8>,
+    /// Whether the guest enabled translation (GSTS.TES).
+    pub translation_enabled: bool,
+    /// Every (device, PASID) behind the vIOMMU with its mode.
+    #[serde(default)]
+    pub devices: Vec<ViommuDevice>,
+}
+
+/// One (device, PASID) behind the vIOMMU in [`ViommuInfo`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViommuDevice {
+    /// Device id (as `vm.add-device` named it), or its BDF.
+    pub id: String,
+    /// Guest BDF.
+    pub bdf: String,
+    /// PASID (0: requests without PASID).
+    pub pasid: u32,
+    /// How the host honours the guest's translation: `nested`, `shadow`, `soft`,
+    /// `pass-through` or `blocked`.
+    pub mode: String,
+    /// `assigned` or `emulated`.
+    pub path: String,
+    /// Guest domain id, when translated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub did: Option<u16>,
+    /// Host IOAS or HWPT the context is attached to, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_pt: Option<u32>,
 }
 
 /// `GET /api/v1/vm.iommu`.
@@ -221,9 +273,13 @@ pub struct PasidsInfo {
     pub entries: Vec<PasidEntry>,
 }
 
-/// `GET /api/v1/vm.counters`.
+/// The VM-wide IOMMU counters: one entry of `vm.counters`, under [`IOMMU_COUNTERS_KEY`].
+///
+/// Serialized as a map of counter name to integer built from the fields, so a counter added
+/// here appears in `vm.counters` without a schema change (the schema says "map of integers").
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmCounters {
+#[serde(default)]
+pub struct IommuCounters {
     /// I/O page faults read from fault queues.
     pub faults: u64,
     /// Page requests (PRI) forwarded to the guest.
@@ -236,14 +292,74 @@ pub struct VmCounters {
     pub invalidations: u64,
     /// ioctls issued on `/dev/iommu` and `/dev/vfio/*`.
     pub host_ioctls: u64,
+    /// vIOMMU: guest invalidation queue descriptors processed (all types).
+    pub guest_invalidation_descriptors: u64,
+    /// vIOMMU: host invalidation calls (`HWPT_INVALIDATE`) the bridge issued.
+    pub host_invalidation_calls: u64,
+    /// vIOMMU: shadow map calls (`IOAS_COPY`/`IOAS_MAP_FILE` into shadow IOASes).
+    pub shadow_map_calls: u64,
+    /// vIOMMU: shadow unmap calls.
+    pub shadow_unmap_calls: u64,
+    /// vIOMMU: fault records written for the guest.
+    pub faults_recorded: u64,
+}
+
+/// The key of [`IommuCounters`] in `vm.counters`. Device ids starting with `_` are the
+/// VMM's own, so no device can take it.
+pub const IOMMU_COUNTERS_KEY: &str = "_iommu";
+
+/// `GET /api/v1/vm.counters`: Cloud Hypervisor's shape, a map of device id to a map of
+/// counter name to integer. The VM-wide IOMMU counters are the entry
+/// [`IOMMU_COUNTERS_KEY`]; the device manager may add VM-wide entries of its own (`_vm`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmCounters {
+    /// The VM-wide IOMMU counters.
+    pub iommu: IommuCounters,
     /// Per-device counters, free-form names.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub devices: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
-/// The body of every error reply: `{"error": "..."}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// What went wrong.
-    pub error: String,
+impl VmCounters {
+    /// The wire form: every device's map plus the IOMMU counters under their key.
+    pub fn to_map(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        let mut map = self.devices.clone();
+        let iommu: BTreeMap<String, u64> = serde_json::to_value(&self.iommu)
+            .ok()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        map.insert(IOMMU_COUNTERS_KEY.to_string(), iommu);
+        map
+    }
+}
+
+impl Serialize for VmCounters {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_map().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for VmCounters {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut devices = BTreeMap::<String, BTreeMap<String, u64>>::deserialize(d)?;
+        let iommu = match devices.remove(IOMMU_COUNTERS_KEY) {
+            Some(m) => serde_json::to_value(m)
+                .and_then(serde_json::from_value)
+                .map_err(serde::de::Error::custom)?,
+            None => IommuCounters::default(),
+        };
+        Ok(VmCounters { iommu, devices })
+    }
+}
+
+/// The body of every error reply: the message, then its causes, outermost first (Cloud
+/// Hypervisor's clients read a JSON array of strings).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ErrorBody(pub Vec<String>);
+
+impl ErrorBody {
+    /// Message and causes joined with `: `.
+    pub fn joined(&self) -> String {
+        self.0.join(": ")
+    }
 }

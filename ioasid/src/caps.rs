@@ -428,6 +428,39 @@ mod tests {
         assert_eq!(caps.nesting_unsupported_reason(), None);
     }
 
+    /// Each condition of `supports_nesting()` on its own: dropping any one of NEST, FLTS and
+    /// SLTS (VT-d) or S1P and S2P (SMMUv3) turns nesting off and the reason names it.
+    #[test]
+    fn caps_nesting_requires_every_condition() {
+        const NEST: u64 = 1 << 26;
+        const FLTS: u64 = 1 << 47;
+        const SLTS: u64 = 1 << 46;
+        let all = NEST | FLTS | SLTS;
+        let vtd = |ecap: u64| HwCaps::decode(1, &vtd_blob(0, 0, ecap), 0, 0);
+        assert!(vtd(all).supports_nesting());
+        assert_eq!(vtd(all).nesting_unsupported_reason(), None);
+        for (bit, name) in [(NEST, "NEST=0"), (FLTS, "FLTS=0"), (SLTS, "SLTS=0")] {
+            let caps = vtd(all & !bit);
+            assert!(!caps.supports_nesting(), "{name}: nesting must be off");
+            let reason = caps.nesting_unsupported_reason().unwrap_or_default();
+            assert!(reason.contains(name), "{name}: {reason}");
+        }
+        // Unrelated ECAP bits never turn nesting on by themselves.
+        assert!(!vtd(!all).supports_nesting());
+
+        let smmu = |idr0: u32| {
+            // {u32 flags, u32 reserved, u32 idr[6], u32 iidr, u32 aidr}: IDR0 at byte 8.
+            let mut blob = vec![0u8; 40];
+            blob[8..12].copy_from_slice(&idr0.to_le_bytes());
+            HwCaps::decode(2, &blob, 0, 0)
+        };
+        assert!(matches!(smmu(0b11).info, HwInfo::ArmSmmuv3 { .. }));
+        assert!(smmu(0b11).supports_nesting());
+        assert!(!smmu(0b01).supports_nesting(), "S2P without S1P");
+        assert!(!smmu(0b10).supports_nesting(), "S1P without S2P");
+        assert!(!HwCaps::none("no IOMMU").supports_nesting());
+    }
+
     #[test]
     fn selftest_and_none() {
         let mut blob = 0u32.to_le_bytes().to_vec();

@@ -3,7 +3,10 @@
 //! pins to IOAPIC GSIs by [`crate::layout::pci_intx_gsi`]) with its hotplug slots, the PCI
 //! hotplug controller and Generic Event Device ([`crate::hotplug::aml`]), COM1 and the S5
 //! sleep state; plus the small port device behind the FADT's sleep-control and reset
-//! registers.
+//! registers. The DMAR of the emulated VT-d is built in [`dmar`] and linked from the XSDT as
+//! one of the `extra` tables.
+
+pub mod dmar;
 
 use std::sync::Arc;
 

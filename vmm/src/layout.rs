@@ -4,8 +4,8 @@
 //! 0x0000_0000 .. LOW_RAM_END     RAM (boot structures live in the first MiB)
 //! 0xC000_0000 .. 0xE000_0000     32-bit PCI MMIO window (32-bit BARs)
 //! 0xE000_0000 .. 0xF000_0000     PCIe ECAM (256 buses x 1 MiB)
-//! 0xF000_0000 .. 4 GiB           platform: PCI hotplug/GED registers, IOAPIC, LAPIC,
-//!                                KVM TSS/identity map
+//! 0xF000_0000 .. 4 GiB           platform: PCI hotplug/GED registers, IOAPIC, the
+//!                                VT-d registers, LAPIC, KVM TSS/identity map
 //! 4 GiB .. 4 GiB + high RAM      RAM above the hole
 //! above RAM                      64-bit PCI MMIO window (the device manager allocates it)
 //! ```
@@ -33,6 +33,17 @@ pub const PCI_HOTPLUG_START: u64 = 0xFE00_0000;
 pub const PCI_HOTPLUG_SIZE: u64 = 0x20;
 /// The IOAPIC (in-kernel irqchip).
 pub const IOAPIC_START: u64 = 0xFEC0_0000;
+/// The register set of the emulated VT-d unit (the DMAR's DRHD register base), where QEMU
+/// puts its intel-iommu: platform area, between the IOAPIC and the local APIC, 4 KiB
+/// aligned as Linux requires.
+pub const VTD_REGS_START: u64 = 0xFED9_0000;
+/// Size reserved for each VT-d unit's register set (one page; the model's registers, fault
+/// recording and page request registers included, fit in it).
+pub const VTD_REGS_SIZE: u64 = 0x1000;
+/// Root-bus slots reserved for devices behind the vIOMMU (`iommu=on`): the DMAR lists them in
+/// the DRHD's device scope at boot, so that Linux also puts devices hot-plugged there behind
+/// the unit. Devices with `iommu=off` never take them.
+pub const VIOMMU_SLOTS: std::ops::RangeInclusive<u8> = 24..=31;
 /// The local APIC.
 pub const LAPIC_START: u64 = 0xFEE0_0000;
 /// KVM's identity-map page (one page, below the TSS).
@@ -158,5 +169,20 @@ mod tests {
             count[(pci_intx_gsi(slot, 0) - PCI_INTX_GSI_BASE) as usize] += 1;
         }
         assert!(count.iter().all(|&c| c == 3 || c == 4), "{count:?}");
+    }
+
+    #[test]
+    fn vtd_registers_sit_alone_in_the_platform_area() {
+        const {
+            assert!(
+                VTD_REGS_START.is_multiple_of(0x1000),
+                "Linux needs a page-aligned DRHD base"
+            );
+            assert!(VTD_REGS_START >= IOAPIC_START + 0x1000);
+            assert!(VTD_REGS_START + VTD_REGS_SIZE <= LAPIC_START);
+            assert!(VTD_REGS_START > PCI_HOTPLUG_START + PCI_HOTPLUG_SIZE);
+            assert!(VTD_REGS_START >= PCI_ECAM_START + PCI_ECAM_SIZE);
+        }
+        assert!(!VIOMMU_SLOTS.contains(&0), "slot 0 is the host bridge");
     }
 }

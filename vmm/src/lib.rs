@@ -3,8 +3,9 @@
 //! Owns: the KVM VM ([`vm`]), guest RAM ([`memory`], memfd-backed so it can be mapped for DMA
 //! by file), vCPUs and their run loop ([`vcpu`], [`cpuid`]), interrupt routing ([`irq`]),
 //! Linux and payload boot ([`boot`]), ACPI tables ([`acpi`]), the 16550 console ([`serial`]),
-//! the guest address map ([`layout`]), the command line ([`config`]) and putting it all
-//! together ([`runner`]), and the PCI bus with its assigned VFIO devices ([`device_manager`]:
+//! the guest address map ([`layout`]), the command line ([`config`]), building and booting
+//! a VM ([`runner`]), the VMM process around it ([`control`]: REST API, life cycle,
+//! signals), and the PCI bus with its assigned VFIO devices ([`device_manager`]:
 //! backend choice, the VM's IOAS with RAM mapped once per region, bind/attach, KVM-VFIO, MSI
 //! routes through irqfds, BAR windows as KVM memory slots, introspection).
 //!
@@ -23,15 +24,17 @@
 //! - the KVM VM fd for the KVM-VFIO device: [`vm::Vm::vm_fd`];
 //! - address windows: [`layout::PCI_MMIO32_START`], [`layout::pci_mmio64_window`],
 //!   [`layout::PCI_ECAM_START`];
-//! - running: [`runner::run_with`] calls an attach step between VM creation and boot;
+//! - running: [`runner::boot`] calls an attach step between VM creation and boot
+//!   ([`control::run_with`] passes it to every boot);
 //! - PCI hotplug: [`hotplug::PciHotplug::install`], then `notify_added(slot)` after putting a
 //!   function on the bus and `request_eject(slot)` to ask the guest to let go of one (the
 //!   guest's eject comes back through the `on_eject` callback).
 //!
 //! The REST API (`--api-socket`, the `api` crate's server) reaches the VM through [`control`]:
-//! the main thread's loop over the API's eventfd, the guest's ejects and the VM's end, which
-//! adds and removes devices through the device manager and announces them through ACPI
-//! hotplug.
+//! the main thread's loop over the API's eventfd, the termination signals, the guest's ejects
+//! and the VM's end; it runs Cloud Hypervisor's life cycle (create, boot, pause, resume,
+//! shutdown, reboot, delete), adds and removes devices through the device manager and
+//! announces them through ACPI hotplug. `control` depends on `runner`, never the reverse.
 
 pub mod acpi;
 pub mod boot;
@@ -47,4 +50,5 @@ pub mod memory;
 pub mod runner;
 pub mod serial;
 pub mod vcpu;
+pub mod viommu;
 pub mod vm;

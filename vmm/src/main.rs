@@ -1,10 +1,11 @@
-//! `ioasid-vmm`: the VMM binary. Parsing lives in `vmm::config`, running in `vmm::runner`,
-//! `iommu-info` in `vmm::device_manager::host_iommu_info`.
+//! `ioasid-vmm`: the VMM binary. Parsing lives in `vmm::config`, the VMM process (REST API,
+//! life cycle, signals) in `vmm::control`, building a VM in `vmm::runner`, `iommu-info` in
+//! `vmm::device_manager::host_iommu_info`.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::config::{Action, Cli};
+use vmm::config::{Action, Cli, VmArgs};
 
 fn print_chain(e: &dyn std::error::Error) {
     eprintln!("Error: {e}");
@@ -23,6 +24,19 @@ fn main() -> ExitCode {
     )
     .init();
     let cli = Cli::parse();
+    if cli.command.is_none() && cli.vm.kernel.is_none() && cli.vm.payload.is_none() {
+        if let Some(sock) = &cli.vm.api_socket {
+            // Cloud Hypervisor's empty VMM: no VM until `vm.create` on the API.
+            if let Some(flag) = vm_flag_given(&cli.vm) {
+                eprintln!(
+                    "Error: {flag} describes a VM, which needs --kernel; without VM flags, \
+                     --api-socket starts an empty VMM that waits for vm.create"
+                );
+                return ExitCode::from(2);
+            }
+            return finish(vmm::control::run(None, Some(sock.clone())));
+        }
+    }
     let action = match cli.action() {
         Ok(a) => a,
         Err(e) => {
@@ -50,12 +64,34 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Action::Run(cfg) => match vmm::runner::run(&cfg) {
-            Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-            Err(e) => {
-                print_chain(&e);
-                ExitCode::FAILURE
-            }
-        },
+        Action::Run(cfg) => {
+            let sock = cfg.api_socket.clone();
+            finish(vmm::control::run(Some(*cfg), sock))
+        }
+    }
+}
+
+/// The first VM flag in `a` other than `--kernel`, `--payload` and `--api-socket`.
+fn vm_flag_given(a: &VmArgs) -> Option<&'static str> {
+    [
+        ("--cmdline", a.cmdline.is_some()),
+        ("--initramfs", a.initramfs.is_some()),
+        ("--cpus", a.cpus.is_some()),
+        ("--memory", a.memory.is_some()),
+        ("--device", !a.device.is_empty()),
+        ("--platform", a.platform.is_some()),
+        ("--serial", a.serial.is_some()),
+    ]
+    .into_iter()
+    .find_map(|(flag, given)| given.then_some(flag))
+}
+
+fn finish(r: Result<i32, vmm::control::ControlError>) -> ExitCode {
+    match r {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            print_chain(&e);
+            ExitCode::FAILURE
+        }
     }
 }

@@ -1,4 +1,8 @@
-//! Putting a VM together and running it: the payload runner tests use, and the CLI's `run`.
+//! Putting a VM together and starting it: [`boot`] builds one VM from a [`VmConfig`] (RAM,
+//! device manager with its devices, serial, ACPI or payload, hotplug controller) and starts
+//! its vCPUs; [`PayloadVm`] is the payload runner tests use. Running the VMM around it (the
+//! REST API, the VM's life cycle, signals) is [`crate::control`]'s job: this module does not
+//! depend on it.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -12,13 +16,14 @@ use crate::boot::linux::{load_linux, LinuxBootConfig, LinuxBootError};
 use crate::boot::payload::{load_payload, read_payload, PayloadError, PayloadMode};
 use crate::boot::BootEntry;
 use crate::config::{BootConfig, DeviceConfig, SerialConfig, VmConfig};
-use crate::control::{eject_channel, Control, ControlError, ControlSetup, EjectReceiver};
-use crate::device_manager::{DeviceManager, DeviceManagerConfig, DeviceManagerError, IntxWiring};
-use crate::hotplug::{HotplugError, PciHotplug};
+use crate::device_manager::{
+    AddedDevice, DeviceManager, DeviceManagerConfig, DeviceManagerError, IntxWiring,
+};
+use crate::hotplug::{EjectCallback, HotplugError, PciHotplug};
 use crate::irq::{InterruptLine, IrqError, IrqfdLine};
 use crate::layout::{ACPI_SLEEP_CONTROL_PORT, SERIAL_IRQ, SERIAL_PORT};
 use crate::memory::RamConfig;
-use crate::serial::{CaptureBuffer, ConsoleOutput, Serial, DEFAULT_FILE_CAP};
+use crate::serial::{CaptureBuffer, ConsoleOutput, Serial, TerminalGuard, DEFAULT_FILE_CAP};
 use crate::vcpu::VcpuStop;
 use crate::vm::{
     IrqchipMode, RunningVm, StopReason, Vm, VmError, VmExit, VmOptions, DEBUG_EXIT_PORT,
@@ -72,21 +77,6 @@ pub enum RunError {
     /// The ACPI PCI hotplug controller could not be installed.
     #[error("PCI hotplug setup failed")]
     Hotplug(#[from] HotplugError),
-    /// The channel from the hotplug controller to the control loop could not be created.
-    #[error("Cannot create the guest-eject channel")]
-    EjectChannel(#[source] std::io::Error),
-    /// The REST API channel or server could not be set up.
-    #[error("Cannot start the REST API on {path}")]
-    Api {
-        /// The `--api-socket` path.
-        path: std::path::PathBuf,
-        /// The cause.
-        #[source]
-        source: api::ServerError,
-    },
-    /// The control loop failed.
-    #[error("The control loop failed")]
-    Control(#[from] ControlError),
 }
 
 /// Where serial output goes.
@@ -235,11 +225,11 @@ impl PayloadVm {
 /// The device manager of a running VM, shared with whoever serves the REST API.
 pub type SharedDeviceManager = Arc<Mutex<DeviceManager>>;
 
-/// Builds the VM `cfg` describes, with its device manager and every `--device` assigned,
-/// boots it and waits until it ends. Returns the process exit code (0 for a clean guest stop).
-pub fn run(cfg: &VmConfig) -> Result<i32, RunError> {
-    run_with(cfg, |_vm, _devices, _cfg| Ok(Vec::new()))
-}
+/// The attach step of [`boot`]: runs after the VM, its device manager and its devices exist
+/// and before the boot payload is loaded; may keep a clone of the device manager, and
+/// returns extra ACPI tables (e.g. a DMAR) to link from the XSDT.
+pub type AttachFn<'a> =
+    dyn Fn(&mut Vm, &SharedDeviceManager, &VmConfig) -> Result<Vec<Vec<u8>>, RunError> + 'a;
 
 /// Takes ownership of the fds `--device fd=N` names. Done first thing, before the VMM opens
 /// files of its own, so a number can only be one the process inherited.
@@ -266,17 +256,45 @@ pub fn take_inherited_fds(devices: &[DeviceConfig]) -> Result<Vec<Option<OwnedFd
     Ok(out)
 }
 
-/// [`run`] with an `attach` step. Before it runs, the VM exists with RAM, the serial port and
-/// its buses, the [`DeviceManager`] has created the PCI bus, and every `--device` is assigned
-/// (the first failure aborts the boot, naming the device). `attach` may keep a clone of the
-/// shared device manager (the REST API adds and removes devices through it while the VM
-/// runs) and returns extra ACPI tables (e.g. a DMAR) to link from the XSDT. The device
-/// manager is dropped, removing every device, when the VM has ended.
-pub fn run_with<'a>(
+/// A booted VM: its vCPUs run. Dropping it stops them, removes every device, then frees the
+/// VM (the fields drop in this order).
+pub struct BootedVm {
+    /// The vCPU threads (taken by whoever waits for the VM's end).
+    pub running: Option<RunningVm>,
+    /// The device manager.
+    pub devices: SharedDeviceManager,
+    /// The ACPI PCI hotplug controller (VMs with an in-kernel irqchip); it calls the
+    /// `on_eject` given to [`boot`].
+    pub hotplug: Option<Arc<PciHotplug>>,
+    /// The guest runs an ACPI OS (a Linux boot): adds are announced and removals ejected.
+    pub acpi_guest: bool,
+    /// The devices of the configuration as they were added, in order (ids assigned).
+    pub added: Vec<AddedDevice>,
+    _terminal: Option<TerminalGuard>,
+    /// The VM, last to go.
+    pub vm: Vm,
+}
+
+impl std::fmt::Debug for BootedVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootedVm")
+            .field("acpi_guest", &self.acpi_guest)
+            .field("added", &self.added)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the VM `cfg` describes and starts its vCPUs: RAM, the device manager with every
+/// device of `cfg.devices` assigned (`fds[i]` is device `i`'s cdev fd, if it has one; the
+/// first failure aborts the boot, naming the device), the serial port, `attach`, ACPI tables
+/// and the Linux boot (or the payload), and the hotplug controller, which reports the guest's
+/// ejects to `on_eject`.
+pub fn boot(
     cfg: &VmConfig,
-    attach: impl FnOnce(&mut Vm, &SharedDeviceManager, &VmConfig) -> Result<Vec<Vec<u8>>, RunError> + 'a,
-) -> Result<i32, RunError> {
-    let mut fds = take_inherited_fds(&cfg.devices)?;
+    mut fds: Vec<Option<OwnedFd>>,
+    attach: &AttachFn<'_>,
+    on_eject: EjectCallback,
+) -> Result<BootedVm, RunError> {
     let (irqchip, entry_of): (IrqchipMode, &BootConfig) = match &cfg.boot {
         BootConfig::Linux(_) => (IrqchipMode::InKernel, &cfg.boot),
         BootConfig::Payload(p) => (
@@ -296,7 +314,6 @@ pub fn run_with<'a>(
         },
         irqchip,
     })?;
-    // Declared after `vm`, so it is dropped (devices removed) before the VM.
     let devices: SharedDeviceManager = Arc::new(Mutex::new(DeviceManager::new(
         &vm,
         DeviceManagerConfig {
@@ -308,11 +325,14 @@ pub fn run_with<'a>(
             ..DeviceManagerConfig::from_platform(&cfg.platform)
         },
     )?));
+    let mut added = Vec::with_capacity(cfg.devices.len());
     {
         let mut dm = devices.lock().unwrap_or_else(|e| e.into_inner());
+        fds.resize_with(cfg.devices.len(), || None);
         for (d, fd) in cfg.devices.iter().zip(fds.iter_mut()) {
-            let added = dm.add_device(d, fd.take())?;
-            log::info!("--device {}: {} at {}", added.id, describe(d), added.bdf);
+            let a = dm.add_device(d, fd.take())?;
+            log::info!("device {}: {} at {}", a.id, describe(d), a.bdf);
+            added.push(a);
         }
     }
     let sink = match &cfg.serial {
@@ -330,7 +350,7 @@ pub fn run_with<'a>(
         ),
     };
     let serial = add_serial(&vm, sink)?;
-    let _terminal = if cfg.serial == SerialConfig::Tty {
+    let terminal = if cfg.serial == SerialConfig::Tty {
         crate::serial::spawn_stdin_reader(serial.clone())
     } else {
         None
@@ -364,37 +384,26 @@ pub fn run_with<'a>(
             load_payload(vm.ram(), &code, p.gpa, p.mode)?
         }
     };
-    let (hotplug, ejects) = install_hotplug(&vm)?;
-    let (api_rx, server) = match &cfg.api_socket {
-        Some(path) => {
-            let api_err = |source| RunError::Api {
-                path: path.clone(),
-                source,
-            };
-            let (rx, tx, evt) =
-                api::ApiReceiver::new().map_err(|e| api_err(api::ServerError::EventFd(e)))?;
-            let server = api::start_server(path, tx, evt).map_err(api_err)?;
-            log::info!("REST API listening on {}", path.display());
-            (Some(rx), Some(server))
-        }
-        None => (None, None),
+    let hotplug = if vm.irqchip() == IrqchipMode::InKernel {
+        Some(PciHotplug::install(&vm, on_eject)?)
+    } else {
+        None
     };
     let running = vm.start(&entry)?;
-    let control = Control::new(ControlSetup {
-        devices: devices.clone(),
+    Ok(BootedVm {
+        running: Some(running),
+        devices,
         hotplug,
-        ejects,
-        api: api_rx,
-        config: cfg,
-        stopper: running.stopper(),
-    });
-    let exit = control.run(running)?;
-    if let Some(server) = server {
-        // After the control loop, so the reply to a shutdown request is delivered first.
-        if let Err(e) = server.stop() {
-            log::warn!("Stopping the REST API: {e}");
-        }
-    }
+        acpi_guest: matches!(cfg.boot, BootConfig::Linux(_)),
+        added,
+        _terminal: terminal,
+        vm,
+    })
+}
+
+/// The process exit code for a VM that ended as `exit` says: the guest's debug-exit code, 0
+/// for a requested stop, a power-off or a reset, 1 for a crash; a vCPU error is an error.
+pub fn exit_code(exit: VmExit) -> Result<i32, RunError> {
     for r in &exit.reports {
         log::info!("vCPU {} exits: {:?}", r.id, r.exits);
     }
@@ -418,21 +427,9 @@ pub fn run_with<'a>(
     }
 }
 
-/// With an in-kernel irqchip: the ACPI PCI hotplug controller (the DSDT always describes
-/// it), feeding the guest's ejects to the control loop.
-fn install_hotplug(vm: &Vm) -> Result<(Option<Arc<PciHotplug>>, Option<EjectReceiver>), RunError> {
-    if vm.irqchip() != IrqchipMode::InKernel {
-        return Ok((None, None));
-    }
-    let (on_eject, ejects) = eject_channel().map_err(RunError::EjectChannel)?;
-    let hotplug = PciHotplug::install(vm, on_eject)?;
-    Ok((Some(hotplug), Some(ejects)))
-}
-
 fn describe(d: &DeviceConfig) -> String {
-    match (&d.path, d.fd) {
-        (Some(p), _) => p.display().to_string(),
-        (None, Some(fd)) => format!("fd {fd}"),
-        (None, None) => "device".to_string(),
+    match &d.path {
+        Some(p) => p.display().to_string(),
+        None => "cdev fd".to_string(),
     }
 }

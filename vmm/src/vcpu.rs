@@ -4,10 +4,14 @@
 //! Stopping: [`VcpuKicker::kick`] sets a stop flag and sends [`kick_signal`] to the vCPU
 //! thread. The signal handler sets `kvm_run.immediate_exit` for that thread's vCPU, so a kick
 //! that lands just before `KVM_RUN` is not lost: the ioctl returns `EINTR` at once.
+//!
+//! Pausing: [`VcpuKicker::pause`] sets a pause request and sends the same signal; the run loop
+//! parks the thread outside `KVM_RUN` until [`VcpuKicker::resume`] (or a stop).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::Instant;
 
 use devices::bus::Bus;
 use kvm_bindings::{
@@ -229,11 +233,22 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
     }
 }
 
-/// Stops one vCPU thread.
+/// Stops, pauses and resumes one vCPU thread.
 #[derive(Debug, Default)]
 pub struct VcpuKicker {
     stop: AtomicBool,
     thread: Mutex<Option<libc::pthread_t>>,
+    pause: Mutex<PauseState>,
+    pause_cv: Condvar,
+}
+
+/// The pause handshake of one vCPU.
+#[derive(Debug, Default)]
+struct PauseState {
+    /// A pause is requested.
+    requested: bool,
+    /// The thread is parked (outside `KVM_RUN`).
+    parked: bool,
 }
 
 impl VcpuKicker {
@@ -245,6 +260,67 @@ impl VcpuKicker {
     /// Asks the vCPU to stop and interrupts `KVM_RUN` if it is inside it.
     pub fn kick(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        // A parked thread wakes up to see the stop.
+        drop(self.pause_state());
+        self.pause_cv.notify_all();
+        self.signal();
+    }
+
+    fn pause_state(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.pause.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the vCPU to park outside `KVM_RUN` (interrupting it if it is inside); see
+    /// [`Self::wait_parked`].
+    pub fn pause(&self) {
+        self.pause_state().requested = true;
+        self.signal();
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        self.pause_state().requested = false;
+        self.pause_cv.notify_all();
+    }
+
+    /// Waits until the vCPU is parked, or is not running at all, or `deadline` passes;
+    /// true unless the deadline passed.
+    pub fn wait_parked(&self, deadline: Instant) -> bool {
+        let mut st = self.pause_state();
+        loop {
+            let running = self.thread.lock().map(|t| t.is_some()).unwrap_or(false);
+            if st.parked || !running || self.stop_requested() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = match self.pause_cv.wait_timeout(st, deadline - now) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+
+    /// Called by the vCPU thread outside `KVM_RUN`: parks while a pause is requested.
+    fn park_if_paused(&self) {
+        let mut st = self.pause_state();
+        if !st.requested {
+            return;
+        }
+        st.parked = true;
+        self.pause_cv.notify_all();
+        while st.requested && !self.stop_requested() {
+            st = match self.pause_cv.wait(st) {
+                Ok(g) => g,
+                Err(e) => e.into_inner(),
+            };
+        }
+        st.parked = false;
+    }
+
+    fn signal(&self) {
         let t = self.thread.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tid) = *t {
             // SAFETY: `tid` is registered by the vCPU thread and removed (under this lock)
@@ -268,6 +344,9 @@ impl VcpuKicker {
 
     fn detach(&self) {
         *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // A pause waiting for this thread stops waiting: it no longer runs.
+        drop(self.pause_state());
+        self.pause_cv.notify_all();
     }
 }
 
@@ -465,6 +544,7 @@ impl Vcpu {
         }
         let id = self.id;
         loop {
+            kicker.park_if_paused();
             if kicker.stop_requested() {
                 return Ok(VcpuStop::Kicked);
             }

@@ -156,6 +156,23 @@ impl VmStopper {
         self.stop_with(StopReason::Requested);
     }
 
+    /// Parks every vCPU outside `KVM_RUN` and waits until they are (or `timeout` passes;
+    /// false then). vCPUs that ended are not waited for.
+    pub fn pause(&self, timeout: std::time::Duration) -> bool {
+        for k in &self.kickers {
+            k.pause();
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        self.kickers.iter().all(|k| k.wait_parked(deadline))
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        for k in &self.kickers {
+            k.resume();
+        }
+    }
+
     /// The recorded stop reason, if any.
     pub fn reason(&self) -> Option<StopReason> {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner())

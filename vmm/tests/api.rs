@@ -229,7 +229,12 @@ fn api_ping_info_and_vm_shutdown() {
     let iommu = vmm.get("vm.iommu");
     assert_eq!(iommu["backend"], "none", "{iommu}");
 
+    // vm.shutdown stops the VM; the VMM and its API stay (Cloud Hypervisor's semantics).
     let r = vmm.call(HttpMethod::Put, "vm.shutdown", None, &[]);
+    assert_eq!(r.status, 204, "{}", r.error_message());
+    assert_eq!(vmm.get("vm.info")["state"], "Shutdown");
+    assert_eq!(vmm.get("vmm.ping")["pid"], i64::from(vmm.pid()));
+    let r = vmm.call(HttpMethod::Put, "vmm.shutdown", None, &[]);
     assert_eq!(r.status, 204, "{}", r.error_message());
     let st = vmm.wait_exit();
     let log = vmm.stderr();
@@ -396,11 +401,18 @@ fn api_bad_inputs_state_unchanged() {
             &["not allowed"],
         ),
         put(
-            "VFIO cdev path on the API",
+            "VFIO cdev that does not exist",
             "vm.add-device",
-            r#"{"path":"/dev/vfio/devices/vfio0"}"#,
+            r#"{"path":"/dev/vfio/devices/vfio999"}"#,
+            404,
+            &["/dev/vfio/devices/vfio999"],
+        ),
+        put(
+            "BDF with a device number above 0x1f",
+            "vm.add-device",
+            r#"{"path":"/sys/bus/pci/devices/0000:00:20.0"}"#,
             400,
-            &["/dev/vfio/devices/vfio0"],
+            &["device number 0x20 is above 0x1f"],
         ),
         put(
             "x_exclude_mmap_bars set",
@@ -596,7 +608,7 @@ fn api_bad_inputs_state_unchanged() {
     }
     // Still serving, and still running.
     assert_eq!(vmm.get("vm.info")["state"], "Running");
-    let r = vmm.call(HttpMethod::Put, "vm.shutdown", None, &[]);
+    let r = vmm.call(HttpMethod::Put, "vmm.shutdown", None, &[]);
     assert_eq!(r.status, 204);
     assert_eq!(vmm.wait_exit().code(), Some(0));
     let log = vmm.stderr();

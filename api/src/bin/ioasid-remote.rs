@@ -1,6 +1,6 @@
 //! `ioasid-remote`: the command-line client of the ioasid-vmm REST API (Cloud Hypervisor's
 //! `ch-remote`, for the endpoints we implement). Prints the reply's JSON body on stdout;
-//! on an error prints the server's message on stderr and exits with status 1.
+//! on an error prints the server's message and its causes on stderr and exits with status 1.
 
 use std::os::fd::{BorrowedFd, RawFd};
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use api::client::{ApiClient, ClientResponse};
 use api::routes::HttpMethod;
-use api::{DeviceConfig, VmRemoveDevice};
+use api::{DeviceConfig, VmConfig, VmRemoveDevice};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -27,6 +27,22 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Create the VM from a Cloud Hypervisor `VmConfig` JSON file (`-` reads stdin); boot it
+    /// with `boot`.
+    Create {
+        /// The JSON file.
+        path: PathBuf,
+    },
+    /// Boot the created (or shut down) VM.
+    Boot,
+    /// Pause the running VM.
+    Pause,
+    /// Resume the paused VM.
+    Resume,
+    /// Reboot the VM (shut down, then boot with the same configuration).
+    Reboot,
+    /// Shut the VM down (if it runs) and forget its configuration.
+    Delete,
     /// Hot-add a passthrough device.
     #[command(after_help = DeviceConfig::SYNTAX)]
     AddDevice {
@@ -51,9 +67,9 @@ enum Command {
     Counters,
     /// Check that the VMM answers.
     Ping,
-    /// Shut the VM down.
+    /// Shut the VM down; the VMM keeps serving, and `boot` boots it again.
     Shutdown,
-    /// Shut the VMM down.
+    /// Shut the VM down and end the VMM.
     ShutdownVmm,
 }
 
@@ -78,6 +94,25 @@ fn run(cli: Cli) -> Result<ClientResponse, String> {
         Command::Counters => send(HttpMethod::Get, "vm.counters", None, &[]),
         Command::Shutdown => send(HttpMethod::Put, "vm.shutdown", None, &[]),
         Command::ShutdownVmm => send(HttpMethod::Put, "vmm.shutdown", None, &[]),
+        Command::Boot => send(HttpMethod::Put, "vm.boot", None, &[]),
+        Command::Pause => send(HttpMethod::Put, "vm.pause", None, &[]),
+        Command::Resume => send(HttpMethod::Put, "vm.resume", None, &[]),
+        Command::Reboot => send(HttpMethod::Put, "vm.reboot", None, &[]),
+        Command::Delete => send(HttpMethod::Put, "vm.delete", None, &[]),
+        Command::Create { path } => {
+            let body = if path.as_os_str() == "-" {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
+                    .map_err(|e| format!("Cannot read the VmConfig from stdin: {e}"))?;
+                b
+            } else {
+                std::fs::read(&path).map_err(|e| format!("Cannot read {}: {e}", path.display()))?
+            };
+            // Checked here too, so a typo is reported before anything is sent.
+            VmConfig::from_json(&body)
+                .map_err(|e| format!("Invalid VmConfig in {}: {e}", path.display()))?;
+            send(HttpMethod::Put, "vm.create", Some(body), &[])
+        }
         Command::RemoveDevice { id } => {
             let body = serde_json::to_vec(&VmRemoveDevice { id }).map_err(|e| e.to_string())?;
             send(HttpMethod::Put, "vm.remove-device", Some(body), &[])
@@ -128,7 +163,15 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(resp) => {
-            eprintln!("Error {}: {}", resp.status, resp.error_message());
+            let mut messages = resp.error_messages().into_iter();
+            eprintln!(
+                "Error {}: {}",
+                resp.status,
+                messages.next().unwrap_or_default()
+            );
+            for cause in messages {
+                eprintln!("  Caused by: {cause}");
+            }
             ExitCode::FAILURE
         }
         Err(msg) => {

@@ -170,7 +170,7 @@ impl FakeState {
             })
             .collect();
         VmInfo {
-            config: serde_json::json!({ "fake": true }),
+            config: api::VmConfig::from_json(br#"{"payload":{"kernel":"/fake"}}"#).unwrap(),
             state: self.vm_state,
             memory_actual_size: Some(1 << 30),
             device_tree: Some(tree),
@@ -242,7 +242,10 @@ impl FakeState {
 
     fn counters(&self) -> VmCounters {
         VmCounters {
-            host_ioctls: self.ops,
+            iommu: api::IommuCounters {
+                host_ioctls: self.ops,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
@@ -327,13 +330,35 @@ fn fake_loop(
                 ApiRequest::VmInfo(r) => r.send(Ok(state.info())),
                 ApiRequest::AddDevice { config, fd, reply } => {
                     assert!(config.fd.is_none(), "server must clear config.fd");
-                    reply.send(state.add_device(config, fd, received))
+                    reply.send(state.add_device(config, fd, received).map(Some))
                 }
                 ApiRequest::RemoveDevice { id, reply } => reply.send(state.remove_device(&id)),
                 ApiRequest::VmShutdown(r) => {
                     state.vm_state = VmState::Shutdown;
                     r.send(Ok(()))
                 }
+                ApiRequest::VmCreate { config, reply } => {
+                    reply.send(if config.cpus.boot_vcpus == 0 {
+                        Err(ApiError::Chain {
+                            kind: api::ApiErrorKind::BadRequest,
+                            messages: vec![
+                                "Invalid VmConfig".into(),
+                                "--cpus: invalid value '0' for boot".into(),
+                            ],
+                        })
+                    } else {
+                        Ok(())
+                    })
+                }
+                ApiRequest::VmBoot(r) | ApiRequest::VmResume(r) | ApiRequest::VmReboot(r) => {
+                    state.vm_state = VmState::Running;
+                    r.send(Ok(()))
+                }
+                ApiRequest::VmPause(r) => {
+                    state.vm_state = VmState::Paused;
+                    r.send(Ok(()))
+                }
+                ApiRequest::VmDelete(r) => r.send(Ok(())),
                 ApiRequest::VmmShutdown(r) => {
                     vmm_shutdowns.fetch_add(1, Ordering::SeqCst);
                     r.send(Ok(()))

@@ -28,7 +28,8 @@ use super::fault::PendingPageRequest;
 use super::iotlb::{Entry, Rights, Tag};
 use super::table::S2Tables;
 use super::walk_s1::walk_first_stage;
-use super::{pasid_tag, SoftIommu, State};
+use super::walk_sl::walk_second_level;
+use super::{pasid_tag, GuestTable, SoftIommu, State};
 
 /// How a device issues a DMA.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -98,26 +99,36 @@ impl SoftIommu {
             .get(&att.ioas)
             .ok_or(Miss::unrecoverable(FaultReason::NoContext))?;
         self.walks.fetch_add(1, Ordering::Relaxed);
-        let nested = att.s1.is_some();
-        let (s2_in, leaf_base, leaf_size, rights) = match att.s1 {
-            Some(cfg) => {
+        let nested = att.table.is_some();
+        let (s2_in, leaf_base, leaf_size, rights) = match att.table {
+            Some(table) => {
                 let mut mem = S2Tables::new(ioas, &self.ram);
-                let r = walk_first_stage(&mut mem, &cfg, addr, access);
+                let r = match table {
+                    GuestTable::FirstStage(cfg) => walk_first_stage(&mut mem, &cfg, addr, access)
+                        .map(|l| {
+                            let rights = Rights::Nested {
+                                s1: l.rights,
+                                sre: cfg.sre,
+                                wpe: cfg.wpe,
+                            };
+                            (l.gpa, l.page_base, l.page_size, rights)
+                        }),
+                    GuestTable::SecondLevel(cfg) => walk_second_level(&mut mem, &cfg, addr, access)
+                        .map(|l| {
+                            let rights = Rights::SecondLevel {
+                                read: l.read,
+                                write: l.write,
+                                exec: l.exec,
+                            };
+                            (l.addr, l.page_base, l.page_size, rights)
+                        }),
+                };
                 self.table_reads
                     .fetch_add(u64::from(mem.reads), Ordering::Relaxed);
                 self.table_updates
                     .fetch_add(u64::from(mem.updates), Ordering::Relaxed);
                 match r {
-                    Ok(l) => (
-                        l.gpa,
-                        l.page_base,
-                        l.page_size,
-                        Rights::Nested {
-                            s1: l.rights,
-                            sre: cfg.sre,
-                            wpe: cfg.wpe,
-                        },
-                    ),
+                    Ok(v) => v,
                     Err(f) => {
                         let fixable = f.level != 0
                             && matches!(

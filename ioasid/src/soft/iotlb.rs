@@ -47,6 +47,15 @@ pub enum Rights {
         /// WPE of the binding.
         wpe: bool,
     },
+    /// Nested over a guest second-level table: its accumulated R/W/X.
+    SecondLevel {
+        /// Read allowed at every level.
+        read: bool,
+        /// Write allowed at every level.
+        write: bool,
+        /// Execute allowed at every level.
+        exec: bool,
+    },
 }
 
 /// A cached translation of one 4 KiB input page.
@@ -100,6 +109,9 @@ impl Entry {
             Rights::Stage2 => true,
             Rights::Nested { s1, sre, wpe } => {
                 s1.allow(access, sre, wpe) && (!access.write || s1.dirty)
+            }
+            Rights::SecondLevel { read, write, exec } => {
+                (!access.read || read) && (!access.write || write) && (!access.exec || exec)
             }
         }
     }
@@ -251,7 +263,7 @@ impl Iotlb {
     pub fn invalidate_stage2(&mut self, ioas: u32, start: u64, last: u64) -> u64 {
         self.drop_where(|e| {
             e.ioas == ioas
-                && (matches!(e.rights, Rights::Nested { .. })
+                && (matches!(e.rights, Rights::Nested { .. } | Rights::SecondLevel { .. })
                     || (e.s2_page <= last && e.s2_page >= (start & !0xfff)))
         })
     }

@@ -10,9 +10,13 @@
 //!   [`Error::Unsupported`]: a memfd range would be memory outside the registered regions.
 //! - Stage 1 is a guest VT-d first-stage table bound with `hwpt_alloc(parent = nest parent,
 //!   stage1 = VtdS1)` ([`walk_s1`]); table reads go through stage 2 (nested translation).
-//!   A device attached to an IOAS or a paging HWPT gets stage 2 only. The VT-d second-level
-//!   walker ([`walk_sl`]) is offered to a shadowing vIOMMU through
-//!   [`SoftIommu::walk_second_level`].
+//!   A device attached to an IOAS or a paging HWPT gets stage 2 only. A guest VT-d
+//!   second-level table can be bound the same way, soft only
+//!   ([`SoftIommu::hwpt_alloc_second_level`]): an emulated vIOMMU's second-stage domain is
+//!   then walked per access, without a shadow copy. Both walkers share one descent
+//!   (`descent.rs`). The second-level walker ([`walk_sl`]) is also offered to a shadowing
+//!   vIOMMU: [`SoftIommu::walk_second_level`] per address, [`walk_sl::scan_second_level`]
+//!   for every leaf of a range over any [`TableMemory`].
 //! - Translation contexts are keyed by (device, PASID); the IOTLB ([`iotlb`]) is tagged by
 //!   device, PASID and domain, keeps stale entries until the guest invalidates them, and is
 //!   invalidated by the backend itself on every stage-2 unmap, under the lock that DMA holds
@@ -23,6 +27,7 @@
 //!
 //! Errors use the kernel's errnos for the same misuse ([`Error::kernel`]).
 
+mod descent;
 pub mod dma;
 pub mod fault;
 pub mod guest_mem;
@@ -55,7 +60,7 @@ pub use guest_mem::HostRegion;
 pub use iotlb::IotlbStats;
 pub use table::{TableMemory, WalkFault};
 pub use walk_s1::{S1Config, S1Leaf, S1Rights};
-pub use walk_sl::{SlConfig, SlLeaf};
+pub use walk_sl::{scan_second_level, SlConfig, SlLeaf, SlScan};
 
 use fault::FaultShared;
 use guest_mem::GuestRam;
@@ -92,8 +97,8 @@ pub(crate) struct Attachment {
     pub domain: u32,
     /// The stage-2 IOAS.
     pub ioas: u32,
-    /// The stage-1 binding, for a nested HWPT.
-    pub s1: Option<S1Config>,
+    /// The guest table walked before stage 2, for a nested HWPT.
+    pub table: Option<GuestTable>,
     /// The HWPT's fault queue.
     pub fault: Option<u32>,
 }
@@ -107,13 +112,22 @@ pub(crate) struct Device {
     pub next_grpid: AtomicU32,
 }
 
+/// A guest table that a nested HWPT walks over its parent's stage 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GuestTable {
+    /// A VT-d first-stage table (`Stage1Format::VtdS1`).
+    FirstStage(S1Config),
+    /// A VT-d second-level table (soft only, [`SoftIommu::hwpt_alloc_second_level`]).
+    SecondLevel(SlConfig),
+}
+
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Hwpt {
     pub ioas: u32,
     pub flags: HwptFlags,
     pub fault: Option<u32>,
     /// `Some` for a nested HWPT: the parent HWPT and the binding.
-    pub nested: Option<(u32, S1Config)>,
+    pub nested: Option<(u32, GuestTable)>,
 }
 
 #[derive(Debug, Default)]
@@ -356,6 +370,53 @@ impl SoftIommu {
         r
     }
 
+    /// Allocates a soft-only nested HWPT that walks a guest VT-d **second-level** table on
+    /// each access (through the IOTLB), over the stage 2 of the nest parent `parent`: an
+    /// emulated vIOMMU's second-stage domain without a shadow copy. It behaves like a nested
+    /// HWPT otherwise: attach it to (device, PASID), invalidate it with `hwpt_invalidate`
+    /// (cached translations stay until then, as on hardware), destroy it when unused. A
+    /// second-level table has no A/D flags here (SLADS is not modelled).
+    pub fn hwpt_alloc_second_level(
+        &self,
+        dev: DevId,
+        parent: HwptId,
+        table: SlConfig,
+        fault: Option<crate::types::FaultId>,
+        pasid: bool,
+    ) -> Result<HwptId> {
+        let op = Op::NestedAlloc;
+        let mut st = self.write_state();
+        let ctx = Self::device_ctx(&st, dev).with_object(parent.0);
+        if !st.devices.contains_key(&dev.0) {
+            return Err(kerr(op, ctx, libc::ENOENT));
+        }
+        if fault.is_some_and(|f| !st.faults.contains_key(&f.0)) {
+            return Err(kerr(op, ctx, libc::ENOENT));
+        }
+        if !(3..=5).contains(&table.levels) || table.root & !table::ADDR_MASK != 0 {
+            return Err(kerr(op, ctx, libc::EINVAL));
+        }
+        let p = st
+            .hwpts
+            .get(&parent.0)
+            .ok_or_else(|| kerr(op, ctx.clone(), libc::ENOENT))?;
+        if p.nested.is_some() || !p.flags.nest_parent {
+            return Err(kerr(op, ctx, libc::EINVAL));
+        }
+        let hwpt = Hwpt {
+            ioas: p.ioas,
+            flags: HwptFlags {
+                pasid,
+                ..HwptFlags::default()
+            },
+            fault: fault.map(|f| f.0),
+            nested: Some((parent.0, GuestTable::SecondLevel(table))),
+        };
+        let id = st.alloc_id();
+        st.hwpts.insert(id, hwpt);
+        Ok(HwptId(id))
+    }
+
     fn device_ctx(st: &State, dev: DevId) -> Ctx {
         match st.devices.get(&dev.0) {
             Some(d) => Ctx::device(&d.name),
@@ -552,7 +613,7 @@ impl IommuBackend for SoftIommu {
                 Attachment {
                     domain: id,
                     ioas: id,
-                    s1: None,
+                    table: None,
                     fault: None,
                 }
             }
@@ -567,7 +628,7 @@ impl IommuBackend for SoftIommu {
                 Attachment {
                     domain: id,
                     ioas: h.ioas,
-                    s1: h.nested.map(|(_, s1)| s1),
+                    table: h.nested.map(|(_, t)| t),
                     fault: h.fault,
                 }
             }
@@ -657,7 +718,7 @@ impl IommuBackend for SoftIommu {
                     ioas: p.ioas,
                     flags: req.flags,
                     fault: req.fault.map(|f| f.0),
-                    nested: Some((parent, s1)),
+                    nested: Some((parent, GuestTable::FirstStage(s1))),
                 }
             }
         };

@@ -20,14 +20,14 @@
 use crate::fault_types::{FaultPerm, FaultReason};
 use crate::types::VtdStage1;
 
-use super::table::{entry_gpa, TableMemory, WalkFault, ADDR_MASK};
+use super::descent::{descend, EntryFormat};
+use super::table::{TableMemory, WalkFault, ADDR_MASK};
 
 const P: u64 = 1 << 0;
 const RW: u64 = 1 << 1;
 const US: u64 = 1 << 2;
 const A: u64 = 1 << 5;
 const D: u64 = 1 << 6;
-const PS: u64 = 1 << 7;
 const EA: u64 = 1 << 10;
 const XD: u64 = 1 << 63;
 /// Bits 29:13 of a 1 GiB leaf (bit 12 is PAT) must be zero.
@@ -151,6 +151,13 @@ pub fn walk_first_stage<M: TableMemory>(
     Err(WalkFault::new(FaultReason::NotPresent, cfg.levels))
 }
 
+/// The first-stage entry format for the shared descent.
+const FORMAT: EntryFormat = EntryFormat {
+    present: P,
+    rsvd_1g: RSVD_1G,
+    rsvd_2m: RSVD_2M,
+};
+
 /// One walk; `Ok(None)` when an A/D update raced with a change of the entry.
 fn walk_once<M: TableMemory>(
     mem: &mut M,
@@ -158,69 +165,44 @@ fn walk_once<M: TableMemory>(
     addr: u64,
     access: FaultPerm,
 ) -> Result<Option<S1Leaf>, WalkFault> {
-    let mut used = [(0u64, 0u64); 5];
-    let mut n = 0usize;
-    let mut table = cfg.root & ADDR_MASK;
-    let mut level = cfg.levels;
     let (mut writable, mut user, mut no_exec) = (true, true, false);
-    let (page_base_out, page_size, leaf_entry) = loop {
-        let gpa = entry_gpa(table, addr, level);
-        let e = mem.read_entry(gpa).map_err(|r| WalkFault::new(r, level))?;
-        used[n] = (gpa, e);
-        n += 1;
-        if e & P == 0 {
-            return Err(WalkFault::new(FaultReason::NotPresent, level));
-        }
+    let d = descend(mem, &FORMAT, cfg.root, cfg.levels, addr, |e| {
         writable &= e & RW != 0;
         user &= e & US != 0;
         no_exec |= e & XD != 0;
-        if level == 1 {
-            break (e & ADDR_MASK, 1u64 << 12, e);
-        }
-        if e & PS != 0 {
-            let (rsvd, size) = match level {
-                3 => (RSVD_1G, 1u64 << 30),
-                2 => (RSVD_2M, 1u64 << 21),
-                _ => return Err(WalkFault::new(FaultReason::ReservedBit, level)),
-            };
-            if e & rsvd != 0 {
-                return Err(WalkFault::new(FaultReason::ReservedBit, level));
-            }
-            break (e & ADDR_MASK & !(size - 1), size, e);
-        }
-        table = e & ADDR_MASK;
-        level -= 1;
-    };
+    })?;
     let mut rights = S1Rights {
         writable,
         user,
         no_exec,
-        dirty: leaf_entry & D != 0,
+        dirty: d.leaf & D != 0,
     };
     if !rights.allow(access, cfg.sre, cfg.wpe) {
-        return Err(WalkFault::new(FaultReason::Permission, level));
+        return Err(WalkFault::new(FaultReason::Permission, d.level));
     }
     let accessed = if cfg.eafe { A | EA } else { A };
-    for (i, &(gpa, e)) in used[..n].iter().enumerate() {
+    let used = d.used.get(..d.n).unwrap_or(&[]);
+    for (i, &(gpa, e)) in used.iter().enumerate() {
         let mut want = e | accessed;
-        if i == n - 1 && access.write {
+        if i + 1 == d.n && access.write {
             want |= D;
         }
         if want != e {
+            let level = cfg.levels.saturating_sub(i as u8);
             let done = mem
                 .update_entry(gpa, e, want)
-                .map_err(|r| WalkFault::new(r, cfg.levels - i as u8))?;
+                .map_err(|r| WalkFault::new(r, level))?;
             if !done {
                 return Ok(None);
             }
         }
     }
     rights.dirty |= access.write;
-    let page_mask = !(page_size - 1);
+    let page_mask = !(d.size - 1);
     Ok(Some(S1Leaf {
-        gpa: page_base_out | (addr & (page_size - 1)),
+        gpa: d.out_base | (addr & (d.size - 1)),
         page_base: addr & page_mask,
-        page_size,
+        page_size: d.size,
         rights,
     }))
 }
@@ -231,6 +213,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::soft::descent::LARGE as PS;
 
     /// Sparse model memory.
     #[derive(Default)]

@@ -9,12 +9,12 @@
 
 use crate::fault_types::{FaultPerm, FaultReason};
 
-use super::table::{entry_gpa, TableMemory, WalkFault, ADDR_MASK};
+use super::descent::{descend, entry_span, EntryFormat};
+use super::table::{TableMemory, WalkFault};
 
 const R: u64 = 1 << 0;
 const W: u64 = 1 << 1;
 const X: u64 = 1 << 2;
-const SP: u64 = 1 << 7;
 /// Bits 29:12 of a 1 GiB leaf must be zero.
 const RSVD_1G: u64 = 0x3fff_f000;
 /// Bits 20:12 of a 2 MiB leaf must be zero.
@@ -58,6 +58,13 @@ pub struct SlLeaf {
     pub exec: bool,
 }
 
+/// The second-level entry format for the shared descent.
+const FORMAT: EntryFormat = EntryFormat {
+    present: R | W | X,
+    rsvd_1g: RSVD_1G,
+    rsvd_2m: RSVD_2M,
+};
+
 /// Walks the second-level tables for `addr` and checks `access` (R needs R, W needs W, an
 /// execute request needs X).
 pub fn walk_second_level<M: TableMemory>(
@@ -73,48 +80,102 @@ pub fn walk_second_level<M: TableMemory>(
     if addr >> width != 0 {
         return Err(WalkFault::new(FaultReason::AddressOutOfRange, 0));
     }
-    let mut table = cfg.root & ADDR_MASK;
-    let mut level = cfg.levels;
     let (mut r, mut w, mut x) = (true, true, true);
-    let (base, size) = loop {
-        let gpa = entry_gpa(table, addr, level);
-        let e = mem
-            .read_entry(gpa)
-            .map_err(|reason| WalkFault::new(reason, level))?;
-        if e & (R | W | X) == 0 {
-            return Err(WalkFault::new(FaultReason::NotPresent, level));
-        }
+    let d = descend(mem, &FORMAT, cfg.root, cfg.levels, addr, |e| {
         r &= e & R != 0;
         w &= e & W != 0;
         x &= e & X != 0;
-        if level == 1 {
-            break (e & ADDR_MASK, 1u64 << 12);
-        }
-        if e & SP != 0 {
-            let (rsvd, size) = match level {
-                3 => (RSVD_1G, 1u64 << 30),
-                2 => (RSVD_2M, 1u64 << 21),
-                _ => return Err(WalkFault::new(FaultReason::ReservedBit, level)),
-            };
-            if e & rsvd != 0 {
-                return Err(WalkFault::new(FaultReason::ReservedBit, level));
-            }
-            break (e & ADDR_MASK, size);
-        }
-        table = e & ADDR_MASK;
-        level -= 1;
-    };
+    })?;
     if (access.read && !r) || (access.write && !w) || (access.exec && !x) {
-        return Err(WalkFault::new(FaultReason::Permission, level));
+        return Err(WalkFault::new(FaultReason::Permission, d.level));
     }
     Ok(SlLeaf {
-        addr: base | (addr & (size - 1)),
-        page_base: addr & !(size - 1),
-        page_size: size,
+        addr: d.out_base | (addr & (d.size - 1)),
+        page_base: addr & !(d.size - 1),
+        page_size: d.size,
         read: r,
         write: w,
         exec: x,
     })
+}
+
+/// The leaves of a second-level table over an input range, found by [`scan_second_level`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlScan {
+    /// The leaves, in input-address order. A leaf that straddles the range's ends is reported
+    /// whole (its `page_base` may lie before the range).
+    pub leaves: Vec<SlLeaf>,
+    /// Entries that could not be used (outside guest memory, reserved bits set), with the
+    /// input address that reached them; at most [`SCAN_FAULTS_KEPT`] are kept.
+    pub faults: Vec<(u64, WalkFault)>,
+    /// How many bad entries were found in all (`faults` keeps the first few).
+    pub fault_count: u64,
+    /// The step budget ran out before the end of the range: the scan is incomplete.
+    pub truncated: bool,
+    /// When truncated: the first input address the scan did not look at.
+    pub resume_at: Option<u64>,
+}
+
+/// Bad entries a scan keeps for its report.
+pub const SCAN_FAULTS_KEPT: usize = 16;
+
+/// Finds every present leaf of the table for inputs in `[start, last]`, skipping what is not
+/// present or unusable (an entry outside guest memory or with reserved bits set skips the
+/// input span that entry covers, and is reported). At most `max_steps` descents are made: a
+/// hostile table (every entry present, tables pointing at themselves) cannot make the scan
+/// run for long; it is then marked `truncated`.
+pub fn scan_second_level<M: TableMemory>(
+    mem: &mut M,
+    cfg: &SlConfig,
+    start: u64,
+    last: u64,
+    max_steps: u64,
+) -> SlScan {
+    let mut scan = SlScan::default();
+    if !(3..=5).contains(&cfg.levels) || start > last {
+        return scan;
+    }
+    let width = 12 + 9 * u32::from(cfg.levels);
+    let last = last.min((1u64 << width) - 1);
+    let no_access = FaultPerm {
+        read: false,
+        write: false,
+        exec: false,
+        privileged: false,
+    };
+    let mut addr = start & !0xfff;
+    let mut steps = 0u64;
+    while addr <= last {
+        if steps >= max_steps {
+            scan.truncated = true;
+            scan.resume_at = Some(addr);
+            break;
+        }
+        steps += 1;
+        let skip_to = match walk_second_level(mem, cfg, addr, no_access) {
+            Ok(leaf) => {
+                let next = leaf.page_base.checked_add(leaf.page_size);
+                scan.leaves.push(leaf);
+                next
+            }
+            Err(f) if f.level == 0 => break,
+            Err(f) => {
+                if f.reason != FaultReason::NotPresent {
+                    scan.fault_count += 1;
+                    if scan.faults.len() < SCAN_FAULTS_KEPT {
+                        scan.faults.push((addr, f));
+                    }
+                }
+                let span = entry_span(f.level);
+                (addr & !(span - 1)).checked_add(span)
+            }
+        };
+        match skip_to {
+            Some(next) => addr = next,
+            None => break,
+        }
+    }
+    scan
 }
 
 #[cfg(test)]
@@ -123,6 +184,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::soft::descent::LARGE as SP;
 
     struct Mem(HashMap<u64, u64>);
 
@@ -182,5 +244,46 @@ mod tests {
                 .reason,
             FaultReason::ReservedBit
         );
+    }
+
+    #[test]
+    fn scan_finds_leaves_and_skips_holes_and_bad_entries() {
+        let mut m = Mem(HashMap::new());
+        // 3 levels: root 0x1000; L2 table 0x2000 for [0, 1 GiB).
+        m.0.insert(0x1000, 0x2000 | R | W);
+        m.0.insert(0x2000, 0x3000 | R | W); // [0, 2 MiB): L1 table 0x3000
+        m.0.insert(0x3000 + 8, 0x7000 | R | W); // 0x1000 -> 0x7000
+        m.0.insert(0x3000 + 16, 0x8000 | R); // 0x2000 -> 0x8000 RO
+        m.0.insert(0x2000 + 8, 0x4000_0000 | R | W | SP); // 2 MiB at 0x20_0000
+        m.0.insert(0x2000 + 16, 0x4000_1000 | R | SP); // reserved bits: skipped, reported
+        let cfg = SlConfig {
+            root: 0x1000,
+            levels: 3,
+        };
+        let scan = scan_second_level(&mut m, &cfg, 0, (1 << 39) - 1, 10_000);
+        let got: Vec<(u64, u64, u64, bool)> = scan
+            .leaves
+            .iter()
+            .map(|l| (l.page_base, l.page_size, l.addr, l.write))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0x1000, 0x1000, 0x7000, true),
+                (0x2000, 0x1000, 0x8000, false),
+                (0x20_0000, 1 << 21, 0x4000_0000, true),
+            ]
+        );
+        assert_eq!(scan.fault_count, 1);
+        assert_eq!(scan.faults[0].1.reason, FaultReason::ReservedBit);
+        assert!(!scan.truncated);
+        // A table whose every entry points at itself: bounded by the step budget.
+        let mut lp = Mem(HashMap::new());
+        for i in 0..512u64 {
+            lp.0.insert(0x1000 + 8 * i, 0x1000 | R | W);
+        }
+        let scan = scan_second_level(&mut lp, &cfg, 0, u64::MAX, 1000);
+        assert!(scan.truncated);
+        assert_eq!(scan.leaves.len(), 1000);
     }
 }

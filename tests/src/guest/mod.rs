@@ -3,13 +3,18 @@
 //! serial console, which the L2 lab tests read back.
 //!
 //! Owns: the guest-side checks (edu seen, MSI, DMA with guest-physical addresses, mtty echo,
-//! waiting for hotplug). Must not touch: anything of L2; the L3 guest has no IOMMU, so edu is
-//! used through vfio-pci in no-IOMMU mode.
+//! waiting for hotplug; with the vIOMMU: intel-iommu bound to ioasid-vmm's VT-d, DMA at
+//! IOVAs through L3's own VFIO, unplug behind the unit). Must not touch: anything of L2.
+//! Without a vIOMMU the L3 guest has no IOMMU, and edu is used through vfio-pci in no-IOMMU
+//! mode; with one (`intel_iommu=on,sm_on`), through type1 and iommufd.
 
+pub mod dmesg;
+pub mod lifecycle;
 pub mod noiommu;
 pub mod pagemap;
 pub mod pci;
 pub mod tasks;
+pub mod viommu;
 
 /// Prints one result line.
 pub fn report(name: &str, r: &Result<String, String>) {

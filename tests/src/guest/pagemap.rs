@@ -60,6 +60,20 @@ impl PinnedPage {
         self.phys
     }
 
+    /// The page's address in this process.
+    pub fn va(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    /// Writes the page with volatile stores (a device may read or write it at any time, so
+    /// no Rust reference to it is made while it is mapped for DMA).
+    pub fn write_volatile(&self, data: &[u8]) {
+        for (i, b) in data.iter().take(PAGE).enumerate() {
+            // SAFETY: i < PAGE, inside the mapping owned by self.
+            unsafe { self.ptr.add(i).write_volatile(*b) };
+        }
+    }
+
     /// The page's bytes.
     pub fn bytes(&mut self) -> &mut [u8] {
         // SAFETY: ptr is a PAGE-sized mapping owned by self; &mut self makes it exclusive.

@@ -64,7 +64,7 @@ fn cpu_count(list: &str) -> usize {
 }
 
 /// The one edu function the guest sees.
-fn edu_bdf() -> Result<String, String> {
+pub fn edu_bdf() -> Result<String, String> {
     let found = pci::find(EDU_IDS.0, EDU_IDS.1);
     match found.as_slice() {
         [one] => Ok(one.clone()),

@@ -123,19 +123,29 @@ pub fn l3_pieces() -> Result<(), String> {
     Ok(())
 }
 
-/// The VMM command line for an L3 guest running `tasks`, with `devices` (--device values)
-/// and `extra` arguments (one vCPU unless `extra` has `--cpus`); the serial console goes to
-/// `serial`.
-pub fn vmm_command(tasks: &str, devices: &[String], extra: &[String], serial: &Path) -> Command {
+/// The L3 kernel command line for an L3 guest running `tasks`, with `more` words appended
+/// (e.g. `intel_iommu=on,sm_on` for a guest behind the vIOMMU).
+pub fn l3_cmdline(tasks: &str, more: &str) -> String {
+    let base =
+        format!("console=ttyS0 panic=-1 quiet vfio.enable_unsafe_noiommu_mode=1 l3.tasks={tasks}");
+    if more.is_empty() {
+        base
+    } else {
+        format!("{base} {more}")
+    }
+}
+
+/// The VMM command line for an L3 guest with kernel command line `cmdline` (see
+/// [`l3_cmdline`]), with `devices` (--device values) and `extra` arguments (one vCPU unless
+/// `extra` has `--cpus`); the serial console goes to `serial`.
+pub fn vmm_command(cmdline: &str, devices: &[String], extra: &[String], serial: &Path) -> Command {
     let mut c = Command::new(VMM_BIN);
     c.arg("--kernel")
         .arg(L3_KERNEL)
         .arg("--initramfs")
         .arg(L3_INITRD)
         .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 panic=-1 quiet vfio.enable_unsafe_noiommu_mode=1 l3.tasks={tasks}"
-        ))
+        .arg(cmdline)
         .arg("--memory")
         .arg(L3_MEMORY)
         .arg("--serial")
@@ -184,11 +194,21 @@ impl L3Session {
         devices: &[String],
         extra: &[String],
     ) -> Result<Self, String> {
+        Self::start_cmdline(name, &l3_cmdline(tasks, ""), devices, extra)
+    }
+
+    /// Starts `ioasid-vmm` for an L3 guest with kernel command line `cmdline`.
+    pub fn start_cmdline(
+        name: &str,
+        cmdline: &str,
+        devices: &[String],
+        extra: &[String],
+    ) -> Result<Self, String> {
         l3_pieces()?;
         let serial = PathBuf::from(format!("/tmp/l3-{name}.serial"));
         let _ = std::fs::remove_file(&serial);
         let start = Instant::now();
-        let mut child = vmm_command(tasks, devices, extra, &serial)
+        let mut child = vmm_command(cmdline, devices, extra, &serial)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

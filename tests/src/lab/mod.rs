@@ -8,10 +8,14 @@ pub mod env;
 pub mod ioasid_tests;
 pub mod kvm;
 pub mod l3_tests;
+pub mod l3_viommu_tests;
+pub mod lifecycle_tests;
 pub mod mock_tests;
 pub mod pdev_dma_tests;
 pub mod pdev_fixture;
 pub mod pdev_tests;
+pub mod viommu_mock_tests;
+pub mod viommu_shadow_tests;
 pub mod vmm_tests;
 
 use crate::harness::LabTest;
@@ -21,11 +25,15 @@ pub fn all() -> Vec<LabTest> {
     let mut v = ioasid_tests::tests();
     v.extend(pdev_tests::tests());
     v.extend(pdev_dma_tests::tests());
+    v.extend(viommu_shadow_tests::tests());
     v.extend(mock_tests::tests());
+    v.extend(viommu_mock_tests::tests());
     v.extend(kvm::tests());
     v.extend(l3_tests::tests());
+    v.extend(l3_viommu_tests::tests());
     v.extend(vmm_tests::tests());
     v.extend(api_tests::tests());
+    v.extend(lifecycle_tests::tests());
     v
 }
 
@@ -33,6 +41,7 @@ pub fn all() -> Vec<LabTest> {
 pub fn bench() -> Vec<LabTest> {
     let mut v = bench::tests();
     v.extend(api_bench::tests());
+    v.extend(l3_viommu_tests::peer_tests());
     v
 }
 

@@ -31,7 +31,7 @@ fn vm_memory_mapped_by_region() -> TestResult {
     let (id, bdf) = vmm.add(&format!(r#"{{"path":"{}"}}"#, edu.display()), &[])?;
     let counters = vmm.get("vm.counters")?;
     let ioasids = vmm.get("vm.ioasids")?;
-    let vm = &counters["devices"]["_vm"];
+    let vm = &counters["_vm"];
     let calls = vm["ram_map_calls"]
         .as_u64()
         .ok_or(format!("no ram_map_calls in {counters}"))?;

@@ -1,10 +1,18 @@
-//! The parts of `vmm.ping` and `vm.info` that come from the VMM's configuration rather than
-//! from the device manager.
+//! `vmm.ping`, and the VM configuration in both directions: Cloud Hypervisor's `VmConfig`
+//! from `vm.create` into ours ([`from_api`], through the same checks as the command line),
+//! and ours into Cloud Hypervisor's field names for `vm.info` ([`to_api`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use api::types::VmmPingResponse;
-use serde_json::{json, Value};
+use api::vm_config::{
+    ConsoleConfig, ConsoleMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig as ApiVmConfig,
+};
+use api::{ApiError, ApiErrorKind};
+use serde_json::Value;
 
-use crate::config::{BootConfig, SerialConfig, ViommuKind, VmConfig};
+use crate::config::{BootConfig, OnOffAuto, SerialConfig, ViommuKind, VmArgs, VmConfig};
 
 /// `vmm.ping`: our version and pid.
 pub fn ping() -> VmmPingResponse {
@@ -16,40 +24,194 @@ pub fn ping() -> VmmPingResponse {
     }
 }
 
-/// The `config` object of `vm.info`, in Cloud Hypervisor's shape where it has one
-/// (`cpus.boot_vcpus`, `memory.size`, `payload`, `serial`); `devices` is filled by the caller.
-pub fn config_json(cfg: &VmConfig) -> Value {
+/// Our configuration in Cloud Hypervisor's `VmConfig` field names (`vm.info`'s `config`).
+/// A raw payload is reported as `payload.firmware`.
+pub fn to_api(cfg: &VmConfig) -> ApiVmConfig {
     let payload = match &cfg.boot {
-        BootConfig::Linux(l) => json!({
-            "kernel": l.kernel,
-            "cmdline": l.cmdline,
-            "initramfs": l.initramfs,
-        }),
-        BootConfig::Payload(p) => json!({
-            "raw": p.path,
-            "gpa": p.gpa,
-            "mode": format!("{:?}", p.mode).to_lowercase(),
-            "irqchip": p.irqchip,
-        }),
+        BootConfig::Linux(l) => PayloadConfig {
+            kernel: Some(l.kernel.clone()),
+            cmdline: Some(l.cmdline.clone()),
+            initramfs: l.initramfs.clone(),
+            firmware: None,
+        },
+        BootConfig::Payload(p) => PayloadConfig {
+            firmware: Some(p.path.clone()),
+            ..Default::default()
+        },
     };
     let serial = match &cfg.serial {
-        SerialConfig::Tty => json!({ "mode": "Tty" }),
-        SerialConfig::Off => json!({ "mode": "Off" }),
-        SerialConfig::File(f) => json!({ "mode": "File", "file": f }),
-    };
-    json!({
-        "cpus": { "boot_vcpus": cfg.cpus.boot, "max_vcpus": cfg.cpus.boot },
-        "memory": { "size": cfg.memory.size, "hugepages": cfg.memory.hugepages },
-        "payload": payload,
-        "serial": serial,
-        "platform": {
-            "iommufd": format!("{:?}", cfg.platform.iommufd).to_lowercase(),
-            "iommu_address_width": cfg.platform.iommu_address_width,
-            "viommu": match cfg.platform.viommu {
-                ViommuKind::Off => "off",
-                ViommuKind::Vtd => "vtd",
-            },
+        SerialConfig::Tty => ConsoleConfig::mode(ConsoleMode::Tty),
+        SerialConfig::Off => ConsoleConfig::mode(ConsoleMode::Null),
+        SerialConfig::File(f) => ConsoleConfig {
+            mode: ConsoleMode::File,
+            file: Some(f.clone()),
         },
-        "api_socket": cfg.api_socket,
-    })
+    };
+    let mut platform = BTreeMap::new();
+    let iommufd = match cfg.platform.iommufd {
+        OnOffAuto::On => "on",
+        OnOffAuto::Off => "off",
+        OnOffAuto::Auto => "auto",
+    };
+    platform.insert("iommufd".to_string(), Value::from(iommufd));
+    let viommu = match cfg.platform.viommu {
+        ViommuKind::Off => "off",
+        ViommuKind::Vtd => "vtd",
+    };
+    platform.insert("viommu".to_string(), Value::from(viommu));
+    if let Some(w) = cfg.platform.iommu_address_width {
+        platform.insert("iommu_address_width".to_string(), Value::from(w));
+    }
+    ApiVmConfig {
+        cpus: CpusConfig {
+            boot_vcpus: cfg.cpus.boot,
+            max_vcpus: Some(cfg.cpus.boot),
+        },
+        memory: MemoryConfig {
+            size: cfg.memory.size,
+            hugepages: cfg.memory.hugepages,
+        },
+        payload,
+        devices: cfg.devices.clone(),
+        serial,
+        console: ConsoleConfig::mode(ConsoleMode::Off),
+        platform,
+    }
 }
+
+fn refuse(msg: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(msg.into())
+}
+
+/// A path that goes into a `--payload` value, where `,` separates options.
+fn payload_path(p: &std::path::Path) -> Result<String, ApiError> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| refuse(format!("payload.firmware {} is not UTF-8", p.display())))?;
+    if s.contains(',') || s.is_empty() {
+        return Err(refuse(format!(
+            "payload.firmware `{s}` must be a non-empty path without `,`"
+        )));
+    }
+    Ok(s.to_string())
+}
+
+fn platform_value(key: &str, v: &Value) -> Result<String, ApiError> {
+    match v {
+        Value::String(s) if !s.contains(',') && !s.contains('=') => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(true) => Ok("on".into()),
+        Value::Bool(false) => Ok("off".into()),
+        other => Err(refuse(format!(
+            "platform.{key}: {other} is not a string, number or boolean"
+        ))),
+    }
+}
+
+/// Cloud Hypervisor's `VmConfig` (from `vm.create`) as ours, checked as the command line
+/// is: the same rules, the same messages (which name the command-line flag; the JSON
+/// field is the flag without `--`, `boot_vcpus` is `--cpus boot`). `api_socket` is the
+/// VMM's own.
+pub fn from_api(c: &ApiVmConfig, api_socket: Option<PathBuf>) -> Result<VmConfig, ApiError> {
+    let mut a = VmArgs::default();
+    let p = &c.payload;
+    match (&p.kernel, &p.firmware) {
+        (Some(k), None) => {
+            a.kernel = Some(k.clone());
+            a.cmdline = p.cmdline.clone();
+            a.initramfs = p.initramfs.clone();
+        }
+        (None, Some(f)) => {
+            if p.cmdline.is_some() || p.initramfs.is_some() {
+                return Err(refuse(
+                    "payload.cmdline and payload.initramfs apply only to payload.kernel",
+                ));
+            }
+            a.payload = Some(format!("{},mode=real,irqchip=on", payload_path(f)?));
+        }
+        (Some(_), Some(_)) => {
+            return Err(refuse(
+                "payload: give kernel or firmware, not both (ioasid-vmm boots Linux directly)",
+            ))
+        }
+        (None, None) => return Err(refuse("payload: kernel (or firmware) is required")),
+    }
+    if let Some(max) = c.cpus.max_vcpus {
+        if max != c.cpus.boot_vcpus {
+            return Err(refuse(format!(
+                "cpus.max_vcpus {max} differs from cpus.boot_vcpus {}: ioasid-vmm has no CPU \
+                 hotplug",
+                c.cpus.boot_vcpus
+            )));
+        }
+    }
+    a.cpus = Some(format!("boot={}", c.cpus.boot_vcpus));
+    a.memory = Some(format!(
+        "size={},hugepages={}",
+        c.memory.size,
+        if c.memory.hugepages { "on" } else { "off" }
+    ));
+    a.serial = Some(match c.serial.mode {
+        ConsoleMode::Off | ConsoleMode::Null => "off".to_string(),
+        ConsoleMode::Tty => "tty".to_string(),
+        ConsoleMode::File => match &c.serial.file {
+            Some(f) => format!("file={}", f.display()),
+            None => return Err(refuse("serial: mode File needs serial.file")),
+        },
+        m @ (ConsoleMode::Pty | ConsoleMode::Socket) => {
+            return Err(refuse(format!(
+                "serial.mode {m:?} is not supported: use Off, Null, Tty or File"
+            )))
+        }
+    });
+    if !matches!(c.console.mode, ConsoleMode::Off | ConsoleMode::Null) {
+        return Err(refuse(format!(
+            "console.mode {:?} is not supported: ioasid-vmm has no virtio console (use serial)",
+            c.console.mode
+        )));
+    }
+    let mut platform = Vec::new();
+    for (k, v) in &c.platform {
+        if k == "num_pci_segments" {
+            if v.as_u64() != Some(1) {
+                return Err(refuse(format!(
+                    "platform.num_pci_segments {v} is not supported: ioasid-vmm has one PCI \
+                     segment"
+                )));
+            }
+            continue;
+        }
+        platform.push(format!("{k}={}", platform_value(k, v)?));
+    }
+    if !platform.is_empty() {
+        a.platform = Some(platform.join(","));
+    }
+    a.api_socket = api_socket;
+    let mut cfg = VmConfig::from_args(&a)
+        .map_err(|e| ApiError::from_chain(ApiErrorKind::BadRequest, &InvalidConfig(e)))?;
+    let mut ids = Vec::new();
+    for (i, d) in c.devices.iter().enumerate() {
+        crate::device_manager::check_device_config(d, false)
+            .map_err(|e| refuse(format!("devices[{i}]: {e}")))?;
+        if let Some(id) = &d.id {
+            if ids.contains(id) {
+                return Err(refuse(format!(
+                    "devices[{i}]: id {id} is used by more than one device"
+                )));
+            }
+            ids.push(id.clone());
+        }
+        if d.iommu && cfg.platform.viommu == ViommuKind::Off {
+            return Err(refuse(format!(
+                "devices[{i}]: iommu needs a vIOMMU: set platform.viommu to \"vtd\""
+            )));
+        }
+    }
+    cfg.devices = c.devices.clone();
+    Ok(cfg)
+}
+
+/// The command-line checks' error as the cause of "Invalid VmConfig".
+#[derive(Debug, thiserror::Error)]
+#[error("Invalid VmConfig")]
+struct InvalidConfig(#[source] crate::config::ConfigError);

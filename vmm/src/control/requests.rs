@@ -1,244 +1,141 @@
-//! Answering each API request, and acting on the guest's ejects and on eject timeouts.
+//! Answering each API request from the VMM's state: the life cycle, the VM's devices (a
+//! created but not booted VM takes devices into its configuration, as Cloud Hypervisor's
+//! cold add), and introspection.
 
 use std::os::fd::OwnedFd;
-use std::str::FromStr;
-use std::time::Instant;
 
-use api::types::{PciDeviceInfo, VmInfo, VmState};
+use api::types::{PciDeviceInfo, VmInfo};
 use api::{ApiError, ApiRequest, ApiResult, DeviceConfig, Responder};
-use devices::pci::PciBdf;
-use log::{debug, info, warn};
+use log::debug;
 
-use super::removals::PendingRemoval;
-use super::{info as vm_info, Control};
-use crate::device_manager::DeviceManagerError;
+use super::lifecycle::Instance;
+use super::{info, Vmm};
+use crate::device_manager::{check_device_config, DeviceManager, DeviceManagerError};
 
-/// The REST status of a failed add. The device manager maps most errors; here the steps that
-/// are the caller's fault get a 4xx: a host device that does not exist or is not usable
-/// through VFIO (404, as Cloud Hypervisor answers a failed add), an fd that is not a VFIO cdev
-/// (400), a slot already taken (409).
-fn add_error(e: &DeviceManagerError) -> ApiError {
-    match e {
-        DeviceManagerError::Step { step, .. } => match *step {
-            "resolving the device" => ApiError::NotFound(e.message()),
-            "identifying the device" => ApiError::BadRequest(e.message()),
-            "choosing the PCI slot" => ApiError::Conflict(e.message()),
-            _ => e.to_api_error(),
-        },
-        _ => e.to_api_error(),
-    }
+fn not_running() -> ApiError {
+    ApiError::InvalidState("VM is not running".into())
 }
 
-/// An error with its sources, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
-impl Control {
-    /// Answers one request. Add and introspection answer at once; a removal from an ACPI
-    /// guest answers when the guest ejects (or at the timeout); shutdowns answer, then stop
-    /// the vCPUs.
-    pub fn handle(&mut self, request: ApiRequest) {
+impl Vmm<'_> {
+    /// Answers one request. Everything answers at once, except a removal from an ACPI guest,
+    /// which answers when the guest ejects (or at the timeout).
+    pub(super) fn handle(&mut self, request: ApiRequest) {
         debug!("API request {}", request.name());
         match request {
-            ApiRequest::Ping(r) => r.send(Ok(vm_info::ping())),
-            ApiRequest::VmInfo(r) => r.send(Ok(self.vm_info())),
-            ApiRequest::AddDevice { config, fd, reply } => reply.send(self.add_device(&config, fd)),
-            ApiRequest::RemoveDevice { id, reply } => self.remove_device(id, reply),
-            ApiRequest::VmShutdown(r) => {
+            ApiRequest::Ping(r) => r.send(Ok(info::ping())),
+            ApiRequest::VmInfo(r) => r.send(self.vm_info()),
+            ApiRequest::VmCreate { config, reply } => reply.send(self.create(&config)),
+            ApiRequest::VmBoot(r) => r.send(self.boot()),
+            ApiRequest::VmPause(r) => r.send(self.pause()),
+            ApiRequest::VmResume(r) => r.send(self.resume()),
+            ApiRequest::VmReboot(r) => r.send(self.reboot()),
+            ApiRequest::VmShutdown(r) => r.send(self.shutdown()),
+            ApiRequest::VmDelete(r) => {
+                self.delete_vm();
                 r.send(Ok(()));
-                self.shutdown("vm.shutdown");
             }
             ApiRequest::VmmShutdown(r) => {
+                self.delete_vm();
                 r.send(Ok(()));
-                self.shutdown("vmm.shutdown");
+                log::info!("vmm.shutdown: exiting");
+                self.exit = Some(Ok(0));
             }
-            ApiRequest::Iommu(r) => r.send(Ok(self.dm().iommu_info())),
-            ApiRequest::Ioasids(r) => r.send(Ok(self.dm().ioasids())),
-            ApiRequest::Pasids(r) => r.send(Ok(self.dm().pasids())),
-            ApiRequest::Counters(r) => r.send(Ok(self.dm().counters())),
+            ApiRequest::AddDevice { config, fd, reply } => reply.send(self.add_device(config, fd)),
+            ApiRequest::RemoveDevice { id, reply } => self.remove_device(id, reply),
+            ApiRequest::Iommu(r) => r.send(self.with_dm(DeviceManager::iommu_info)),
+            ApiRequest::Ioasids(r) => r.send(self.with_dm(DeviceManager::ioasids)),
+            ApiRequest::Pasids(r) => r.send(self.with_dm(DeviceManager::pasids)),
+            ApiRequest::Counters(r) => r.send(self.with_dm(DeviceManager::counters)),
         }
     }
 
-    fn shutdown(&mut self, why: &str) {
-        if !self.stopping {
-            info!("{why}: stopping the VM");
-        }
-        self.stopping = true;
-        self.stopper.stop();
+    fn booted(&self) -> ApiResult<&Instance> {
+        self.vm.as_ref().ok_or_else(not_running)
     }
 
-    fn vm_info(&self) -> VmInfo {
-        let dm = self.dm();
-        let mut config = self.config.clone();
-        if let Some(obj) = config.as_object_mut() {
-            obj.insert(
-                "devices".into(),
-                serde_json::to_value(dm.pci_devices()).unwrap_or_default(),
-            );
-        }
-        VmInfo {
-            config,
-            state: if self.stopping {
-                VmState::Shutdown
-            } else {
-                VmState::Running
-            },
-            memory_actual_size: Some(self.memory_size),
-            device_tree: Some(dm.device_tree()),
-        }
+    fn with_dm<T>(&self, f: impl FnOnce(&DeviceManager) -> T) -> ApiResult<T> {
+        Ok(f(&self.booted()?.devices().dm()))
     }
 
-    /// `vm.add-device`: assign, then announce the slot to an ACPI guest. On any failure
-    /// nothing is left behind.
-    pub fn add_device(
+    fn vm_info(&self) -> ApiResult<VmInfo> {
+        let (Some(cfg), Some(state)) = (&self.config, self.state()) else {
+            return Err(ApiError::NotFound("VM is not created".into()));
+        };
+        Ok(VmInfo {
+            config: info::to_api(cfg),
+            state,
+            memory_actual_size: Some(cfg.memory.size),
+            device_tree: self.vm.as_ref().map(|vm| vm.devices().dm().device_tree()),
+        })
+    }
+
+    /// `vm.add-device`: to the booted VM (200 with its address), or to the configuration of
+    /// a VM that is not booted (204). Either way the configuration keeps it, so the next boot
+    /// has it too.
+    fn add_device(
         &mut self,
-        config: &DeviceConfig,
+        mut config: DeviceConfig,
         fd: Option<OwnedFd>,
-    ) -> ApiResult<PciDeviceInfo> {
-        let added = self.dm().add_device(config, fd).map_err(|e| {
-            warn!("vm.add-device refused: {}", e.message());
-            add_error(&e)
-        })?;
-        if self.acpi_guest {
-            if let Some(hp) = &self.hotplug {
-                let slot = added.bdf.device();
-                if let Err(e) = hp.notify_added(slot) {
-                    let message = format!(
-                        "Cannot announce {} at {} to the guest: {}",
-                        added.id,
-                        added.bdf,
-                        chain(&e)
-                    );
-                    warn!("{message}; removing it again");
-                    if let Err(r) = self.dm().remove_device(&added.id) {
-                        warn!("{}", r.message());
-                    }
-                    return Err(ApiError::Internal(message));
+    ) -> ApiResult<Option<PciDeviceInfo>> {
+        let Some(cfg) = &self.config else {
+            return Err(ApiError::NotFound("VM is not created".into()));
+        };
+        let keep = match &fd {
+            Some(f) => Some(f.try_clone().map_err(|e| {
+                ApiError::Internal(format!("Cannot duplicate the device's cdev fd: {e}"))
+            })?),
+            None => None,
+        };
+        let Some(vm) = &mut self.vm else {
+            check_device_config(&config, fd.is_some())
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            if let Some(id) = &config.id {
+                if cfg.devices.iter().any(|d| d.id.as_ref() == Some(id)) {
+                    return Err(ApiError::Conflict(format!(
+                        "Device id {id} is already in use"
+                    )));
                 }
             }
-        }
-        info!("vm.add-device: {} at {}", added.id, added.bdf);
-        Ok(added.to_api())
-    }
-
-    /// The slot of device `id`, or `None` when no device has that id.
-    fn slot_of(&self, id: &str) -> Option<u8> {
-        self.dm()
-            .pci_devices()
-            .into_iter()
-            .find(|d| d.id == id)
-            .and_then(|d| PciBdf::from_str(&d.bdf).ok())
-            .map(|b| b.device())
-    }
-
-    /// The id of the device in `slot`.
-    fn id_in_slot(&self, slot: u8) -> Option<String> {
-        self.dm()
-            .pci_devices()
-            .into_iter()
-            .find(|d| PciBdf::from_str(&d.bdf).is_ok_and(|b| b.bus() == 0 && b.device() == slot))
-            .map(|d| d.id)
-    }
-
-    /// `vm.remove-device`: 404 for an unknown id, 409 while a removal of it waits; an ACPI
-    /// guest is asked to eject the slot and the reply waits; otherwise removed at once.
-    pub fn remove_device(&mut self, id: String, reply: Responder<()>) {
-        if let Some(slot) = self.pending.slot_of(&id) {
-            return reply.send(Err(ApiError::Conflict(format!(
-                "Device {id} is already being removed: waiting for the guest to eject PCI slot \
-                 {slot}"
-            ))));
-        }
-        let Some(slot) = self.slot_of(&id) else {
-            return reply.send(Err(
-                DeviceManagerError::UnknownId { id: id.clone() }.to_api_error()
-            ));
-        };
-        let hotplug = self.hotplug.as_ref().filter(|_| self.acpi_guest);
-        let Some(hp) = hotplug else {
-            return reply.send(self.release(&id));
-        };
-        if let Err(e) = hp.request_eject(slot) {
-            let message = format!(
-                "Cannot ask the guest to eject {id} (PCI slot {slot}): {}",
-                chain(&e)
-            );
-            warn!("{message}");
-            return reply.send(Err(ApiError::Internal(message)));
-        }
-        info!(
-            "vm.remove-device {id}: asked the guest to eject PCI slot {slot}; waiting up to {} s",
-            self.eject_timeout.as_secs_f64()
-        );
-        self.pending.push(PendingRemoval {
-            id,
-            slot,
-            reply,
-            deadline: Instant::now() + self.eject_timeout,
-        });
-    }
-
-    /// Removes device `id` from the VM; Ok also when steps of the teardown failed (they are
-    /// logged: the device is gone either way).
-    pub(super) fn release(&self, id: &str) -> ApiResult<()> {
-        match self.dm().remove_device(id) {
-            Ok(removed) => {
-                info!(
-                    "{}: removed from {} (host {}){}",
-                    removed.id,
-                    removed.bdf,
-                    removed.host,
-                    if removed.warnings.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; teardown warnings: {}", removed.warnings.join("; "))
-                    }
-                );
-                Ok(())
-            }
-            Err(e) => Err(e.to_api_error()),
-        }
-    }
-
-    /// The guest ejected `slot`: finish the removal waiting on it, or remove what is there
-    /// (the guest gave the device up on its own).
-    pub fn on_eject(&mut self, slot: u8) {
-        if let Some(p) = self.pending.take_slot(slot) {
-            info!("{}: the guest ejected PCI slot {slot}", p.id);
-            let r = self.release(&p.id);
-            return p.reply.send(r);
-        }
-        match self.id_in_slot(slot) {
-            Some(id) => {
-                info!("{id}: the guest ejected PCI slot {slot} on its own; removing the device");
-                if let Err(e) = self.release(&id) {
-                    warn!("{id}: {}", e.message());
+            if let Some(p) = &config.path {
+                if cfg.devices.iter().any(|d| d.path.as_ref() == Some(p)) {
+                    return Err(ApiError::Conflict(format!(
+                        "{} is already in the VM's configuration",
+                        p.display()
+                    )));
                 }
             }
-            None => info!("The guest ejected PCI slot {slot}, which holds no device"),
+            log::info!("vm.add-device: added to the configuration of the VM (not booted)");
+            self.push_config_device(config, keep);
+            return Ok(None);
+        };
+        let added = vm.devices_mut().add_device(&config, fd)?;
+        config.id = Some(added.id.clone());
+        self.push_config_device(config, keep);
+        Ok(Some(added))
+    }
+
+    fn push_config_device(&mut self, mut config: DeviceConfig, fd: Option<OwnedFd>) {
+        config.fd = None;
+        if let Some(cfg) = &mut self.config {
+            cfg.devices.push(config);
+            self.fds.resize_with(cfg.devices.len() - 1, || None);
+            self.fds.push(fd);
         }
     }
 
-    /// Removes the devices whose eject did not come in time (surprise removal) and answers.
-    pub fn expire(&mut self, now: Instant) {
-        for p in self.pending.take_expired(now) {
-            warn!(
-                "{}: the guest did not eject PCI slot {} within {} s; removing the device \
-                 anyway (surprise removal)",
-                p.id,
-                p.slot,
-                self.eject_timeout.as_secs_f64()
-            );
-            let r = self.release(&p.id);
-            p.reply.send(r);
+    /// `vm.remove-device`: from the booted VM (see [`super::devices`]) and from the
+    /// configuration.
+    fn remove_device(&mut self, id: String, reply: Responder<()>) {
+        if self.config.is_none() {
+            return reply.send(Err(ApiError::NotFound("VM is not created".into())));
+        }
+        let in_config = self.take_config_device(&id);
+        match &mut self.vm {
+            Some(vm) => vm.devices_mut().remove_device(id, reply),
+            None if in_config => reply.send(Ok(())),
+            None => reply.send(Err(super::devices::api_error(
+                &DeviceManagerError::UnknownId { id },
+            ))),
         }
     }
 }

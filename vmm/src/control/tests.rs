@@ -1,25 +1,21 @@
-//! The control loop's decisions on a real VM (host `/dev/kvm`), with devices that have no
+//! The device side's decisions on a real VM (host `/dev/kvm`), with devices that have no
 //! backend (a fake VFIO region set) and the hotplug controller driven through its registers
 //! as the guest's `_EJ0` would.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 use std::io;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use api::{ApiRequest, ApiResult, Responder};
+use api::{ApiResult, Responder};
 use devices::vfio::backend::CONFIG_REGION;
 use devices::vfio::{IrqInfo, MmapArea, RegionInfo, VfioRegions};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{eject_channel, Control, ControlSetup};
-use crate::boot::payload::{PayloadMode, DEFAULT_REAL_GPA};
-use crate::config::{
-    BootConfig, CpusConfig, MemoryConfig, PayloadConfig, PlatformConfig, SerialConfig, VmConfig,
-};
+use super::devices::{VmDevices, VmDevicesSetup};
+use super::eject_channel;
 use crate::device_manager::{DeviceManager, DeviceManagerConfig};
 use crate::hotplug::regs::B0EJ;
 use crate::hotplug::PciHotplug;
@@ -94,30 +90,10 @@ impl InterruptLine for CountingLine {
 
 struct Rig {
     _vm: Vm,
-    control: Control,
+    control: VmDevices,
     hotplug: Arc<PciHotplug>,
     line: Arc<CountingLine>,
     devices: Arc<Mutex<DeviceManager>>,
-}
-
-fn config() -> VmConfig {
-    VmConfig {
-        boot: BootConfig::Payload(PayloadConfig {
-            path: PathBuf::from("/nonexistent"),
-            gpa: DEFAULT_REAL_GPA,
-            mode: PayloadMode::Real,
-            irqchip: false,
-        }),
-        cpus: CpusConfig { boot: 1 },
-        memory: MemoryConfig {
-            size: 16 << 20,
-            hugepages: false,
-        },
-        devices: Vec::new(),
-        platform: PlatformConfig::default(),
-        serial: SerialConfig::Off,
-        api_socket: None,
-    }
 }
 
 impl Rig {
@@ -141,16 +117,12 @@ impl Rig {
         let (on_eject, ejects) = eject_channel().unwrap();
         let line = Arc::new(CountingLine::default());
         let hotplug = PciHotplug::new(line.clone(), on_eject);
-        let cfg = config();
-        let mut control = Control::new(ControlSetup {
+        let control = VmDevices::new(VmDevicesSetup {
             devices: devices.clone(),
             hotplug: Some(hotplug.clone()),
             ejects: Some(ejects),
-            api: None,
-            config: &cfg,
-            stopper: vm.stopper().clone(),
+            acpi_guest: acpi,
         });
-        control.set_acpi_guest(acpi);
         Some(Rig {
             _vm: vm,
             control,
@@ -174,10 +146,7 @@ impl Rig {
 
     fn remove(&mut self, id: &str) -> Receiver<ApiResult<()>> {
         let (reply, rx) = Responder::pair();
-        self.control.handle(ApiRequest::RemoveDevice {
-            id: id.to_string(),
-            reply,
-        });
+        self.control.remove_device(id.to_string(), reply);
         rx
     }
 

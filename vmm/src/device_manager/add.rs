@@ -12,7 +12,7 @@ use devices::vfio::{
     CapPolicy, VfioDeviceId, VfioPciDevice, VfioPciError, VfioPciOptions, VfioRegions, VpasidConfig,
 };
 use ioasid::{
-    BackendChoice, BackendKind, DevId, DeviceName, HostFacts, IommufdBackend, Type1Backend,
+    BackendChoice, BackendKind, DevId, DeviceName, HostFacts, HwCaps, IommufdBackend, Type1Backend,
 };
 use log::{info, warn};
 
@@ -22,8 +22,8 @@ use super::dma::{self, Backend, DmaState, RamMapMode};
 use super::interrupts::KvmInterruptSink;
 use super::IntxWiring;
 use super::{
-    check_device_config, lock, AddedDevice, Assigned, DeviceManager, DeviceManagerError, Placed,
-    Progress, Reason, PCI_SEGMENT,
+    check_device_config, lock, AddedDevice, Assigned, DeviceManager, DeviceManagerError, Model,
+    Placed, Progress, Reason, PCI_SEGMENT,
 };
 
 impl DeviceManager {
@@ -62,6 +62,7 @@ impl DeviceManager {
                 });
             }
         }
+        self.check_viommu_options(cfg, &given)?;
         if let Some(slot) = cfg.pci_device_id {
             let bdf = PciBdf::root_slot(PCI_SEGMENT, slot);
             if slot == 0 || lock(&self.pci).device(bdf).is_some() {
@@ -76,6 +77,7 @@ impl DeviceManager {
                 ));
             }
         }
+        let slot = self.choose_slot(cfg.iommu, cfg.pci_device_id, &given)?;
         let source = self.resolve(cfg, fd, &given)?;
         if !matches!(source.name, DeviceName::Fd(_)) {
             if let Some(d) = self.devices.iter().find(|d| d.host == source.name) {
@@ -96,7 +98,7 @@ impl DeviceManager {
             }
         };
         let mut progress = Progress::default();
-        match self.assign(&id, source, cfg, &mut progress) {
+        match self.assign(&id, source, cfg, slot, &mut progress) {
             Ok(assigned) => {
                 let added = AddedDevice {
                     id: assigned.id.clone(),
@@ -111,6 +113,16 @@ impl DeviceManager {
                     self.ram_map_calls,
                     self.ram.len()
                 );
+                if cfg.iommu {
+                    if let Err(e) = self.attach_viommu(&assigned) {
+                        warn!("{id}: {}; undoing", e.message());
+                        self.devices.push(assigned);
+                        if let Err(r) = self.remove_device(&id) {
+                            warn!("{id}: {}", r.message());
+                        }
+                        return Err(e);
+                    }
+                }
                 self.devices.push(assigned);
                 if let Some(n) = auto {
                     self.next_auto_id = n + 1;
@@ -260,6 +272,7 @@ impl DeviceManager {
         id: &str,
         source: Source,
         cfg: &DeviceConfig,
+        slot: Option<u8>,
         p: &mut Progress,
     ) -> Result<Assigned, DeviceManagerError> {
         let device = source.given.clone();
@@ -361,10 +374,18 @@ impl DeviceManager {
             });
         }
         if cfg.iommu {
-            warn!(
-                "{id}: iommu=on: no vIOMMU model is wired yet; the guest sees the device with \
-                 DMA addresses equal to guest physical addresses"
-            );
+            if let Some(why) = self.viommu.as_ref().and_then(|v| {
+                v.refuse_assigned(
+                    caps.as_ref()
+                        .map(HwCaps::supports_nesting)
+                        .map_err(|e| e.as_str()),
+                )
+            }) {
+                return Err(DeviceManagerError::Unsupported {
+                    device: device.clone(),
+                    reason: why,
+                });
+            }
         }
 
         // RAM, once per VM (type1 needs a group in the container first, hence after bind).
@@ -419,15 +440,8 @@ impl DeviceManager {
             (None, _) => info!("{id}: attached to IOAS {}", ioas.0),
         }
 
-        let (bdf, model, sink, mapper) = self.place(
-            id,
-            dev_str,
-            &source.name,
-            vfio.clone(),
-            options,
-            cfg.pci_device_id,
-            p,
-        )?;
+        let (bdf, model, sink, mapper) =
+            self.place(id, dev_str, &source.name, vfio.clone(), options, slot, p)?;
         Ok(Assigned {
             id: id.to_string(),
             bdf,
@@ -436,12 +450,13 @@ impl DeviceManager {
             dev: Some(dev),
             hwpt,
             config: cfg.clone(),
-            _vfio: vfio,
-            model,
+            _vfio: Some(vfio),
+            model: Model::Vfio(model),
             sink,
             mapper,
             caps,
             kvm_file: p.kvm_file,
+            soft: None,
         })
     }
 
@@ -626,6 +641,7 @@ impl DeviceManager {
             }
         };
         let host = DeviceName::Emulated(name.to_string());
+        let slot = self.choose_slot(false, slot, name)?;
         let mut p = Progress::default();
         let placed = self.place(
             &id,
@@ -659,12 +675,13 @@ impl DeviceManager {
                 pci_device_id: slot,
                 ..Default::default()
             },
-            _vfio: regions,
-            model,
+            _vfio: Some(regions),
+            model: Model::Vfio(model),
             sink,
             mapper,
             caps: Err("no IOMMU backend: the device was added without one".to_string()),
             kvm_file: None,
+            soft: None,
         });
         Ok(AddedDevice { id, bdf })
     }

@@ -18,8 +18,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{DeviceFd, VmFd};
 
-/// Where VFIO cdevs live.
-pub const CDEV_DIR: &str = "/dev/vfio/devices";
+pub use crate::config::CDEV_DIR;
 
 /// What the user handed us, resolved.
 #[derive(Debug)]

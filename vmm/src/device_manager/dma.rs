@@ -34,6 +34,14 @@ impl Backend {
         }
     }
 
+    /// The backend as a shared trait object (for the vIOMMU's host bridge).
+    pub fn as_arc(&self) -> Arc<dyn IommuBackend> {
+        match self {
+            Backend::Iommufd(b) => b.clone(),
+            Backend::Type1(b) => b.clone(),
+        }
+    }
+
     /// Which one.
     pub fn kind(&self) -> BackendKind {
         self.as_dyn().kind()

@@ -26,9 +26,11 @@ pub mod add;
 pub mod assign;
 pub mod bar_mapper;
 pub mod dma;
+pub mod emulated;
 pub mod interrupts;
 pub mod remove;
 pub mod state;
+pub mod viommu;
 
 use std::os::fd::RawFd;
 use std::path::Path;
@@ -48,6 +50,7 @@ use kvm_ioctls::VmFd;
 use log::info;
 use thiserror::Error;
 
+pub use crate::config::check_device_config;
 use crate::config::{OnOffAuto, PlatformConfig};
 use crate::irq::GsiRouter;
 use crate::layout::{
@@ -56,7 +59,7 @@ use crate::layout::{
 use crate::memory::RamRegion;
 use crate::vm::{MemorySlots, Vm};
 
-use assign::{KvmVfio, CDEV_DIR};
+use assign::KvmVfio;
 use bar_mapper::KvmBarMapper;
 use dma::DmaState;
 use interrupts::KvmInterruptSink;
@@ -92,6 +95,8 @@ pub struct DeviceManagerConfig {
     pub backend: BackendChoice,
     /// INTx lines for assigned devices.
     pub intx: IntxWiring,
+    /// The emulated VT-d (`--platform viommu=vtd`), if any.
+    pub viommu: Option<viommu::ViommuSetup>,
 }
 
 impl DeviceManagerConfig {
@@ -104,6 +109,7 @@ impl DeviceManagerConfig {
                 OnOffAuto::Auto => BackendChoice::Auto,
             },
             intx: IntxWiring::Wire,
+            viommu: viommu::ViommuSetup::from_platform(p),
         }
     }
 }
@@ -256,32 +262,15 @@ impl DeviceManagerError {
     }
 }
 
-/// Checks a device config the way [`DeviceManager::add_device`] will, without touching the
-/// host: the `api` crate's rules, with a VFIO cdev path (`/dev/vfio/devices/vfioN`) accepted
-/// like an fd. `fd_supplied`: an open cdev comes with it.
-pub fn check_device_config(cfg: &DeviceConfig, fd_supplied: bool) -> Result<(), DeviceConfigError> {
-    let cdev_path = cfg.path.as_deref().is_some_and(|p| p.starts_with(CDEV_DIR));
-    if cdev_path && fd_supplied {
-        return Err(DeviceConfigError::BothPathAndFd);
-    }
-    if let Some(p) = cfg.path.as_deref().filter(|_| cdev_path) {
-        let name = p.strip_prefix(CDEV_DIR).unwrap_or(p).to_string_lossy();
-        let ok = name
-            .strip_prefix("vfio")
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if !ok {
-            return Err(DeviceConfigError::PathNotAllowed(p.to_path_buf()));
-        }
-    }
-    let mut c = cfg.clone();
-    c.fd = None;
-    if cdev_path {
-        c.path = None;
-    }
-    c.validate_with_fd(fd_supplied || cdev_path)
+/// The PCI model of a device.
+enum Model {
+    /// The vfio-pci model of an assigned (or unbacked) VFIO device.
+    Vfio(Arc<Mutex<VfioPciDevice>>),
+    /// Any other PCI device model, emulated by the VMM.
+    Emulated(devices::pci::SharedPciDevice),
 }
 
-/// One assigned device.
+/// One device on the bus: assigned (VFIO), unbacked, or emulated.
 struct Assigned {
     id: String,
     bdf: PciBdf,
@@ -291,9 +280,10 @@ struct Assigned {
     /// ([`DeviceManager::add_unbacked_device`]).
     dev: Option<DevId>,
     config: DeviceConfig,
-    /// Keeps the VFIO device open (the model and the backend hold it too).
-    _vfio: Arc<dyn VfioRegions>,
-    model: Arc<Mutex<VfioPciDevice>>,
+    /// Keeps the VFIO device open (the model and the backend hold it too); `None` for an
+    /// emulated device.
+    _vfio: Option<Arc<dyn VfioRegions>>,
+    model: Model,
     sink: Arc<KvmInterruptSink>,
     mapper: Arc<KvmBarMapper>,
     /// The paging HWPT the kernel attached it to over the VM's IOAS, as the attach reported
@@ -304,6 +294,8 @@ struct Assigned {
     caps: Result<HwCaps, String>,
     /// The file registered with the KVM-VFIO device (cdev or group fd).
     kvm_file: Option<RawFd>,
+    /// An emulated device behind the vIOMMU: its soft backend registration.
+    soft: Option<emulated::SoftDevice>,
 }
 
 /// What [`DeviceManager::place`] returns.
@@ -344,6 +336,8 @@ pub struct DeviceManager {
     next_auto_id: u32,
     pasids: PasidSpace,
     ram_map_calls: u64,
+    /// The emulated VT-d and its slots (`--platform viommu=vtd`).
+    viommu: Option<viommu::ViommuState>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -436,6 +430,13 @@ impl DeviceManager {
             next_auto_id: 0,
             pasids,
             ram_map_calls: 0,
+            viommu: None,
+        })
+        .and_then(|mut dm: Self| {
+            if let Some(setup) = config.viommu {
+                dm.viommu = Some(viommu::ViommuState::new(setup, vm)?);
+            }
+            Ok(dm)
         })
     }
 
@@ -489,6 +490,9 @@ impl Drop for DeviceManager {
         self.teardown_dma();
         let _ = self.mmio.remove(PCI_ECAM_START);
         let _ = self.pio.remove(PCI_CONFIG_IO_PORT);
+        if self.viommu.take().is_some() {
+            let _ = self.mmio.remove(crate::layout::VTD_REGS_START);
+        }
     }
 }
 

@@ -10,6 +10,15 @@ use super::{lock, DeviceManager, DeviceManagerError, RemovedDevice};
 impl DeviceManager {
     /// Destroys the IOAS and closes the backend (no device left).
     pub(super) fn teardown_dma(&mut self) {
+        // The vIOMMU's host bridge holds the backend: it goes first, unless emulated
+        // devices are still behind it (they keep it, over their soft backends, until they
+        // leave).
+        if let Some(v) = self.viommu.as_mut() {
+            let busy = v.host.as_ref().is_some_and(|h| !h.devices().is_empty());
+            if !busy {
+                v.drop_host();
+            }
+        }
         let Some(d) = self.dma.take() else {
             return;
         };
@@ -36,7 +45,7 @@ impl DeviceManager {
             .position(|d| d.id == id)
             .ok_or_else(|| DeviceManagerError::UnknownId { id: id.to_string() })?;
         let a = self.devices.remove(idx);
-        let mut warnings = Vec::new();
+        let (mut warnings, rid_released) = self.detach_viommu(&a);
         let mut note = |w: String| {
             warn!("{id}: {w}");
             warnings.push(w);
@@ -61,7 +70,9 @@ impl DeviceManager {
         // Unbacked devices do not count: the DMA space goes with the last bound device.
         let last = !self.devices.iter().any(|d| d.dev.is_some());
         if let (Some(d), Some(dev)) = (&self.dma, a.dev) {
-            if let Backend::Iommufd(b) = &d.backend {
+            // A device behind the vIOMMU whose RID the bridge took off its shadow IOAS or
+            // nested HWPT is attached to nothing now; unbinding releases it either way.
+            if let (Backend::Iommufd(b), false) = (&d.backend, rid_released) {
                 if let Err(e) = b.detach(dev, None) {
                     note(e.to_string());
                 }

@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use api::types::{
-    Attachment, DeviceIommuCaps, DeviceNode, HwptInfo, HwptKind, IoasInfo, IoasidsInfo, IommuInfo,
-    PasidEntry, PasidsInfo, PciDeviceInfo, PtType, VmCounters,
+    Attachment, DeviceIommuCaps, DeviceNode, HwptInfo, HwptKind, IoasInfo, IoasidsInfo,
+    IommuCounters, IommuInfo, PasidEntry, PasidsInfo, PciDeviceInfo, PtType, VmCounters,
 };
 use ioasid::{HwCaps, HwptId};
 use serde_json::json;
 
 use super::dma::Backend;
-use super::{lock, DeviceManager};
+use super::{lock, DeviceManager, Model};
 
 /// One `vm.iommu` device entry from decoded capabilities.
 pub fn caps_entry(id: &str, host: Option<String>, caps: &HwCaps) -> DeviceIommuCaps {
@@ -52,14 +52,16 @@ impl DeviceManager {
     /// `vm.iommu`: the backend in use (`none` before the first device) and each device's
     /// decoded `IOMMU_GET_HW_INFO`. A device whose capabilities are unknown (type1 has no
     /// GET_HW_INFO) reports no nesting, PASID, PRS or DMWr, with the reason in `details`.
-    /// `viommu` is absent: no vIOMMU model is wired yet.
+    /// `viommu` ([`api::types::ViommuInfo`]) is present with `--platform viommu=vtd`.
     pub fn iommu_info(&self) -> IommuInfo {
         IommuInfo {
             backend: self
                 .backend_kind()
                 .map_or("none", ioasid::BackendKind::name)
                 .to_string(),
-            viommu: None,
+            viommu: self
+                .viommu_info()
+                .and_then(|v| serde_json::to_value(v).ok()),
             devices: self
                 .devices
                 .iter()
@@ -133,7 +135,9 @@ impl DeviceManager {
         }
     }
 
-    /// `vm.counters`. `host_ioctls` and `invalidations` are the iommufd backend's own
+    /// `vm.counters`. With a vIOMMU: guest invalidation descriptors and faults recorded (the
+    /// model), host invalidation calls and shadow map/unmap calls (the bridge), with every
+    /// model and bridge count under `_viommu`. `host_ioctls` and `invalidations` are the iommufd backend's own
     /// counters (0 with type1, which does not count its calls; they restart when the backend
     /// is reopened after the last device left). Fault and page-request counters are 0: no
     /// fault queue is wired yet. Per device: `dev_id` (devices bound to a backend), `msi_vectors`, `msi_vectors_masked`,
@@ -172,12 +176,37 @@ impl DeviceManager {
             }
             devices.insert(d.id.clone(), c);
         }
-        VmCounters {
-            host_ioctls,
-            invalidations,
-            devices,
+        let mut out = VmCounters {
+            iommu: IommuCounters {
+                host_ioctls,
+                invalidations,
+                ..Default::default()
+            },
             ..Default::default()
+        };
+        if let Some((model, bridge)) = self.viommu_counters() {
+            out.iommu.guest_invalidation_descriptors = model.descriptors();
+            out.iommu.faults_recorded = model.faults_recorded;
+            out.iommu.host_invalidation_calls = bridge.host_invalidation_calls;
+            out.iommu.shadow_map_calls = bridge.shadow_map_calls;
+            out.iommu.shadow_unmap_calls = bridge.shadow_unmap_calls;
+            let detail = |v: serde_json::Value| -> BTreeMap<String, u64> {
+                v.as_object()
+                    .map(|o| {
+                        o.iter()
+                            .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let mut c = detail(serde_json::to_value(model).unwrap_or_default());
+            for (k, v) in detail(serde_json::to_value(bridge).unwrap_or_default()) {
+                c.insert(format!("bridge_{k}"), v);
+            }
+            devices.insert("_viommu".to_string(), c);
         }
+        out.devices = devices;
+        out
     }
 
     /// The assigned devices as `vm.add-device` reported them.
@@ -252,12 +281,15 @@ impl DeviceManager {
             .collect()
     }
 
-    /// Whether the guest enabled MSI or MSI-X on device `id` (from the model), for tests and
-    /// diagnostics.
+    /// Whether the guest enabled MSI or MSI-X on device `id` (from the vfio-pci model; `None`
+    /// for an emulated model), for tests and diagnostics.
     pub fn interrupt_state(&self, id: &str) -> Option<(bool, bool)> {
-        self.find(id).map(|d| {
-            let m = lock(&d.model);
-            (m.msi_enabled(), m.msix_enabled())
+        self.find(id).and_then(|d| match &d.model {
+            Model::Vfio(m) => {
+                let m = lock(m);
+                Some((m.msi_enabled(), m.msix_enabled()))
+            }
+            Model::Emulated(_) => None,
         })
     }
 }

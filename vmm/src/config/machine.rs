@@ -1,0 +1,94 @@
+//! `--cpus`, `--memory` and `--serial`.
+
+use std::path::PathBuf;
+
+use super::kv::{parse_size, KeyValues};
+use super::ConfigError;
+
+/// Default guest RAM.
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
+
+/// `--cpus`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpusConfig {
+    /// vCPUs at boot.
+    pub boot: u8,
+}
+
+/// `--memory`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Bytes of RAM.
+    pub size: u64,
+    /// Hugepage backing.
+    pub hugepages: bool,
+}
+
+/// `--serial`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialConfig {
+    /// stdout, with stdin input when it is a terminal.
+    Tty,
+    /// Append to a file.
+    File(PathBuf),
+    /// No output.
+    Off,
+}
+
+pub(super) fn parse_cpus(s: &str) -> Result<CpusConfig, ConfigError> {
+    const ACCEPTED: &str = "boot=<count>";
+    let kv = KeyValues::parse("--cpus", s, &["boot"], ACCEPTED)?;
+    let boot = match kv.get("boot") {
+        None => {
+            return Err(ConfigError::Invalid {
+                flag: "--cpus",
+                reason: format!("boot=<count> is required (accepted: {ACCEPTED})"),
+            })
+        }
+        Some(v) => match v.parse::<u8>() {
+            Ok(n) if n >= 1 => n,
+            _ => return Err(kv.invalid("boot", v, "an integer from 1 to 255")),
+        },
+    };
+    Ok(CpusConfig { boot })
+}
+
+pub(super) fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
+    const ACCEPTED: &str = "size=<size>,hugepages=on|off";
+    const SIZES: &str =
+        "a size like 512M or 2G (K, M, G, T suffixes), a multiple of 4K, at least 2M";
+    let kv = KeyValues::parse("--memory", s, &["size", "hugepages"], ACCEPTED)?;
+    let size = match kv.get("size") {
+        None => DEFAULT_MEMORY,
+        Some(v) => match parse_size(v) {
+            Some(n) if n >= (2 << 20) && n % 4096 == 0 => n,
+            _ => return Err(kv.invalid("size", v, SIZES)),
+        },
+    };
+    let hugepages = kv.on_off("hugepages", false)?;
+    if hugepages && size % (2 << 20) != 0 {
+        return Err(kv.invalid(
+            "size",
+            kv.get("size").unwrap_or_default(),
+            "with hugepages=on, a multiple of 2M",
+        ));
+    }
+    Ok(MemoryConfig { size, hugepages })
+}
+
+pub(super) fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
+    const ACCEPTED: &str = "tty, file=<path>, off";
+    match s {
+        "tty" => Ok(SerialConfig::Tty),
+        "off" | "null" => Ok(SerialConfig::Off),
+        _ => match s.strip_prefix("file=") {
+            Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+            _ => Err(ConfigError::InvalidValue {
+                flag: "--serial",
+                key: "mode".into(),
+                value: s.to_string(),
+                accepted: ACCEPTED,
+            }),
+        },
+    }
+}

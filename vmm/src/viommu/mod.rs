@@ -1,0 +1,53 @@
+//! The host side of the vIOMMU: [`VtdBridge`] implements the `devices` crate's
+//! [`ViommuBridge`](devices::viommu::ViommuBridge) with `ioasid`, plus the guest memory and
+//! MSI the VT-d model needs.
+//!
+//! Owns: the translation of guest intent (per (BDF, PASID): blocked, pass-through,
+//! second-stage, first-stage; invalidation batches) into host objects, on three paths chosen
+//! per device from the host's decoded capabilities:
+//! - **shadow** ([`shadow`]): assigned device, host without nesting (every machine here): a
+//!   host IOAS per guest domain, the guest's second-stage table mirrored into it with
+//!   `IOAS_COPY` from the guest-RAM IOAS, coalesced, resynced on invalidation;
+//! - **nested** ([`nested`]): assigned device, host with nesting: a nest parent over the
+//!   guest-RAM IOAS, a nested HWPT per guest first-stage table, guest IOTLB invalidations
+//!   forwarded as one `HWPT_INVALIDATE` batch per nested HWPT per doorbell;
+//! - **soft** ([`soft_path`]): emulated device: the soft backend walks the guest's tables per
+//!   access (first-stage: soft nested HWPT; second-stage: soft second-level HWPT).
+//!
+//! Must not touch: the guest-visible model (registers, root/context/PASID tables, QI: that is
+//! `devices::viommu`), the device manager's attach of devices to the guest-RAM IOAS, KVM
+//! beyond `KVM_SIGNAL_MSI`.
+//!
+//! API for the device manager and the runner:
+//! - [`VtdBridge::new`]`(backend, ram_ioas, ram_regions)`: one per VM, over the VM's backend
+//!   and the IOAS that maps guest RAM at IOVA = GPA;
+//! - [`VtdBridge::add_assigned`]`(bdf, dev, caps)`: an assigned device, already attached to
+//!   the guest-RAM IOAS (pass-through until the guest enables translation);
+//! - [`VtdBridge::add_emulated`]`(bdf, soft, dev)` → `Arc<dyn DmaView>`: an emulated device
+//!   registered on a soft backend; its DMA goes through the returned view;
+//! - [`VtdBridge::remove`]`(bdf)` → [`Released`]: detaches the device's PASIDs and RID from
+//!   the bridge's objects (re-attaching nothing) and destroys its nested HWPTs, nest parent
+//!   and the shadow IOASes no other device uses;
+//! - [`VtdBridge::devices`] → [`DeviceView`]s for `vm.iommu` ([`DeviceView::to_json`]);
+//!   [`VtdBridge::counters`] → [`BridgeCounters`] for `vm.counters`;
+//! - [`VmGuestMemory`] ([`GuestMemoryAccess`](devices::viommu::GuestMemoryAccess) over the
+//!   VM's guest memory) and [`KvmMsiSignal`] ([`MsiSignal`](devices::viommu::MsiSignal) over
+//!   `KVM_SIGNAL_MSI`) for the model.
+//!
+//! PASID 0 is the guest's RID_PASID (Linux's choice): it is the device's requests without
+//! PASID on the host. Other PASIDs attach with `attach(dev, Some(pasid), ..)`.
+
+pub mod bridge;
+pub mod guest_mem;
+pub mod msi;
+pub mod nested;
+pub mod shadow;
+pub mod soft_path;
+pub mod view;
+
+pub use bridge::{BridgeLimits, VtdBridge};
+pub use guest_mem::{RamMap, RamTables, VmGuestMemory};
+pub use msi::KvmMsiSignal;
+pub use nested::{selftest_iotlb_tag, HostFormat};
+pub use soft_path::SoftDma;
+pub use view::{mode_name, BridgeCounters, DevicePath, DeviceView, Released};
