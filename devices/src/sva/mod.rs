@@ -118,6 +118,9 @@ pub mod worker;
 #[cfg(test)]
 mod tests;
 
+#[cfg(test)]
+mod soft_tests;
+
 use std::time::Duration;
 
 use thiserror::Error;
