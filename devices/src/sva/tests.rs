@@ -1143,3 +1143,60 @@ fn fuzz_case(rng: &mut crate::fuzz::Rng) -> u64 {
     assert!(!r.eng.worker_running());
     r.eng.counters().descriptors
 }
+
+/// On the PCI bus: the extended capabilities are reachable through ECAM, BAR0 decodes once
+/// memory space is enabled, and a copy runs with the registers written over MMIO.
+#[test]
+fn sva_on_pci_bus() {
+    use crate::pci::tests::Rig as BusRig;
+    let (mem, _prq) = FakeMem::new();
+    let eng = SvaEngine::with_dma(mem.clone(), Arc::new(Sink::default()), opts(1000)).unwrap();
+    let handle = eng.handle();
+    let bus = BusRig::new();
+    let dev: crate::pci::SharedPciDevice = Arc::new(Mutex::new(eng));
+    let bdf = bus.add(dev.clone(), None).unwrap();
+    assert_eq!(bus.ecam_read32(bdf, 0), 0x5a5a_1234);
+    let mut ids = Vec::new();
+    let mut off = 0x100u16;
+    while off != 0 && ids.len() < 8 {
+        let h = bus.ecam_read32(bdf, off);
+        ids.push(h & 0xffff);
+        off = (h >> 20) as u16;
+    }
+    assert_eq!(ids, vec![0x0f, 0x1b, 0x13]);
+    bus.ecam_write(
+        bdf,
+        creg::COMMAND as u16,
+        &(command::MEMORY | command::BUS_MASTER).to_le_bytes(),
+    );
+    let bars = bus.bars(bdf);
+    assert_eq!(bars.len(), 1);
+    let base = bars[0].live.expect("BAR0 decoded");
+    let rd = |off: u64| {
+        let mut b = [0u8; 4];
+        bus.mmio.read(base + off, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    };
+    let wr = |off: u64, v: u32| bus.mmio.write(base + off, &v.to_le_bytes()).unwrap();
+    assert_eq!(rd(reg::ID), abi::ID_VALUE);
+    mem.map(None, RING, 64 * 2);
+    mem.map(None, COMP, 16);
+    mem.put(None, 0x1000, &pattern(30, 100));
+    mem.map(None, 0x9000, 100);
+    let mut d = desc(None, 0, 0x1000, 0x9000, 100);
+    d.completion = COMP;
+    mem.put(None, RING, &d.encode());
+    bus.mmio
+        .write(base + reg::RING_BASE, &RING.to_le_bytes())
+        .unwrap();
+    wr(reg::RING_SIZE, 2);
+    wr(reg::CTRL, ctrl::ENABLE);
+    wr(reg::RING_TAIL, 1);
+    until("the copy", || {
+        let b: [u8; 16] = mem.get(None, COMP, 16)?.try_into().ok()?;
+        (abi::decode_completion(&b) == (1, 100)).then_some(())
+    });
+    assert_eq!(mem.get(None, 0x9000, 100).unwrap(), pattern(30, 100));
+    assert_eq!(handle.counters().descriptors, 1);
+    dev.lock().unwrap().removed();
+}
