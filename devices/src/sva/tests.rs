@@ -1200,3 +1200,60 @@ fn sva_on_pci_bus() {
     assert_eq!(handle.counters().descriptors, 1);
     dev.lock().unwrap().removed();
 }
+
+/// PRI enabled with an Outstanding Page Request Allocation of 0: the engine may not send a
+/// page request, so a fault ends the descriptor.
+#[test]
+fn sva_pri_allocation_zero_sends_nothing() {
+    let mut r = rig(opts(1000));
+    cfg_write(&mut r.eng, caps::PRI_CAP + 12, &0u32.to_le_bytes());
+    assert_eq!(r.eng.cap_state().pri_alloc, 0);
+    r.mem.put(Some(3), 0x1000, &pattern(8, 64));
+    let at = r.submit(desc(Some(3), 0, 0x1000, 0x9000, 64));
+    assert_eq!(r.status(at), CompletionStatus::PageFault);
+    assert!(r.prq.try_recv().is_err());
+    // The log shows the copy was issued without PRI.
+    assert!(r
+        .mem
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.0 == Some(3))
+        .all(|l| !l.3.pri));
+}
+
+/// A VM reset returns the function to its reset state: capabilities disabled, MSI-X
+/// released, ring registers cleared, and the worker still serves a reprogrammed ring.
+#[test]
+fn sva_vm_reset() {
+    let mut r = rig(opts(1000));
+    assert!(r.eng.cap_state().pasid.enabled && r.eng.cap_state().pri_enabled);
+    r.eng.reset();
+    let st = r.eng.cap_state();
+    assert!(!st.pasid.enabled && !st.pri_enabled && !st.bus_master);
+    assert_eq!(bar_r32(&mut r.eng, reg::STATUS), 0);
+    assert_eq!(bar_r32(&mut r.eng, reg::RING_SIZE), 0);
+    assert_eq!(bar_r32(&mut r.eng, reg::RING_BASE), 0);
+    assert!(
+        r.sink.fds.lock().unwrap().is_empty(),
+        "MSI-X routes released"
+    );
+    // Reprogrammed as a driver would after boot, the same engine runs descriptors again.
+    cfg_write(
+        &mut r.eng,
+        creg::COMMAND,
+        &(command::MEMORY | command::BUS_MASTER).to_le_bytes(),
+    );
+    bar_w32(&mut r.eng, reg::RING_BASE, RING as u32);
+    bar_w32(&mut r.eng, reg::RING_SIZE, r.size);
+    bar_w32(&mut r.eng, reg::CTRL, ctrl::ENABLE);
+    r.tail = 0;
+    r.mem.put(None, 0x1000, &pattern(1, 64));
+    r.mem.map(None, 0x9000, 64);
+    let at = r.submit(desc(None, 0, 0x1000, 0x9000, 64));
+    assert_eq!(r.completion(at), (1, 64));
+    // PASID is disabled after the reset: a PASID descriptor is refused.
+    let at = r.submit_in(desc(Some(1), 0, 0x1000, 0x9000, 64), None);
+    assert_eq!(r.status(at), CompletionStatus::BadPasid);
+}
