@@ -569,7 +569,7 @@ fn sva_fault_page_request_success_completes() {
     assert_eq!(bar_r32(&mut r.eng, reg::PRQ_STATS), 2);
     let c = r.eng.counters();
     assert_eq!((c.page_requests, c.responses_success), (2, 2));
-    assert_eq!(r.sink.count(0), 1);
+    until("vector 0", || (r.sink.count(0) == 1).then_some(()));
 }
 
 #[test]
@@ -1197,7 +1197,9 @@ fn sva_on_pci_bus() {
         (abi::decode_completion(&b) == (1, 100)).then_some(())
     });
     assert_eq!(mem.get(None, 0x9000, 100).unwrap(), pattern(30, 100));
-    assert_eq!(handle.counters().descriptors, 1);
+    until("the counter", || {
+        (handle.counters().descriptors == 1).then_some(())
+    });
     dev.lock().unwrap().removed();
 }
 
