@@ -1,6 +1,6 @@
 //! The engine's worker thread and the state it shares with the vCPU side.
 //!
-//! A vCPU's register write only changes [`Regs`] under a short lock and wakes the worker; the
+//! A vCPU's register write only changes the register state under a short lock and wakes the worker; the
 //! worker never holds that lock across a DMA or a page-request wait, so a vCPU is never
 //! blocked behind a descriptor (the vCPU that must service the guest's PRQ in particular).
 //! The worker runs one descriptor at a time: fetch (without PASID, without PRI), validate,
