@@ -1259,3 +1259,34 @@ fn sva_vm_reset() {
     let at = r.submit_in(desc(Some(1), 0, 0x1000, 0x9000, 64), None);
     assert_eq!(r.status(at), CompletionStatus::BadPasid);
 }
+
+/// The guest disables PRI while a page request is outstanding: the outstanding request
+/// still completes, but the retry sends no new one (PAGE_FAULT). Clearing PASID Enable
+/// under a PASID descriptor abandons it.
+#[test]
+fn sva_pri_and_pasid_disable_mid_descriptor() {
+    let mut r = rig(opts(10_000));
+    r.mem.put(Some(3), 0x1000, &pattern(8, 64));
+    let at = r.submit(desc(Some(3), 0, 0x1000, 0x9000, 64));
+    let q = r.request();
+    cfg_write(&mut r.eng, caps::PRI_CAP + 4, &0u16.to_le_bytes());
+    q.answer.send(PageResponseCode::Success).unwrap();
+    assert_eq!(r.status(at), CompletionStatus::PageFault);
+    assert!(
+        r.prq.try_recv().is_err(),
+        "no page request after PRI disable"
+    );
+
+    let mut r = rig(opts(60_000));
+    r.mem.put(Some(3), 0x1000, &pattern(8, 64));
+    let at = r.submit(desc(Some(3), 0, 0x1000, 0x9000, 64));
+    let _q = r.request();
+    cfg_write(&mut r.eng, caps::PASID_CAP + 6, &0u16.to_le_bytes());
+    until("BUSY to clear", || {
+        (bar_r32(&mut r.eng, reg::STATUS) & status::BUSY == 0).then_some(())
+    });
+    until("the abandon", || {
+        (r.eng.counters().abandoned == 1).then_some(())
+    });
+    assert_eq!(r.mem.get(Some(3), at.1, 16).unwrap(), vec![0; 16]);
+}
