@@ -140,24 +140,7 @@ impl ViommuState {
     /// it cannot: a unit that offers first stage needs host nesting (Linux does not
     /// invalidate after first-stage maps under caching mode, so a shadow could not follow).
     pub fn refuse_assigned(&self, nesting: Result<bool, &str>) -> Option<String> {
-        if !self.first_stage {
-            return None;
-        }
-        let why = match nesting {
-            Ok(true) => return None,
-            Ok(false) => "its host IOMMU has no nesting".to_string(),
-            Err(e) => format!("its host IOMMU capabilities are unknown ({e})"),
-        };
-        Some(format!(
-            "iommu=on with a vIOMMU that offers first-stage translation (fsts={}), but {why}: \
-             Linux does not invalidate after first-stage maps under caching mode, so a shadow \
-             cannot follow them; use fsts=off (or auto)",
-            match self.setup.vtd.fsts {
-                OnOffAuto::On => "on",
-                OnOffAuto::Off => "off",
-                OnOffAuto::Auto => "auto, resolved to on",
-            }
-        ))
+        refuse_assigned(self.first_stage, self.setup.vtd.fsts, nesting)
     }
 
     /// Drops the host bridge (the backend goes), keeping its counts.
@@ -177,6 +160,34 @@ impl ViommuState {
         }
         c
     }
+}
+
+/// Why an assigned device whose host IOMMU can (`Ok(true)`) or cannot nest, or whose
+/// capabilities are unknown, cannot sit behind a unit offering first stage (`first_stage`,
+/// resolved from `fsts`); `None` when it can.
+pub fn refuse_assigned(
+    first_stage: bool,
+    fsts: OnOffAuto,
+    nesting: Result<bool, &str>,
+) -> Option<String> {
+    if !first_stage {
+        return None;
+    }
+    let why = match nesting {
+        Ok(true) => return None,
+        Ok(false) => "its host IOMMU has no nesting".to_string(),
+        Err(e) => format!("its host IOMMU capabilities are unknown ({e})"),
+    };
+    Some(format!(
+        "iommu=on with a vIOMMU that offers first-stage translation (fsts={}), but {why}: \
+         Linux does not invalidate after first-stage maps under caching mode, so a shadow \
+         cannot follow them; use fsts=off (or auto)",
+        match fsts {
+            OnOffAuto::On => "on",
+            OnOffAuto::Off => "off",
+            OnOffAuto::Auto => "auto, resolved to on",
+        }
+    ))
 }
 
 /// Adds the monotonic counts of `b` to `a` (the live gauges are `b`'s).
@@ -764,6 +775,17 @@ mod tests {
         // The host bridge first (keeps the unit alive in Linux), then the scope.
         assert_eq!((t[64 + 6], t[72 + 6], t[80 + 6]), (0, 3, 24));
         assert_eq!(t.len(), 48 + 16 + 3 * 8);
+    }
+
+    #[test]
+    fn first_stage_refuses_assigned_devices_the_host_cannot_nest() {
+        assert_eq!(refuse_assigned(false, OnOffAuto::Off, Ok(false)), None);
+        assert_eq!(refuse_assigned(true, OnOffAuto::On, Ok(true)), None);
+        let no = refuse_assigned(true, OnOffAuto::On, Ok(false)).unwrap();
+        assert!(no.contains("fsts=on") && no.contains("no nesting"), "{no}");
+        assert!(no.contains("Linux does not invalidate after first-stage maps"));
+        let unknown = refuse_assigned(true, OnOffAuto::Auto, Err("type1")).unwrap();
+        assert!(unknown.contains("unknown (type1)") && unknown.contains("auto"));
     }
 
     #[test]
