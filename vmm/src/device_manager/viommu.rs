@@ -28,7 +28,7 @@ use log::info;
 
 use super::dma::{unmap_ram, RamMapping};
 use super::{lock, Assigned, DeviceManager, DeviceManagerError, Reason, PCI_SEGMENT};
-use crate::acpi::dmar::{dmar_table, DmarConfig, DmarError, DrhdUnit, PciEndpoint};
+use crate::acpi::dmar::{dmar_table, DmarConfig, DmarError, DrhdUnit, PciEndpoint, SatcUnit};
 use crate::config::{OnOffAuto, PlatformConfig, ViommuConfig, ViommuKind};
 use crate::layout::{VIOMMU_SLOTS, VTD_REGS_SIZE, VTD_REGS_START};
 use crate::viommu::{
@@ -326,7 +326,34 @@ impl SlotScope {
 /// at boot, the unit would never be used. The host bridge always exists and never does DMA
 /// (QEMU's single DRHD covers it too, with INCLUDE_PCI_ALL); the model ignores context
 /// entries of devices it was not given.
-pub fn dmar_for(segment: u16, address_width: u8, slots: &[u8]) -> Result<Vec<u8>, DmarError> {
+///
+/// With `ats` (`svm=on`: page requests need the device TLB), an SATC lists the scope slots
+/// as integrated endpoints with an ATC, which Linux requires before it enables ATS on an
+/// integrated endpoint.
+pub fn dmar_for(
+    segment: u16,
+    address_width: u8,
+    slots: &[u8],
+    ats: bool,
+) -> Result<Vec<u8>, DmarError> {
+    let satc = slots
+        .iter()
+        .filter(|s| **s != 0)
+        .map(|&device| PciEndpoint {
+            bus: 0,
+            device,
+            function: 0,
+        })
+        .collect::<Vec<_>>();
+    let satc = if ats && !satc.is_empty() {
+        vec![SatcUnit {
+            segment,
+            atc_required: false,
+            endpoints: satc,
+        }]
+    } else {
+        Vec::new()
+    };
     let endpoints = std::iter::once(0)
         .chain(slots.iter().copied().filter(|s| *s != 0))
         .map(|device| PciEndpoint {
@@ -346,6 +373,7 @@ pub fn dmar_for(segment: u16, address_width: u8, slots: &[u8]) -> Result<Vec<u8>
             include_pci_all: false,
             endpoints,
         }],
+        satc,
     })
 }
 
@@ -714,7 +742,7 @@ impl DeviceManager {
             return Ok(Vec::new());
         };
         let slots = v.slots.seal();
-        let dmar = dmar_for(PCI_SEGMENT, v.setup.address_width, &slots)
+        let dmar = dmar_for(PCI_SEGMENT, v.setup.address_width, &slots, v.setup.vtd.svm)
             .map_err(|e| DeviceManagerError::step("the vIOMMU", "building the DMAR", e))?;
         info!(
             "DMAR: one DRHD at {VTD_REGS_START:#x}, host address width {}, scope slots {slots:?}",
@@ -766,7 +794,7 @@ mod tests {
 
     #[test]
     fn dmar_lists_the_scope_at_the_register_base() {
-        let t = dmar_for(0, 48, &[3, 24]).unwrap();
+        let t = dmar_for(0, 48, &[3, 24], false).unwrap();
         assert_eq!(t[36], 47);
         assert_eq!(
             u64::from_le_bytes(t[56..64].try_into().unwrap()),
@@ -775,6 +803,12 @@ mod tests {
         // The host bridge first (keeps the unit alive in Linux), then the scope.
         assert_eq!((t[64 + 6], t[72 + 6], t[80 + 6]), (0, 3, 24));
         assert_eq!(t.len(), 48 + 16 + 3 * 8);
+        // svm=on: an SATC after the unit lists the scope (not the host bridge).
+        let t = dmar_for(0, 48, &[3, 24], true).unwrap();
+        let satc = &t[48 + 16 + 3 * 8..];
+        assert_eq!(u16::from_le_bytes([satc[0], satc[1]]), 5);
+        assert_eq!((satc[8 + 6], satc[16 + 6]), (3, 24));
+        assert_eq!(satc.len(), 8 + 2 * 8);
     }
 
     #[test]
