@@ -432,6 +432,50 @@ fn config_space_hostile_layouts_no_panic() {
         "MSI upper address"
     );
     check_guest_lists(&guest_view(&mut d), 256);
+    // Found by fuzz_pci_config_registers (seed 11, case seed 0x7cdc44b3acd276c3): an MSI
+    // capability whose registers cover the header of a visible capability let the guest
+    // rewrite that header's next pointer (to 0x3c) through the MSI upper address. The MSI
+    // is now hidden, and the visible list holds whatever the guest writes.
+    let mut c = base_config(256);
+    c[reg::CAPABILITY_LIST] = 0x50;
+    c[0x50] = cap_id::PM;
+    c[0x51] = 0x48;
+    c[0x48] = cap_id::MSI;
+    c[0x49] = 0;
+    put16(&mut c, 0x4a, 0x0180); // 64-bit, per-vector mask: 0x48..0x60 covers 0x50
+    let mut d = build(c, VfioPciOptions::default());
+    let msi = d.capabilities().iter().find(|c| c.offset == 0x48).unwrap();
+    assert_eq!(msi.policy, CapPolicy::Hide, "{}", msi.reason);
+    for i in 0x40 / 4..0x60 / 4 {
+        d.write_config_register(i, 0, &0x3c3c_3c3cu32.to_le_bytes());
+    }
+    check_guest_lists(&guest_view(&mut d), 256);
+    // The same for the vPASID: its control register must not cover a visible header (here
+    // a VSEC four bytes after the hidden PASID); it moves to the last 8 bytes.
+    let mut c = base_config(4096);
+    put32(&mut c, 0x100, ext_hdr(ext_cap_id::PASID, 0x104));
+    put32(&mut c, 0x104, ext_hdr(ext_cap_id::VSEC, 0));
+    let mut d = build(
+        c,
+        VfioPciOptions {
+            vpasid: Some(vpasid),
+        },
+    );
+    let p = d
+        .capabilities()
+        .iter()
+        .find(|c| c.id == ext_cap_id::PASID)
+        .unwrap()
+        .offset;
+    assert_eq!(p, EXT_CONFIG_SPACE_SIZE - 8);
+    d.write_config_register(p / 4 + 1, 2, &[0xff, 0xff]);
+    d.write_config_register(0x104 / 4, 0, &[0xff; 4]);
+    let view = guest_view(&mut d);
+    check_guest_lists(&view, EXT_CONFIG_SPACE_SIZE);
+    assert_eq!(
+        u32::from_le_bytes(view[0x104..0x108].try_into().unwrap()) & 0xffff,
+        u32::from(ext_cap_id::VSEC)
+    );
     // Config regions too small for a header, or of odd sizes.
     for size in [0u64, 0x3f, 0x40, 0x41, 0xff, 0x101, 0xfff, 0x1001] {
         let mut c = base_config(4096);
@@ -576,10 +620,11 @@ fn fuzz_pci_config_registers() {
             let c = fake.config.lock().unwrap();
             u16::from_le_bytes([c[0], c[1]])
         };
+        let sink = Arc::new(CheckingSink::default());
         let Ok(dev) = VfioPciDevice::new(
             VfioDeviceId::Pdev("0000:00:03.0".into()),
             fake,
-            Arc::new(FakeSink::with_intx()),
+            sink.clone(),
             options(rng),
         ) else {
             return;
@@ -646,6 +691,18 @@ fn fuzz_pci_config_registers() {
         }
         let id = rig.ecam_read32(bdf, 0);
         assert_eq!(id as u16, vendor, "vendor ID changed");
+        // Routes exist exactly while MSI or MSI-X is on, and every batch was closed.
+        assert_eq!(*sink.depth.lock().unwrap(), 0, "batch left open");
+        {
+            let d = dev.lock().unwrap();
+            let d = d.as_any().downcast_ref::<VfioPciDevice>().unwrap();
+            let routed = !sink.routes.lock().unwrap().is_empty();
+            assert_eq!(
+                routed,
+                d.msi_enabled() || d.msix_enabled(),
+                "routes vs enable bits"
+            );
+        }
         let mut view = Vec::with_capacity(4096);
         for o in (0..4096).step_by(4) {
             view.extend(rig.ecam_read32(bdf, o as u16).to_le_bytes());

@@ -1,7 +1,7 @@
 //! Bounded access to registered guest RAM.
 //!
 //! Every byte the soft IOMMU reads or writes on behalf of a device or a table walk goes through
-//! [`GuestRam`], which checks that the whole access lies inside one registered region. Guest
+//! `GuestRam`, which checks that the whole access lies inside one registered region. Guest
 //! memory is shared with the guest and with other devices, so it is only touched with volatile
 //! or atomic operations on raw pointers, never through Rust references to plain data.
 

@@ -37,6 +37,9 @@ pub mod table;
 pub mod walk_s1;
 pub mod walk_sl;
 
+#[cfg(test)]
+mod second_level_tests;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};

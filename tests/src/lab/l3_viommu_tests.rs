@@ -561,6 +561,32 @@ fn linux_guest_intel_iommu_binds_our_vtd() -> TestResult {
         "vm.iommu gives {DEVICE_ID} mode {mode:?}, want shadow (no host nesting in the lab): {}",
         compact(iommu)
     );
+    // The unit's latched state, where vm.iommu shows it (the model's `VtdStatus`): the
+    // root table in scalable mode (TTM 01b) and the invalidation queue on.
+    let mut state = Vec::new();
+    leaves(viommu, "viommu", &mut state);
+    for (key, what, guest_side) in [
+        (
+            "scalable",
+            "the latched root table in scalable mode",
+            "sm_on with ECAP.SMTS",
+        ),
+        (
+            "qi_enabled",
+            "queued invalidation enabled",
+            "its 'Using Queued invalidation' line",
+        ),
+    ] {
+        match state.iter().find(|(p, _)| p.ends_with(&format!(".{key}"))) {
+            Some((p, v)) => ensure!(
+                **v == Value::Bool(true),
+                "vm.iommu {p} is {v}: the guest's intel-iommu did not leave {what}"
+            ),
+            None => println!(
+                "LAB-INFO vm.iommu shows no {key}: {what} is checked on the guest's side only ({guest_side})"
+            ),
+        }
+    }
     println!("LAB-INFO vm.iommu: cap {cap:#x} ecap {ecap:#x}, {DEVICE_ID} mode shadow");
     Ok(Outcome::Pass)
 }

@@ -28,6 +28,8 @@
 //! - [`VtdBridge::remove`]`(bdf)` → [`Released`]: detaches the device's PASIDs and RID from
 //!   the bridge's objects (re-attaching nothing) and destroys its nested HWPTs, nest parent
 //!   and the shadow IOASes no other device uses;
+//! - [`VtdBridge::supports_first_stage`]`(bdf)`: whether the unit covering `bdf` may
+//!   advertise ECAP.FSTS (emulated, or assigned on a host that nests);
 //! - [`VtdBridge::devices`] → [`DeviceView`]s for `vm.iommu` ([`DeviceView::to_json`]);
 //!   [`VtdBridge::counters`] → [`BridgeCounters`] for `vm.counters`;
 //! - [`VmGuestMemory`] ([`GuestMemoryAccess`](devices::viommu::GuestMemoryAccess) over the
