@@ -71,8 +71,10 @@ pub struct VmArgs {
     /// requests; needs pasid-bits and first stage).
     #[arg(long, value_name = "key=value,...")]
     pub platform: Option<String>,
-    /// Serial console (COM1): tty, file=PATH or off.
-    #[arg(long, value_name = "tty|file=<path>|off")]
+    /// Serial console (COM1): tty, file=PATH[,max_size=BYTES] or off. Output never blocks
+    /// the guest: what stdout or the file cannot take is dropped and counted; a file stops
+    /// growing after max_size bytes from this run (default 64M; K, M, G suffixes).
+    #[arg(long, value_name = "tty|file=<path>[,max_size=<bytes>]|off")]
     pub serial: Option<String>,
     /// REST API socket path.
     #[arg(long, value_name = "PATH")]
