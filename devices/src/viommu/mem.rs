@@ -38,17 +38,9 @@ pub trait MsiSignal: Send + Sync {
 pub trait DmaView: Send + Sync {
     /// Reads `buf.len()` bytes at `iova` in the context of `pasid` (`None`: requests without
     /// PASID).
-    fn read(
-        &self,
-        pasid: Option<ioasid::Pasid>,
-        iova: u64,
-        buf: &mut [u8],
-    ) -> Result<(), ioasid::DmaError>;
+    fn read(&self, pasid: Option<ioasid::Pasid>, iova: u64, buf: &mut [u8])
+        -> Result<(), ioasid::DmaError>;
     /// Writes `buf` at `iova` in the context of `pasid`.
-    fn write(
-        &self,
-        pasid: Option<ioasid::Pasid>,
-        iova: u64,
-        buf: &[u8],
-    ) -> Result<(), ioasid::DmaError>;
+    fn write(&self, pasid: Option<ioasid::Pasid>, iova: u64, buf: &[u8])
+        -> Result<(), ioasid::DmaError>;
 }
