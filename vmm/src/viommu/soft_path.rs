@@ -181,4 +181,24 @@ impl DmaView for SoftDma {
     fn write(&self, pasid: Option<Pasid>, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
         self.write_req(pasid, iova, buf, DmaRequest::default())
     }
+
+    fn read_with(
+        &self,
+        pasid: Option<Pasid>,
+        iova: u64,
+        buf: &mut [u8],
+        req: DmaRequest,
+    ) -> Result<(), DmaError> {
+        self.read_req(pasid, iova, buf, req)
+    }
+
+    fn write_with(
+        &self,
+        pasid: Option<Pasid>,
+        iova: u64,
+        buf: &[u8],
+        req: DmaRequest,
+    ) -> Result<(), DmaError> {
+        self.write_req(pasid, iova, buf, req)
+    }
 }
