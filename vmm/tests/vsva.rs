@@ -232,7 +232,8 @@ impl Sva {
         let mut v = self.vtd.lock().unwrap();
         let root = r64(&mut *v, RTADDR) & !0xfff;
         let devfn = u64::from(self.bdf.rid() & 0xff);
-        let re = self.r64g(root + u64::from(self.bdf.bus()) * 16);
+        let half = if devfn >= 128 { 8 } else { 0 };
+        let re = self.r64g(root + u64::from(self.bdf.bus()) * 16 + half);
         assert_eq!(re & 1, 1, "root entry present after probe");
         let ctx = (re & !0xfff) + (devfn & 0x7f) * 32;
         let lo = self.r64g(ctx);
