@@ -206,6 +206,8 @@ fn rig() -> Result<Rig, String> {
             .map_err(s)?;
         r.h.submit(&mut *v, &[desc::context_device(0, bdf.rid(), 0)])
             .map_err(s)?;
+        // Linux: the RID's DMA domain first (first stage with FSTS), then the SVA PASID.
+        r.h.attach(&mut *v, bdf, Stage::First).map_err(s)?;
         r.h.attach_pasid(&mut *v, bdf, 5, Stage::First).map_err(s)?;
     }
     Ok(r)
@@ -213,12 +215,29 @@ fn rig() -> Result<Rig, String> {
 
 fn vsva_mock_iopf_to_guest_prq_and_back() -> TestResult {
     let mut r = rig()?;
-    let view = r
-        .bridge
-        .devices()
-        .into_iter()
-        .find(|v| v.pasid == Pasid(5))
-        .ok_or("PASID 5 is not bound")?;
+    let view = r.bridge.devices().into_iter().find(|v| v.pasid == Pasid(5));
+    let Some(view) = view else {
+        // Why: the model's translation for PASID 5, and the bridge's answer to it.
+        let t = r
+            .vtd
+            .lock()
+            .map_err(|e| e.to_string())?
+            .translation(r.bdf, Pasid(5));
+        let why = match t {
+            Some(t) => r
+                .bridge
+                .set_translation(r.bdf, Pasid(5), t)
+                .map_err(s)
+                .err(),
+            None => None,
+        };
+        return Err(format!(
+            "PASID 5 is not bound: model translation {t:?}, bridge {why:?}, devices {:?}, \
+             model counters {:?}",
+            r.bridge.devices(),
+            r.vtd.lock().map_err(|e| e.to_string())?.counters()
+        ));
+    };
     ensure!(view.mode == BridgeMode::Nested, "PASID 5: {view:?}");
     let hp = r
         .bridge
