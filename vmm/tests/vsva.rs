@@ -548,6 +548,18 @@ fn vsva_invalid_response_reports_error() {
     // The group is answered once: a second response for it is dropped and counted.
     s.respond(&prds[0], 0);
     assert_eq!(s.bridge.counters().page_responses_unmatched, 1);
+    // A request without PRI (the engine's NO_PRI) faults for good: no page request, the
+    // guest sees a DMA remapping fault (write, on PASID 5) in its fault recording registers.
+    let before = s.vtd.lock().unwrap().counters().faults_recorded;
+    assert!(matches!(
+        s.dev
+            .dma
+            .write_req(Some(Pasid(5)), GVA + 0x30_0000, b"x", DmaRequest::default()),
+        Err(DmaError::Fault(_))
+    ));
+    let rep = s.pump();
+    assert_eq!((rep.posted, rep.dma_faults), (0, 1), "{rep:?}");
+    assert_eq!(s.vtd.lock().unwrap().counters().faults_recorded, before + 1);
 }
 
 #[test]

@@ -13,6 +13,9 @@
 //! page group response ([`ViommuBridge::page_response`](devices::viommu::ViommuBridge)) is
 //! matched by (BDF, PASID, PRGI) to the host cookie of the group.
 //!
+//! Unrecoverable host faults (a request without PRI, or a fault a page request cannot fix)
+//! are recorded in the guest's fault recording registers ([`Vtd::record_dma_fault`]).
+//!
 //! Answers the bridge gives the host itself:
 //! - a full guest PRQ (or PRS.PRO still set): `Success`, so the device retries (QEMU's
 //!   design; the retry faults again once the guest has drained the queue), counted;
@@ -39,8 +42,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::pci::PciBdf;
-use devices::viommu::{GuestPageResponse, PageRequest, PrqError, Vtd};
-use ioasid::{FaultGroup, FaultHandler, PageResponseCode, Pasid};
+use devices::viommu::{DmaFaultKind, GuestPageResponse, PageRequest, PrqError, Vtd};
+use ioasid::{FaultGroup, FaultHandler, FaultReason, PageResponseCode, Pasid, UnrecoverableFault};
 use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -126,6 +129,8 @@ pub struct PumpReport {
     pub refused: u64,
     /// Groups answered `Invalid` on timeout.
     pub timeouts: u64,
+    /// Unrecoverable host faults recorded as guest DMA remapping faults.
+    pub dma_faults: u64,
 }
 
 /// One group ready for the guest.
@@ -169,6 +174,7 @@ impl VtdBridge {
     pub fn pump(&self, vtd: &Mutex<Vtd>, now: Instant) -> PumpReport {
         let mut rep = PumpReport::default();
         let mut out: Vec<Outgoing> = Vec::new();
+        let mut faults: Vec<(PciBdf, Option<Pasid>, u64, DmaFaultKind)> = Vec::new();
         {
             let mut st = self.lock();
             let st = &mut *st;
@@ -193,8 +199,20 @@ impl VtdBridge {
                         continue;
                     }
                 };
-                let lost = h.take_unrecoverable();
-                st.counters.host_unrecoverable_faults += lost.len() as u64;
+                for f in h.take_unrecoverable() {
+                    st.counters.host_unrecoverable_faults += 1;
+                    let Some(kind) = dma_fault_kind(&f) else {
+                        continue;
+                    };
+                    let pasid = match f.pasid {
+                        None => None,
+                        Some(hp) => match d.host_pasids.guest_of(hp) {
+                            Some(gp) => Some(gp),
+                            None => continue,
+                        },
+                    };
+                    faults.push((*bdf, pasid, f.addr, kind));
+                }
                 for g in groups {
                     st.counters.page_requests += g.faults.len() as u64;
                     // The host PASID back to the guest's; a host PASID the guest no longer
@@ -225,13 +243,19 @@ impl VtdBridge {
                 }
             }
         }
-        if out.is_empty() {
+        if out.is_empty() && faults.is_empty() {
             return rep;
         }
         // Post with the model's lock only.
         let mut failed: Vec<(Outgoing, PrqError)> = Vec::new();
         {
             let mut m = vtd.lock().unwrap_or_else(|e| e.into_inner());
+            // Faults no page request can fix: the guest sees them as DMA remapping faults
+            // (fault recording registers and the fault event), as on hardware.
+            for (bdf, pasid, addr, kind) in faults {
+                m.record_dma_fault(bdf, pasid, addr, kind);
+                rep.dma_faults += 1;
+            }
             for o in out {
                 let mut err = None;
                 for r in &o.reqs {
@@ -312,6 +336,18 @@ impl VtdBridge {
             }
         }
     }
+}
+
+/// The guest's fault reason for an unrecoverable host fault (`None`: nothing attached for
+/// the PASID, which the guest blocked itself).
+fn dma_fault_kind(f: &UnrecoverableFault) -> Option<DmaFaultKind> {
+    Some(match f.reason {
+        FaultReason::NotPresent | FaultReason::Permission if f.perm.write => DmaFaultKind::Write,
+        FaultReason::NotPresent | FaultReason::Permission => DmaFaultKind::Read,
+        FaultReason::ReservedBit => DmaFaultKind::PagingEntry,
+        FaultReason::AddressOutOfRange => DmaFaultKind::AddressBeyondWidth,
+        FaultReason::NoContext => return None,
+    })
 }
 
 /// Answers a group the guest will not see (`success`: the device retries).
