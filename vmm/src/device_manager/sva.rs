@@ -33,7 +33,11 @@ pub(super) fn new_host_bridge(
     ioas: IoasId,
     ram: Vec<RamRegion>,
 ) -> Arc<VtdBridge> {
-    let h = Arc::new(VtdBridge::new(backend, ioas, ram).with_pasid_space(pasids.clone()));
+    let h = Arc::new(
+        VtdBridge::new(backend, ioas, ram)
+            .with_pasid_space(pasids.clone())
+            .with_page_requests(v.setup.vtd.svm),
+    );
     v.pump = None;
     if v.setup.vtd.svm {
         match FaultPump::spawn(h.clone(), v.vtd.clone()) {

@@ -216,6 +216,8 @@ pub struct VtdBridge {
     ram: RamMap,
     limits: BridgeLimits,
     page_request_timeout: Duration,
+    /// Whether host fault queues are made (the guest's unit takes page requests).
+    page_requests: bool,
     state: Mutex<State>,
     /// The VM's guest-to-host PASID table (lock order: after `state`).
     pasids: Arc<Mutex<PasidSpace>>,
@@ -251,6 +253,7 @@ impl VtdBridge {
             ram: RamMap::new(ram),
             limits,
             page_request_timeout: PAGE_REQUEST_TIMEOUT,
+            page_requests: true,
             state: Mutex::new(State::default()),
             pasids: Arc::new(Mutex::new(default_pasid_space())),
         }
@@ -277,6 +280,17 @@ impl VtdBridge {
     pub fn with_page_request_timeout(mut self, t: Duration) -> Self {
         self.page_request_timeout = t;
         self
+    }
+
+    /// Whether the bridge makes host fault queues (default: yes). A VM whose vIOMMU has no
+    /// page requests (`svm=off`) says no: nobody would read them.
+    pub fn with_page_requests(mut self, on: bool) -> Self {
+        self.page_requests = on;
+        self
+    }
+
+    pub(super) fn page_requests(&self) -> bool {
+        self.page_requests
     }
 
     pub(super) fn page_request_timeout(&self) -> Duration {

@@ -213,6 +213,9 @@ impl VtdBridge {
     /// assigned one when the host IOMMU has PRS and nesting (iommufd attaches a HWPT with a
     /// fault queue only to a device that can fault). `None`: no page requests.
     fn fault_queue(&self, st: &mut State, bdf: PciBdf) -> Option<FaultId> {
+        if !self.page_requests() {
+            return None;
+        }
         let d = st.devices.get_mut(&bdf)?;
         if let Some(h) = &d.fault {
             return Some(h.queue().id());
