@@ -541,11 +541,12 @@ fn iopf(b: &Binding, dev: &str) -> Result<String, String> {
 /// A source with no mapping at all (a page just unmapped): Linux's iopf handler finds no
 /// VMA and answers Invalid; the record says PAGE_FAULT and the destination is untouched.
 fn iopf_invalid(b: &Binding) -> Result<String, String> {
+    let dst = Region::new(1, None, true)?;
+    let rec = Region::new(1, None, true)?;
+    // Made last, so that no mapping of ours takes its place after the unmap.
     let hole = Region::new(1, None, false)?;
     let addr = hole.addr(0);
     drop(hole);
-    let dst = Region::new(1, None, true)?;
-    let rec = Region::new(1, None, true)?;
     let poison = vec![0x5au8; PAGE];
     dst.fill(0, &poison);
     let req = b.copy(addr, dst.addr(0), PAGE as u64, rec.addr(0), 0)?;
