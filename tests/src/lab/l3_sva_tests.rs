@@ -185,71 +185,90 @@ fn leaves(v: &Value, path: &str, out: &mut Vec<(String, u64)>) {
     }
 }
 
-/// The page-request counters of `vm.counters`: (requests, responses, the paths used).
-/// Requests: a leaf about page requests (`page_req...`, `prq...`) whose name says request
-/// and not response, queue-full, timeout, drop or pending. Responses: a leaf about page
-/// requests or page group responses whose name says response; a total (`..._responses`)
-/// when shown, else the sum of the per-code leaves. Queue-full answers and timeouts are
-/// the VMM's own answers and are counted apart, not as the guest's responses.
-fn page_request_counters(counters: &Value) -> (u64, u64, Vec<String>) {
-    let mut all = Vec::new();
-    leaves(counters, "", &mut all);
-    let about_prq = |p: &str| {
-        p.contains("page_req")
-            || p.contains("page_resp")
-            || p.contains("prq")
-            || p.contains("page_group")
-            || p.contains("iopf")
-    };
-    let last = |p: &str| p.rsplit('.').next().unwrap_or(p).to_string();
-    let vmm_answer = |l: &str| {
-        [
-            "full",
-            "timeout",
-            "timed_out",
-            "drop",
-            "pending",
-            "outstanding",
-        ]
-        .iter()
-        .any(|x| l.contains(x))
-    };
-    let mut used = Vec::new();
-    let mut requests = 0u64;
-    for (p, n) in &all {
-        let l = last(p);
-        if about_prq(p)
-            && (l.contains("request") || l.ends_with("reqs"))
-            && !l.contains("resp")
-            && !vmm_answer(&l)
-        {
-            requests = requests.saturating_add(*n);
-            used.push(format!("{p}={n}"));
+/// The fault path's counters in `vm.counters` (the bridge's `BridgeCounters`, wherever the
+/// VMM puts them: leaves whose name ends with these, `bridge_` prefixes allowed), summed.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct FaultCounters {
+    /// `page_requests`: page requests read from the host fault queues.
+    requests: u64,
+    /// `page_responses_success` + `page_responses_invalid`: the guest's page group
+    /// responses forwarded to the host.
+    guest_responses: u64,
+    /// `prq_full_answers`: Success answers of the VMM for a full guest PRQ (the device
+    /// retries, and its retry is a new page request).
+    full_answers: u64,
+    /// `page_requests_refused` + `page_request_timeouts` + `page_requests_torn_down`: the
+    /// VMM's Invalid answers, none of which a healthy run needs.
+    invalid_answers: u64,
+    /// `page_responses_unmatched`.
+    unmatched: u64,
+    /// The leaves used, `path=value`.
+    paths: Vec<String>,
+}
+
+impl FaultCounters {
+    fn read(counters: &Value) -> Self {
+        let mut all = Vec::new();
+        leaves(counters, "", &mut all);
+        let mut c = FaultCounters::default();
+        for (p, n) in all {
+            let last = p.rsplit('.').next().unwrap_or(&p);
+            let slot = if last.ends_with("page_requests") {
+                &mut c.requests
+            } else if last.ends_with("page_responses_success")
+                || last.ends_with("page_responses_invalid")
+            {
+                &mut c.guest_responses
+            } else if last.ends_with("prq_full_answers") {
+                &mut c.full_answers
+            } else if last.ends_with("page_requests_refused")
+                || last.ends_with("page_request_timeouts")
+                || last.ends_with("page_requests_torn_down")
+            {
+                &mut c.invalid_answers
+            } else if last.ends_with("page_responses_unmatched") {
+                &mut c.unmatched
+            } else {
+                continue;
+            };
+            *slot = slot.saturating_add(n);
+            c.paths.push(format!("{p}={n}"));
         }
+        c
     }
-    let resp: Vec<&(String, u64)> = all
-        .iter()
-        .filter(|(p, _)| about_prq(p) && last(p).contains("resp") && !vmm_answer(&last(p)))
-        .collect();
-    let totals: Vec<&&(String, u64)> = resp
-        .iter()
-        .filter(|(p, _)| {
-            let l = last(p);
-            l == "responses" || l.ends_with("_responses") || l == "responses_total"
-        })
-        .collect();
-    let responses = if totals.is_empty() {
-        resp.iter().fold(0u64, |a, (_, n)| a.saturating_add(*n))
-    } else {
-        totals.iter().fold(0u64, |a, (_, n)| a.saturating_add(*n))
-    };
-    let shown: Vec<String> = if totals.is_empty() {
-        resp.iter().map(|(p, n)| format!("{p}={n}")).collect()
-    } else {
-        totals.iter().map(|(p, n)| format!("{p}={n}")).collect()
-    };
-    used.extend(shown);
-    (requests, responses, used)
+
+    /// Every page request answered: by the guest, or with a retry for a full queue.
+    fn check(&self) -> Result<(), String> {
+        ensure!(
+            !self.paths.is_empty(),
+            "vm.counters shows no page request counters (page_requests, page_responses_*)"
+        );
+        ensure!(
+            self.requests > 0,
+            "vm.counters counts no page requests although the guest's copy into untouched pages succeeded: {:?}",
+            self.paths
+        );
+        ensure!(
+            self.guest_responses > 0,
+            "vm.counters counts no page response of the guest: {:?}",
+            self.paths
+        );
+        ensure!(
+            self.requests == self.guest_responses + self.full_answers,
+            "vm.counters: {} page request(s), but {} guest response(s) and {} queue-full answer(s): {:?}",
+            self.requests,
+            self.guest_responses,
+            self.full_answers,
+            self.paths
+        );
+        ensure!(
+            self.invalid_answers == 0,
+            "vm.counters: the VMM itself answered {} page request(s) Invalid (refused, timed out or torn down): {:?}",
+            self.invalid_answers,
+            self.paths
+        );
+        Ok(())
+    }
 }
 
 fn compact(v: &Value) -> String {
@@ -282,18 +301,12 @@ fn linux_guest_sva_iopf() -> TestResult {
         Some(c) => c.as_ref().map_err(Clone::clone)?,
         None => return Err(format!("no vm.counters snapshot: {}", r.why())),
     };
-    let (requests, responses, paths) = page_request_counters(counters);
-    ensure!(
-        requests > 0,
-        "vm.counters shows no page requests although the guest's copy into untouched pages succeeded ({paths:?}): {}",
-        compact(counters)
-    );
-    ensure!(
-        responses == requests,
-        "vm.counters shows {requests} page request(s) but {responses} response(s) ({paths:?})"
-    );
+    let c = FaultCounters::read(counters);
+    c.check()
+        .map_err(|e| format!("{e}; vm.counters: {}", compact(counters)))?;
     println!(
-        "LAB-INFO vm.counters: {requests} page request(s), {responses} response(s): {paths:?}"
+        "LAB-INFO vm.counters: {} page request(s), {} guest response(s), {} queue-full answer(s): {:?}",
+        c.requests, c.guest_responses, c.full_answers, c.paths
     );
     Ok(Outcome::Pass)
 }
@@ -311,17 +324,24 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn page_request_counters_in_several_shapes() {
-        let a = json!({"_viommu": {"prq_page_requests": 5, "prq_responses_success": 4,
-            "prq_responses_invalid": 1, "prq_queue_full_answers": 2, "prq_timeouts": 0}});
-        let (req, resp, _) = page_request_counters(&a);
-        assert_eq!((req, resp), (5, 5));
-        let b = json!({"viommu": {"page_requests": 3, "page_responses": 3,
-            "page_responses_by_code": {"success": 3, "invalid": 0}}});
-        let (req, resp, _) = page_request_counters(&b);
-        assert_eq!((req, resp), (3, 3));
+    fn fault_counters_are_read_and_checked() {
+        let ok = json!({"_viommu": {"bridge_page_requests": 5, "bridge_page_responses_success": 3,
+            "bridge_page_responses_invalid": 1, "bridge_prq_full_answers": 1,
+            "bridge_page_request_timeouts": 0, "bridge_page_requests_refused": 0,
+            "bridge_page_requests_torn_down": 0, "bridge_page_responses_unmatched": 0,
+            "bridge_shadow_map_calls": 7}});
+        let c = FaultCounters::read(&ok);
+        assert_eq!((c.requests, c.guest_responses, c.full_answers), (5, 4, 1));
+        assert!(c.check().is_ok());
+        let short = json!({"page_requests": 4, "page_responses_success": 3});
+        assert!(FaultCounters::read(&short).check().is_err());
+        let timed_out = json!({"page_requests": 2, "page_responses_success": 1,
+            "page_request_timeouts": 1});
+        assert!(FaultCounters::read(&timed_out).check().is_err());
         let none = json!({"viommu": {"guest_qi_descriptors": 9}});
-        assert_eq!(page_request_counters(&none).0, 0);
+        assert!(FaultCounters::read(&none).check().is_err());
+        let zero = json!({"page_requests": 0, "page_responses_success": 0});
+        assert!(FaultCounters::read(&zero).check().is_err());
     }
 
     #[test]
