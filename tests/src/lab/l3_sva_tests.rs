@@ -152,7 +152,7 @@ fn the_run() -> Result<&'static SvaRun, String> {
 /// The detail of the guest's `L3-RESULT name PASS`, with the run's state on failure.
 fn guest_result(r: &SvaRun, name: &str) -> Result<String, String> {
     r.out.result(name).map_err(|e| match &r.stopped {
-        Some(s) => format!("{e} ({s})"),
+        Some(s) => format!("{s}; {e}"),
         None => e,
     })
 }
