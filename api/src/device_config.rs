@@ -3,7 +3,8 @@
 //!
 //! The JSON form is Cloud Hypervisor's `DeviceConfig` (`path`, `fd`, `iommu`, `id`,
 //! `pci_segment`, `pci_device_id`, `x_nv_gpudirect_clique`, `x_exclude_mmap_bars`) plus our
-//! `pasid`. The command-line form is `key=value[,key=value...]` with the same keys
+//! `pasid` and `emulated` (a device the VMM emulates instead of a VFIO device:
+//! [`EMULATED_DEVICES`]; mutually exclusive with `path` and `fd`). The command-line form is `key=value[,key=value...]` with the same keys
 //! ([`DeviceConfig::SYNTAX`]).
 //!
 //! Parsing ([`DeviceConfig::parse`], serde) is purely syntactic; [`DeviceConfig::validate`]
@@ -19,6 +20,7 @@ use thiserror::Error;
 pub const KEYS: &[&str] = &[
     "path",
     "fd",
+    "emulated",
     "iommu",
     "pasid",
     "id",
@@ -27,6 +29,10 @@ pub const KEYS: &[&str] = &[
     "x_nv_gpudirect_clique",
     "x_exclude_mmap_bars",
 ];
+
+/// The devices `emulated=` names: the SVA copy engine (PASID, ATS, PRI; its DMA goes
+/// through the vIOMMU's soft path, so it needs `iommu=on`).
+pub const EMULATED_DEVICES: &[&str] = &["sva-copy"];
 
 /// Longest device id we accept.
 pub const MAX_ID_LEN: usize = 64;
@@ -109,6 +115,12 @@ pub enum DeviceConfigError {
         /// Its value, rendered.
         value: String,
     },
+    /// `emulated` together with `path` or a cdev fd.
+    #[error("Device config takes `emulated` or one of `path` and a VFIO cdev fd, not both")]
+    EmulatedWithPathOrFd,
+    /// An emulated device that needs `iommu=on` given without it.
+    #[error("emulated={0} needs iommu=on: its DMA goes through the vIOMMU")]
+    EmulatedWithoutIommu(String),
     /// `pasid=on` without `iommu=on`.
     #[error("pasid=on needs iommu=on: the guest can only program PASIDs through the vIOMMU")]
     PasidWithoutIommu,
@@ -126,6 +138,10 @@ pub struct DeviceConfig {
     /// VMM's command line it names an fd the VMM inherited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fd: Option<i32>,
+    /// A device the VMM emulates (ioasid-vmm extension), one of [`EMULATED_DEVICES`];
+    /// exclusive with `path` and `fd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulated: Option<String>,
     /// Put the device behind the guest-visible vIOMMU.
     #[serde(default, skip_serializing_if = "is_false")]
     pub iommu: bool,
@@ -181,11 +197,13 @@ impl fmt::Display for SysfsDevice {
 
 impl DeviceConfig {
     /// The `--device` / `ioasid-remote add-device` syntax.
-    pub const SYNTAX: &'static str = "path=<sysfs device path>,fd=<VFIO cdev fd>,iommu=on|off,\
+    pub const SYNTAX: &'static str = "path=<sysfs device path>,fd=<VFIO cdev fd>,\
+        emulated=sva-copy,iommu=on|off,\
         pasid=on|off,id=<device id>,pci_segment=<segment>,pci_device_id=<slot 0-31>,\
         x_nv_gpudirect_clique=<clique id> (unsupported),x_exclude_mmap_bars=[<bar>,...] \
         (unsupported); path is /sys/bus/pci/devices/<DDDD:BB:DD.F>, \
-        /sys/bus/mdev/devices/<UUID> or /dev/vfio/devices/vfio<N>";
+        /sys/bus/mdev/devices/<UUID> or /dev/vfio/devices/vfio<N>; emulated (instead of path \
+        or fd) names a device the VMM emulates";
 
     /// Parses `key=value[,key=value...]`. Commas inside `[...]` belong to the value. Checks
     /// syntax and value types only; call [`DeviceConfig::validate`] afterwards.
@@ -241,6 +259,12 @@ impl DeviceConfig {
                 }
                 self.fd = Some(fd);
             }
+            "emulated" => {
+                if !EMULATED_DEVICES.contains(&value) {
+                    return Err(invalid("an emulated device: sva-copy"));
+                }
+                self.emulated = Some(value.to_string());
+            }
             "iommu" => self.iommu = parse_toggle(value).ok_or_else(|| invalid("on or off"))?,
             "pasid" => self.pasid = parse_toggle(value).ok_or_else(|| invalid("on or off"))?,
             "id" => self.id = Some(value.to_string()),
@@ -285,12 +309,29 @@ impl DeviceConfig {
         self.validate_with_fd(self.fd.is_some())
     }
 
-    /// Checks the semantic rules: exactly one of `path` and a cdev fd (`fd_supplied`), the
+    /// Checks the semantic rules: `emulated` (with `iommu`, without path or fd) or exactly
+    /// one of `path` and a cdev fd (`fd_supplied`), the
     /// path is a sysfs PCI or mdev device path, the id is well formed, `pci_device_id` is a
     /// slot number, the `x_` options we do not implement are empty, and `pasid` comes with
     /// `iommu`.
     pub fn validate_with_fd(&self, fd_supplied: bool) -> Result<(), DeviceConfigError> {
+        if let Some(e) = &self.emulated {
+            if self.path.is_some() || fd_supplied {
+                return Err(DeviceConfigError::EmulatedWithPathOrFd);
+            }
+            if !EMULATED_DEVICES.contains(&e.as_str()) {
+                return Err(DeviceConfigError::InvalidValue {
+                    key: "emulated".to_string(),
+                    value: e.clone(),
+                    expected: "an emulated device: sva-copy",
+                });
+            }
+            if !self.iommu {
+                return Err(DeviceConfigError::EmulatedWithoutIommu(e.clone()));
+            }
+        }
         match (&self.path, fd_supplied) {
+            (None, false) if self.emulated.is_some() => {}
             (None, false) => return Err(DeviceConfigError::NoPathOrFd),
             (Some(_), true) => return Err(DeviceConfigError::BothPathAndFd),
             (Some(path), false) => {
@@ -665,5 +706,33 @@ mod tests {
         assert!(json.get("pasid").is_none());
         assert_eq!(json["x_exclude_mmap_bars"], serde_json::json!([]));
         assert_eq!(serde_json::from_value::<DeviceConfig>(json).unwrap(), cfg);
+    }
+
+    #[test]
+    fn emulated_excludes_path_and_fd_and_needs_iommu() {
+        let c = DeviceConfig::parse("emulated=sva-copy,id=sva0,iommu=on").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.emulated.as_deref(), Some("sva-copy"));
+        let e = DeviceConfig::parse("emulated=nic").unwrap_err();
+        assert!(e.to_string().contains("sva-copy"), "{e}");
+        let both =
+            DeviceConfig::parse(&format!("emulated=sva-copy,iommu=on,path={BDF_PATH}")).unwrap();
+        assert_eq!(
+            both.validate(),
+            Err(DeviceConfigError::EmulatedWithPathOrFd)
+        );
+        let fd = DeviceConfig::parse("emulated=sva-copy,iommu=on,fd=3").unwrap();
+        assert_eq!(fd.validate(), Err(DeviceConfigError::EmulatedWithPathOrFd));
+        let off = DeviceConfig::parse("emulated=sva-copy").unwrap();
+        assert_eq!(
+            off.validate(),
+            Err(DeviceConfigError::EmulatedWithoutIommu("sva-copy".into()))
+        );
+        // REST: the same key in JSON; an unknown device names the accepted ones.
+        let j: DeviceConfig =
+            serde_json::from_str(r#"{"emulated":"sva-copy","iommu":true,"id":"sva0"}"#).unwrap();
+        assert_eq!(j, c);
+        let bad: DeviceConfig = serde_json::from_str(r#"{"emulated":"x","iommu":true}"#).unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("sva-copy"));
     }
 }

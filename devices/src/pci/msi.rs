@@ -193,7 +193,14 @@ impl MsiState {
     ) -> Result<MsiChange, InterruptError> {
         let batch = RouteBatch::new(sink);
         let change = self.apply(cfg, sink)?;
-        batch.finish()?;
+        if let Err(e) = batch.finish() {
+            // The routes never reached the table: drop them rather than hand the device
+            // eventfds that deliver nothing.
+            if change == MsiChange::Enabled {
+                self.release(sink);
+            }
+            return Err(e);
+        }
         Ok(change)
     }
 

@@ -49,7 +49,9 @@
 //!
 //! Each BAR's [`BarPlan`] lists the page-aligned windows mmapped from VFIO (region flag
 //! MMAP, restricted to the sparse mmap areas when present, never over the MSI-X table or
-//! PBA) and the trapped rest. Trapped accesses use `region_read`/`region_write` (never a
+//! PBA) and the trapped rest. A trapped access is split by range overlap: its bytes in the
+//! MSI-X table or PBA are emulated even when it starts or ends outside them (the rest reaches
+//! the device). Trapped accesses use `region_read`/`region_write` (never a
 //! mapping, so a disabled BAR gives an error, not a SIGBUS). A [`BarMapper`] installed by the
 //! VMM receives the windows as guest mappings and follows BAR moves. INTx, when the VMM
 //! wires it ([`crate::pci::InterruptSink::intx`] for the device's pin), is an eventfd plus an

@@ -51,4 +51,30 @@ pub trait DmaView: Send + Sync {
         iova: u64,
         buf: &[u8],
     ) -> Result<(), ioasid::DmaError>;
+
+    /// Reads as [`Self::read`], issued as `req` says (privileged, PRI: with `req.pri` a
+    /// fixable translation fault returns [`ioasid::DmaError::PageRequest`]). The default
+    /// ignores `req` (an implementation without PRI or privilege checks).
+    fn read_with(
+        &self,
+        pasid: Option<ioasid::Pasid>,
+        iova: u64,
+        buf: &mut [u8],
+        req: ioasid::DmaRequest,
+    ) -> Result<(), ioasid::DmaError> {
+        let _ = req;
+        self.read(pasid, iova, buf)
+    }
+
+    /// Writes as [`Self::write`], issued as `req` says. The default ignores `req`.
+    fn write_with(
+        &self,
+        pasid: Option<ioasid::Pasid>,
+        iova: u64,
+        buf: &[u8],
+        req: ioasid::DmaRequest,
+    ) -> Result<(), ioasid::DmaError> {
+        let _ = req;
+        self.write(pasid, iova, buf)
+    }
 }

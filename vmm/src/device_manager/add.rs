@@ -45,6 +45,9 @@ impl DeviceManager {
             device: given.clone(),
             source,
         })?;
+        if let Some(name) = &cfg.emulated {
+            return self.add_emulated_config(name, cfg);
+        }
         if cfg.pci_segment != PCI_SEGMENT {
             return Err(DeviceManagerError::Unsupported {
                 device: given,

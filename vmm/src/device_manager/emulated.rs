@@ -231,17 +231,19 @@ impl DeviceManager {
             return Err(step(*f.error));
         }
         let backend: Arc<dyn IommuBackend> = soft.clone();
-        let h = Arc::new(crate::viommu::VtdBridge::new(
-            backend.clone(),
-            ioas,
-            self.ram.clone(),
-        ));
-        if let Some(v) = self.viommu.as_mut() {
-            v.bridge.set(Some(h.clone()));
-            v.host = Some(h.clone());
-            v.host_backend = Some(backend);
-            v.soft_ram = Some((soft.clone(), ioas));
-        }
+        let Some(v) = self.viommu.as_mut() else {
+            let _ = soft.destroy(ioas.0);
+            return Err(DeviceManagerError::Unsupported {
+                device: "an emulated device".into(),
+                reason: "a device behind the vIOMMU needs --platform viommu=vtd".into(),
+            });
+        };
+        let h =
+            super::sva::new_host_bridge(v, &self.pasids, backend.clone(), ioas, self.ram.clone());
+        v.bridge.set(Some(h.clone()));
+        v.host = Some(h.clone());
+        v.host_backend = Some(backend);
+        v.soft_ram = Some((soft.clone(), ioas));
         info!(
             "vIOMMU: host bridge over an emulated device's soft backend (IOAS {})",
             ioas.0

@@ -8,7 +8,9 @@
 //! the eventfd at assign time and injects once if it was signalled while masked. That is the
 //! pending bit of the PCI spec. A masked vector keeps its GSI and route. The model brackets
 //! the route changes of one guest write with a batch, which this sink maps to a
-//! [`GsiRouter`] batch: one `KVM_SET_GSI_ROUTING` per guest write, not per vector.
+//! [`GsiRouter`] batch: one `KVM_SET_GSI_ROUTING` per guest write, not per vector. A masked
+//! vector's new message is kept and written to KVM at unmask, so a guest that programs a
+//! masked table (as Linux does) costs no commits until it unmasks.
 //!
 //! INTx: a sink made [`KvmInterruptSink::with_intx`] for the device's slot wires the pin the
 //! model asks for to the IOAPIC GSI [`pci_intx_gsi`] gives (the DSDT's `_PRT` names the same
@@ -43,6 +45,9 @@ struct Route {
     /// The irqfd is assigned (the vector is unmasked).
     delivering: bool,
     msg: MsiMessage,
+    /// `msg` changed while masked and the KVM route still has the old one: it is written at
+    /// unmask (a masked vector's route delivers nothing, so it may lag).
+    stale: bool,
 }
 
 /// A vector's route as introspection shows it.
@@ -284,6 +289,7 @@ impl InterruptSink for KvmInterruptSink {
                 eventfd,
                 delivering: !masked,
                 msg,
+                stale: false,
             },
         );
         Ok(for_model)
@@ -296,6 +302,13 @@ impl InterruptSink for KvmInterruptSink {
             return Err(not_routed(vector));
         };
         if r.msg == msg {
+            return Ok(());
+        }
+        if !r.delivering {
+            // Masked: nothing can be delivered through the route, so the table commit waits
+            // for the unmask. Linux programs every entry of a masked function this way.
+            r.msg = msg;
+            r.stale = true;
             return Ok(());
         }
         router
@@ -328,6 +341,12 @@ impl InterruptSink for KvmInterruptSink {
                 .unregister_irqfd(&r.eventfd, r.gsi)
                 .map_err(|e| route_err(vector, e))?;
         } else {
+            if r.stale {
+                router
+                    .update_msi_route(r.gsi, kvm_msg(r.msg))
+                    .map_err(|e| route_err(vector, e))?;
+                r.stale = false;
+            }
             // KVM polls the eventfd when the irqfd is assigned: a signal that arrived while
             // masked is injected now.
             router

@@ -30,6 +30,7 @@ pub mod emulated;
 pub mod interrupts;
 pub mod remove;
 pub mod state;
+pub mod sva;
 pub mod viommu;
 
 use std::os::fd::RawFd;
@@ -334,7 +335,8 @@ pub struct DeviceManager {
     kvm_vfio: Option<KvmVfio>,
     devices: Vec<Assigned>,
     next_auto_id: u32,
-    pasids: PasidSpace,
+    /// The VM's guest-to-host PASID table, shared with the vIOMMU bridge (which binds).
+    pasids: Arc<Mutex<PasidSpace>>,
     ram_map_calls: u64,
     /// The emulated VT-d and its slots (`--platform viommu=vtd`).
     viommu: Option<viommu::ViommuState>,
@@ -428,7 +430,7 @@ impl DeviceManager {
             kvm_vfio: None,
             devices: Vec::new(),
             next_auto_id: 0,
-            pasids,
+            pasids: Arc::new(Mutex::new(pasids)),
             ram_map_calls: 0,
             viommu: None,
         })

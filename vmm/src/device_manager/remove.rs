@@ -62,7 +62,7 @@ impl DeviceManager {
             }
         }
         if let Some(dev) = a.dev {
-            let released = self.pasids.release_device(dev);
+            let released = lock(&self.pasids).release_device(dev);
             if released > 0 {
                 info!("{id}: {released} PASID bindings released");
             }

@@ -117,8 +117,7 @@ impl DeviceManager {
     /// PASID through the vIOMMU; until one is wired the table stays empty.
     pub fn pasids(&self) -> PasidsInfo {
         PasidsInfo {
-            entries: self
-                .pasids
+            entries: lock(&self.pasids)
                 .bindings()
                 .into_iter()
                 .map(|b| PasidEntry {

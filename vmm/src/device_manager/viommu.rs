@@ -78,6 +78,9 @@ pub struct ViommuState {
     /// A host bridge over an emulated device's soft backend (no VFIO backend yet): that
     /// backend and the IOAS mapping guest RAM in it.
     pub soft_ram: Option<(Arc<SoftIommu>, IoasId)>,
+    /// The thread that moves page requests between the host bridge's fault queues and the
+    /// unit's PRQ (with `svm=on`, while there is a host bridge).
+    pub pump: Option<crate::viommu::FaultPump>,
 }
 
 impl ViommuState {
@@ -133,6 +136,7 @@ impl ViommuState {
             past: BridgeCounters::default(),
             host_backend: None,
             soft_ram: None,
+            pump: None,
         })
     }
 
@@ -163,6 +167,7 @@ impl ViommuState {
     /// Drops the host bridge (the backend goes), keeping its counts.
     pub fn drop_host(&mut self) {
         self.host_backend = None;
+        self.pump = None;
         if let Some(h) = self.host.take() {
             self.bridge.set(None);
             add_counters(&mut self.past, &h.counters());
@@ -193,6 +198,7 @@ fn add_counters(a: &mut BridgeCounters, b: &BridgeCounters) {
     a.nested_hwpts_live = b.nested_hwpts_live;
     a.nest_parents_live = b.nest_parents_live;
     a.pasids_live = b.pasids_live;
+    super::sva::add_fault_counters(a, b);
 }
 
 /// Why a slot cannot be used.
@@ -501,7 +507,13 @@ impl DeviceManager {
         if let Some(h) = &v.host {
             return Ok(h.clone());
         }
-        let h = Arc::new(VtdBridge::new(d.backend.as_arc(), d.ioas, self.ram.clone()));
+        let h = super::sva::new_host_bridge(
+            v,
+            &self.pasids,
+            d.backend.as_arc(),
+            d.ioas,
+            self.ram.clone(),
+        );
         v.bridge.set(Some(h.clone()));
         v.host = Some(h.clone());
         v.host_backend = Some(d.backend.as_arc());

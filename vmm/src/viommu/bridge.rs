@@ -16,17 +16,22 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use devices::pci::PciBdf;
 use devices::viommu::{BridgeError, BridgeMode, DmaView, Translation};
 use ioasid::soft::SoftIommu;
-use ioasid::{DevId, HwCaps, HwptAlloc, HwptId, IoasId, IommuBackend, Pasid, PtId, VtdStage1};
+use ioasid::{
+    DevId, FaultHandler, HwCaps, HwptAlloc, HwptId, IoasId, IommuBackend, Pasid, PasidSpace, PtId,
+    VtdStage1,
+};
 use log::warn;
 
 use super::guest_mem::RamMap;
 use super::nested::HostFormat;
+use super::prq::PrqState;
 use super::shadow::ShadowDomain;
-use super::soft_path::{host_pasid, map_ram_ioas, SoftDma};
+use super::soft_path::{map_ram_ioas, HostPasids, SoftDma};
 use super::view::{BridgeCounters, DevicePath, DeviceView, Released};
 use crate::memory::RamRegion;
 
@@ -40,6 +45,15 @@ pub struct BridgeLimits {
     /// table can cause. The default covers 8 GiB of 4 KiB mappings.
     pub max_scan_steps: u64,
 }
+
+/// How long a page request group forwarded to the guest may stay unanswered before the
+/// bridge answers the host `Invalid` itself (a guest that never answers must not hang the
+/// device); [`VtdBridge::with_page_request_timeout`] changes it.
+pub const PAGE_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The PASID width of an emulated device when the caller gives none (the SVA copy engine's
+/// PASID capability: 20 bits).
+pub const EMULATED_PASID_BITS: u8 = 20;
 
 impl Default for BridgeLimits {
     fn default() -> Self {
@@ -118,23 +132,80 @@ enum Path {
     },
 }
 
-#[derive(Debug)]
-struct Device {
+pub(super) struct Device {
     dev: DevId,
     path: Path,
     bindings: BTreeMap<Pasid, Binding>,
+    /// The device's PASID width (its PASID capability): wider guest PASIDs are refused.
+    pasid_bits: u8,
+    /// Guest PASID -> host PASID of the bound PASIDs other than 0 (shared with the device's
+    /// [`SoftDma`], which issues DMA with the host PASID). The VM's [`PasidSpace`] holds
+    /// the same bindings.
+    pub(super) host_pasids: HostPasids,
+    /// The host fault queue of the device's HWPTs (allocated with the first translated
+    /// binding that can fault to the guest), with group tracking and timeouts.
+    pub(super) fault: Option<FaultHandler>,
+    /// The device-TLB hook of an emulated device with ATS.
+    devtlb: Option<Arc<dyn DevTlbHook>>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("dev", &self.dev)
+            .field("path", &self.path)
+            .field("bindings", &self.bindings)
+            .field("pasid_bits", &self.pasid_bits)
+            .field("fault", &self.fault.as_ref().map(|h| h.queue().id()))
+            .finish()
+    }
+}
+
+impl Device {
+    fn new(dev: DevId, path: Path, pasid_bits: u8) -> Self {
+        let mut bindings = BTreeMap::new();
+        bindings.insert(Pasid(0), Binding::PassThrough);
+        Device {
+            dev,
+            path,
+            bindings,
+            pasid_bits,
+            host_pasids: HostPasids::default(),
+            fault: None,
+            devtlb: None,
+        }
+    }
+
+    /// The host PASID of guest `pasid` (`None`: PASID 0, the requests without PASID, or
+    /// not bound).
+    fn host_pasid(&self, pasid: Pasid) -> Option<Pasid> {
+        if pasid.0 == 0 {
+            return None;
+        }
+        self.host_pasids.get(pasid)
+    }
+}
+
+/// Where the bridge forwards a guest device-TLB invalidation of an emulated device with
+/// ATS (the device model drops its cached translations and completes it).
+pub trait DevTlbHook: Send + Sync {
+    /// Drops translations of `pasid` (`None`: requests without PASID) in
+    /// `addr..addr + npages * 4 KiB` (`npages == u64::MAX`: everything).
+    fn invalidate(&self, pasid: Option<Pasid>, addr: u64, npages: u64);
 }
 
 #[derive(Debug, Default)]
-struct State {
-    devices: BTreeMap<PciBdf, Device>,
+pub(super) struct State {
+    pub(super) devices: BTreeMap<PciBdf, Device>,
     shadows: BTreeMap<u64, ShadowDomain>,
     next_shadow: u64,
     /// An IOAS with nothing mapped, for blocked RIDs of assigned devices.
     blocked_ioas: Option<IoasId>,
     /// Guest-RAM IOASes of soft backends other than the VM's own.
     soft_ram: Vec<(Arc<SoftIommu>, IoasId)>,
-    counters: BridgeCounters,
+    /// Page request groups forwarded to the guest and not answered yet.
+    pub(super) prq: PrqState,
+    pub(super) counters: BridgeCounters,
 }
 
 /// The VM's vIOMMU bridge. One per VM.
@@ -144,7 +215,10 @@ pub struct VtdBridge {
     ram_ioas: IoasId,
     ram: RamMap,
     limits: BridgeLimits,
+    page_request_timeout: Duration,
     state: Mutex<State>,
+    /// The VM's guest-to-host PASID table (lock order: after `state`).
+    pasids: Arc<Mutex<PasidSpace>>,
 }
 
 fn host_err(bdf: PciBdf) -> impl FnOnce(ioasid::Error) -> BridgeError {
@@ -176,11 +250,40 @@ impl VtdBridge {
             ram_ioas,
             ram: RamMap::new(ram),
             limits,
+            page_request_timeout: PAGE_REQUEST_TIMEOUT,
             state: Mutex::new(State::default()),
+            pasids: Arc::new(Mutex::new(default_pasid_space())),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    /// Records the bridge's PASID bindings in `space` (the device manager's, which
+    /// `vm.pasids` shows) instead of the bridge's own. Call before any device is added.
+    pub fn with_pasid_space(mut self, space: Arc<Mutex<PasidSpace>>) -> Self {
+        self.pasids = space;
+        self
+    }
+
+    /// The VM's guest-to-host PASID table the bridge records its bindings in.
+    pub fn pasid_space(&self) -> &Arc<Mutex<PasidSpace>> {
+        &self.pasids
+    }
+
+    pub(super) fn lock_pasids(&self) -> MutexGuard<'_, PasidSpace> {
+        self.pasids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Page request groups the guest leaves unanswered for `t` are answered `Invalid`
+    /// (default [`PAGE_REQUEST_TIMEOUT`]). Call before any device is added.
+    pub fn with_page_request_timeout(mut self, t: Duration) -> Self {
+        self.page_request_timeout = t;
+        self
+    }
+
+    pub(super) fn page_request_timeout(&self) -> Duration {
+        self.page_request_timeout
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -203,27 +306,34 @@ impl VtdBridge {
             pasid_hwpts: caps.is_some_and(|c| c.max_pasid_bits() > 0),
             parent: None,
         };
-        let mut bindings = BTreeMap::new();
-        bindings.insert(Pasid(0), Binding::PassThrough);
-        st.devices.insert(
-            bdf,
-            Device {
-                dev,
-                path,
-                bindings,
-            },
-        );
+        let bits = caps.map_or(0, HwCaps::max_pasid_bits);
+        st.devices.insert(bdf, Device::new(dev, path, bits));
         Ok(())
     }
 
     /// An emulated device registered on `soft` as `dev`: it DMAs through the returned view,
-    /// in pass-through until the guest says otherwise.
+    /// in pass-through until the guest says otherwise. Its PASID width is
+    /// [`EMULATED_PASID_BITS`].
     pub fn add_emulated(
         &self,
         bdf: PciBdf,
         soft: Arc<SoftIommu>,
         dev: DevId,
     ) -> Result<Arc<dyn DmaView>, BridgeError> {
+        self.add_emulated_soft(bdf, soft, dev, EMULATED_PASID_BITS)
+            .map(|d| d as Arc<dyn DmaView>)
+    }
+
+    /// [`VtdBridge::add_emulated`] with the device's PASID width (`pasid_bits`, from its
+    /// PASID capability; 0: no PASIDs); returns the [`SoftDma`] itself, whose
+    /// [`SoftDma::read_req`]/[`SoftDma::write_req`] issue requests with PRI.
+    pub fn add_emulated_soft(
+        &self,
+        bdf: PciBdf,
+        soft: Arc<SoftIommu>,
+        dev: DevId,
+        pasid_bits: u8,
+    ) -> Result<Arc<SoftDma>, BridgeError> {
         let mut st = self.lock();
         if st.devices.contains_key(&bdf) {
             return Err(already(bdf));
@@ -246,21 +356,31 @@ impl VtdBridge {
             return Err(host_err(bdf)(e));
         }
         st.counters.nest_parents_live += 1;
-        let mut bindings = BTreeMap::new();
-        bindings.insert(Pasid(0), Binding::PassThrough);
-        st.devices.insert(
-            bdf,
-            Device {
-                dev,
-                path: Path::Emulated {
-                    soft: soft.clone(),
-                    ram_ioas,
-                    parent,
-                },
-                bindings,
-            },
-        );
-        Ok(Arc::new(SoftDma::new(soft, dev)))
+        let path = Path::Emulated {
+            soft: soft.clone(),
+            ram_ioas,
+            parent,
+        };
+        let d = Device::new(dev, path, pasid_bits.min(EMULATED_PASID_BITS));
+        let view = Arc::new(SoftDma::new(soft, dev, d.host_pasids.clone()));
+        st.devices.insert(bdf, d);
+        Ok(view)
+    }
+
+    /// Forwards the guest's device-TLB invalidations of `bdf` (an emulated device with ATS)
+    /// to `hook`.
+    pub fn set_devtlb_hook(
+        &self,
+        bdf: PciBdf,
+        hook: Arc<dyn DevTlbHook>,
+    ) -> Result<(), BridgeError> {
+        let mut st = self.lock();
+        let d = st
+            .devices
+            .get_mut(&bdf)
+            .ok_or(BridgeError::NoDevice { bdf })?;
+        d.devtlb = Some(hook);
+        Ok(())
     }
 
     /// Tears down what the bridge holds for `bdf`: detaches its PASIDs and its RID from the
@@ -268,11 +388,18 @@ impl VtdBridge {
     /// parent, and the shadow IOASes no other device uses.
     pub fn remove(&self, bdf: PciBdf) -> Result<Released, BridgeError> {
         let mut st = self.lock();
-        let d = st
+        let mut d = st
             .devices
             .remove(&bdf)
             .ok_or(BridgeError::NoDevice { bdf })?;
         let mut rel = Released::default();
+        // Outstanding page requests first: the device must not wait for a guest that no
+        // longer sees it.
+        if let Some(h) = d.fault.as_mut() {
+            let st = &mut *st;
+            let n = st.prq.answer_device(h, bdf, None, &mut st.counters);
+            rel.page_requests_answered += n;
+        }
         let backend: &dyn IommuBackend = match &d.path {
             Path::Assigned { .. } => &*self.backend,
             Path::Emulated { soft, .. } => &**soft,
@@ -281,31 +408,45 @@ impl VtdBridge {
         // PASIDs first, the RID last (the kernel wants PASIDs gone before the RID goes).
         for (pasid, b) in d.bindings.iter().rev() {
             let owned = !matches!(b, Binding::Blocked | Binding::PassThrough);
-            match host_pasid(*pasid) {
-                Some(p) if *b != Binding::Blocked => match backend.detach(d.dev, Some(p)) {
-                    Ok(()) => rel.pasids += 1,
-                    Err(e) => rel.errors.push(e.to_string()),
-                },
-                None if owned || emulated => {
-                    if let Err(e) = backend.detach(d.dev, None) {
-                        // A mock device cannot be detached: park it on the empty IOAS.
-                        let parked = match &d.path {
-                            Path::Assigned { .. } => self
-                                .blocked_ioas(&mut st)
-                                .and_then(|io| backend.attach(d.dev, None, PtId::Ioas(io))),
-                            Path::Emulated { .. } => Err(e),
-                        };
-                        if let Err(e) = parked {
-                            rel.errors.push(e.to_string());
-                        }
+            if pasid.0 != 0 {
+                let Some(p) = d.host_pasid(*pasid) else {
+                    continue;
+                };
+                if *b != Binding::Blocked {
+                    match backend.detach(d.dev, Some(p)) {
+                        Ok(()) => rel.pasids += 1,
+                        Err(e) => rel.errors.push(e.to_string()),
                     }
                 }
-                _ => {}
+                continue;
+            }
+            if owned || emulated {
+                if let Err(e) = backend.detach(d.dev, None) {
+                    // A mock device cannot be detached: park it on the empty IOAS.
+                    let parked = match &d.path {
+                        Path::Assigned { .. } => self
+                            .blocked_ioas(&mut st)
+                            .and_then(|io| backend.attach(d.dev, None, PtId::Ioas(io))),
+                        Path::Emulated { .. } => Err(e),
+                    };
+                    if let Err(e) = parked {
+                        rel.errors.push(e.to_string());
+                    }
+                }
             }
         }
         for (pasid, b) in &d.bindings {
             self.release(&mut st, backend, bdf, *pasid, *b, Some(&mut rel));
         }
+        {
+            let mut space = self.lock_pasids();
+            for (g, _) in d.host_pasids.drain() {
+                let _ = space.unbind(d.dev, g);
+            }
+        }
+        // Dropping the handler closes the host fault queue (the soft backend answers what
+        // is still pending Invalid, as the kernel does).
+        drop(d.fault.take());
         let parent = match &d.path {
             Path::Assigned { parent, .. } => *parent,
             Path::Emulated { parent, .. } => Some(*parent),
@@ -391,6 +532,15 @@ impl VtdBridge {
             .filter(|s| s.did == did)
             .flat_map(|s| s.areas().collect::<Vec<_>>())
             .collect()
+    }
+}
+
+/// A PASID space when the caller gives none: host PASIDs 1..2^20-1.
+fn default_pasid_space() -> PasidSpace {
+    match PasidSpace::new(1, (1 << 20) - 1) {
+        Some(s) => s,
+        // The range is not empty; the allocator cannot refuse it.
+        None => unreachable!("a non-empty PASID range"),
     }
 }
 

@@ -37,19 +37,29 @@
 //!   `KVM_SIGNAL_MSI`) for the model.
 //!
 //! PASID 0 is the guest's RID_PASID (Linux's choice): it is the device's requests without
-//! PASID on the host. Other PASIDs attach with `attach(dev, Some(pasid), ..)`.
+//! PASID on the host. Every other guest PASID the guest gives a translation is bound to a
+//! host PASID in the VM's [`ioasid::PasidSpace`] ([`VtdBridge::with_pasid_space`]: the
+//! device manager's, shown in `vm.pasids`) and attaches with `attach(dev, Some(host), ..)`;
+//! a PASID wider than the device's PASID capability is refused. An emulated device's
+//! [`SoftDma`] issues its requests with the host PASID.
+//!
+//! The fault path ([`prq`]): host page requests (the soft backend's fault queue, or
+//! iommufd's) go to the guest's PRQ, the guest's page group responses back to the host;
+//! [`FaultPump`] is the thread that moves them.
 
 pub mod bridge;
 pub mod guest_mem;
 pub mod msi;
 pub mod nested;
+pub mod prq;
 pub mod shadow;
 pub mod soft_path;
 pub mod view;
 
-pub use bridge::{BridgeLimits, VtdBridge};
+pub use bridge::{BridgeLimits, DevTlbHook, VtdBridge, EMULATED_PASID_BITS, PAGE_REQUEST_TIMEOUT};
 pub use guest_mem::{RamMap, RamTables, VmGuestMemory};
 pub use msi::KvmMsiSignal;
 pub use nested::{selftest_iotlb_tag, HostFormat};
-pub use soft_path::SoftDma;
+pub use prq::{FaultPump, PumpReport};
+pub use soft_path::{HostPasids, SoftDma};
 pub use view::{mode_name, BridgeCounters, DevicePath, DeviceView, Released};

@@ -7,11 +7,15 @@
 //! ([`SoftIommu::hwpt_alloc_second_level`]), both replaced when the guest's entry changes and
 //! invalidated with `hwpt_invalidate` when the guest invalidates.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 
 use devices::viommu::DmaView;
 use ioasid::soft::SoftIommu;
-use ioasid::{DevId, DmaError, DmaRequest, IoasId, IommuBackend, MapUser, Pasid, Perm};
+use ioasid::{
+    DevId, DmaError, DmaRequest, FaultPerm, FaultReason, IoasId, IommuBackend, MapUser, Pasid,
+    Perm, UnrecoverableFault,
+};
 
 use super::guest_mem::RamMap;
 
@@ -47,32 +51,154 @@ pub(crate) fn map_ram_ioas(soft: &SoftIommu, ram: &RamMap) -> ioasid::Result<Ioa
     Ok(ioas)
 }
 
+/// Guest PASID -> host PASID of one device (PASIDs other than 0), shared between the bridge
+/// (which binds) and the device's [`SoftDma`] (which issues DMA with the host PASID).
+#[derive(Debug, Clone, Default)]
+pub struct HostPasids(Arc<RwLock<BTreeMap<Pasid, Pasid>>>);
+
+impl HostPasids {
+    /// The host PASID of guest `pasid`.
+    pub fn get(&self, pasid: Pasid) -> Option<Pasid> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pasid)
+            .copied()
+    }
+
+    /// The guest PASID of host `pasid`.
+    pub fn guest_of(&self, host: Pasid) -> Option<Pasid> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(_, h)| **h == host)
+            .map(|(g, _)| *g)
+    }
+
+    pub(crate) fn insert(&self, guest: Pasid, host: Pasid) {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(guest, host);
+    }
+
+    pub(crate) fn remove(&self, guest: Pasid) -> Option<Pasid> {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&guest)
+    }
+
+    pub(crate) fn drain(&self) -> Vec<(Pasid, Pasid)> {
+        let mut m = self.0.write().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *m).into_iter().collect()
+    }
+}
+
 /// An emulated device's DMA through the soft backend.
+///
+/// The device names guest PASIDs; the view issues the request with the host PASID the
+/// bridge bound it to (a guest PASID that is not bound faults, `NoContext`, as a PASID with
+/// a non-present entry does on hardware).
 #[derive(Debug)]
 pub struct SoftDma {
     soft: Arc<SoftIommu>,
     dev: DevId,
+    pasids: HostPasids,
 }
 
 impl SoftDma {
-    /// The DMA of `dev` on `soft`.
-    pub fn new(soft: Arc<SoftIommu>, dev: DevId) -> Self {
-        SoftDma { soft, dev }
+    /// The DMA of `dev` on `soft`, with guest PASIDs translated by `pasids`.
+    pub fn new(soft: Arc<SoftIommu>, dev: DevId, pasids: HostPasids) -> Self {
+        SoftDma { soft, dev, pasids }
     }
-}
 
-fn host(pasid: Option<Pasid>) -> Option<Pasid> {
-    pasid.and_then(host_pasid)
+    /// The soft-backend device.
+    pub fn dev(&self) -> DevId {
+        self.dev
+    }
+
+    fn host(
+        &self,
+        pasid: Option<Pasid>,
+        iova: u64,
+        write: bool,
+    ) -> Result<Option<Pasid>, DmaError> {
+        match pasid {
+            None => Ok(None),
+            Some(p) if p.0 == 0 => Ok(None),
+            Some(p) => self
+                .pasids
+                .get(p)
+                .map(Some)
+                .ok_or(DmaError::Fault(UnrecoverableFault {
+                    dev: self.dev,
+                    pasid: Some(p),
+                    addr: iova,
+                    perm: FaultPerm {
+                        read: !write,
+                        write,
+                        ..Default::default()
+                    },
+                    reason: FaultReason::NoContext,
+                })),
+        }
+    }
+
+    /// Reads at (`pasid`, `iova`) as a device request `req` (with `req.pri`, a fixable
+    /// translation fault returns [`DmaError::PageRequest`]: the page request is on its way
+    /// to the guest; wait on it and retry on `Success`).
+    pub fn read_req(
+        &self,
+        pasid: Option<Pasid>,
+        iova: u64,
+        buf: &mut [u8],
+        req: DmaRequest,
+    ) -> Result<(), DmaError> {
+        let hp = self.host(pasid, iova, false)?;
+        self.soft.dma_read(self.dev, hp, iova, buf, req)
+    }
+
+    /// Writes at (`pasid`, `iova`) as a device request `req` (see [`SoftDma::read_req`]).
+    pub fn write_req(
+        &self,
+        pasid: Option<Pasid>,
+        iova: u64,
+        buf: &[u8],
+        req: DmaRequest,
+    ) -> Result<(), DmaError> {
+        let hp = self.host(pasid, iova, true)?;
+        self.soft.dma_write(self.dev, hp, iova, buf, req)
+    }
 }
 
 impl DmaView for SoftDma {
     fn read(&self, pasid: Option<Pasid>, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        self.soft
-            .dma_read(self.dev, host(pasid), iova, buf, DmaRequest::default())
+        self.read_req(pasid, iova, buf, DmaRequest::default())
     }
 
     fn write(&self, pasid: Option<Pasid>, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
-        self.soft
-            .dma_write(self.dev, host(pasid), iova, buf, DmaRequest::default())
+        self.write_req(pasid, iova, buf, DmaRequest::default())
+    }
+
+    fn read_with(
+        &self,
+        pasid: Option<Pasid>,
+        iova: u64,
+        buf: &mut [u8],
+        req: DmaRequest,
+    ) -> Result<(), DmaError> {
+        self.read_req(pasid, iova, buf, req)
+    }
+
+    fn write_with(
+        &self,
+        pasid: Option<Pasid>,
+        iova: u64,
+        buf: &[u8],
+        req: DmaRequest,
+    ) -> Result<(), DmaError> {
+        self.write_req(pasid, iova, buf, req)
     }
 }

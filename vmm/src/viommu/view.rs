@@ -86,6 +86,29 @@ pub struct BridgeCounters {
     pub nest_parents_live: u64,
     /// PASIDs other than 0 attached on the host.
     pub pasids_live: u64,
+    /// Page requests read from the host fault queues (each a PRQ descriptor when the
+    /// guest's queue takes it).
+    pub page_requests: u64,
+    /// Guest page group responses forwarded to the host with `Success`.
+    pub page_responses_success: u64,
+    /// Guest page group responses forwarded to the host with `Invalid`.
+    pub page_responses_invalid: u64,
+    /// Guest page group responses that matched no outstanding group (dropped).
+    pub page_responses_unmatched: u64,
+    /// Groups answered `Success` by the bridge because the guest's PRQ was full (the
+    /// device retries).
+    pub prq_full_answers: u64,
+    /// Groups answered `Invalid` by the bridge because the guest does not take page
+    /// requests from the device (PRE clear, no PRQ, translation off, PASID gone).
+    pub page_requests_refused: u64,
+    /// Groups answered `Invalid` because the guest did not answer in time.
+    pub page_request_timeouts: u64,
+    /// Groups answered `Invalid` because the guest tore the PASID (or the device) down.
+    pub page_requests_torn_down: u64,
+    /// Unrecoverable faults read from the host fault queues.
+    pub host_unrecoverable_faults: u64,
+    /// Guest device-TLB invalidations forwarded to an emulated device's hook.
+    pub devtlb_forwarded: u64,
 }
 
 /// What [`super::VtdBridge::remove`] tore down.
@@ -99,6 +122,8 @@ pub struct Released {
     pub shadow_ioases: u64,
     /// PASIDs (other than 0) detached.
     pub pasids: u64,
+    /// Outstanding page request groups answered `Invalid`.
+    pub page_requests_answered: u64,
     /// Teardown steps that failed (the rest went on).
     pub errors: Vec<String>,
 }

@@ -4,8 +4,6 @@
 //! here, with every device-supplied offset bounded (a capability list is device input), and
 //! guest config accesses are served here. See the tables in [`crate::vfio`].
 
-use log::warn;
-
 use super::super::backend::{CONFIG_REGION, INTX_IRQ, MSIX_IRQ, MSI_IRQ};
 use super::super::caps::{self, CapContext, CapDecision, CapPolicy};
 use super::*;
@@ -331,7 +329,11 @@ impl VfioPciDevice {
         match self.regions.region_read(CONFIG_REGION, off as u64, &mut b) {
             Ok(()) => u32::from_le_bytes(b),
             Err(e) => {
-                warn!("{}: config read at {off:#x} failed: {e}", self.id);
+                // Guest reads reach this: rate limited.
+                self.warn.warn(format_args!(
+                    "{}: config read at {off:#x} failed: {e}",
+                    self.id
+                ));
                 u32::MAX
             }
         }
@@ -344,7 +346,10 @@ impl VfioPciDevice {
             .regions
             .region_read(CONFIG_REGION, reg::COMMAND as u64, &mut cur)
         {
-            warn!("{}: cannot read the device command register: {e}", self.id);
+            self.warn.warn(format_args!(
+                "{}: cannot read the device command register: {e}",
+                self.id
+            ));
             return;
         }
         let cur = u16::from_le_bytes(cur);
@@ -354,7 +359,10 @@ impl VfioPciDevice {
                 self.regions
                     .region_write(CONFIG_REGION, reg::COMMAND as u64, &new.to_le_bytes())
             {
-                warn!("{}: cannot write the device command register: {e}", self.id);
+                self.warn.warn(format_args!(
+                    "{}: cannot write the device command register: {e}",
+                    self.id
+                ));
             }
         }
     }
@@ -398,11 +406,11 @@ impl VfioPciDevice {
                 self.regions
                     .region_write(CONFIG_REGION, (off + start) as u64, &data[start..i])
             {
-                warn!(
+                self.warn.warn(format_args!(
                     "{}: config write at {:#x} failed: {e}",
                     self.id,
                     off + start
-                );
+                ));
             }
         }
         let end = off + data.len();

@@ -118,7 +118,10 @@ impl VfioPciDevice {
             // VFIO drops the unmask eventfd with the trigger.
             if let Some(rs) = &intx.fds.resample {
                 if let Err(e) = self.regions.set_intx_resample(rs) {
-                    warn!("{}: cannot set the INTx unmask eventfd again: {e}", self.id);
+                    self.warn.warn(format_args!(
+                        "{}: cannot set the INTx unmask eventfd again: {e}",
+                        self.id
+                    ));
                 }
             }
         }

@@ -19,7 +19,6 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 
-use log::warn;
 use thiserror::Error;
 
 use super::backend::{MmapArea, VfioRegions, CONFIG_REGION, INTX_IRQ};
@@ -245,7 +244,8 @@ impl PciDevice for VfioPciDevice {
     fn reset(&mut self) {
         self.release_interrupts();
         if let Err(e) = self.regions.reset() {
-            warn!("{}: device reset failed: {e}", self.id);
+            self.warn
+                .warn(format_args!("{}: device reset failed: {e}", self.id));
         }
         self.virt.set_u16(reg::COMMAND, 0);
         self.command_written();

@@ -5,14 +5,13 @@ use devices::pci::PciBdf;
 use devices::viommu::{BridgeError, SecondStage, Translation};
 use ioasid::soft::{SlConfig, SoftIommu};
 use ioasid::{
-    alloc_nest_parent, bind_stage1, DevId, HwCaps, HwptId, IoasId, IommuBackend, NestParent, Pasid,
-    PtId,
+    alloc_nest_parent, bind_stage1, DevId, FaultHandler, FaultId, HwCaps, HwptId, IoasId,
+    IommuBackend, NestParent, Pasid, PtId,
 };
 use log::warn;
 
 use super::super::nested::HostFormat;
 use super::super::shadow::{ShadowDomain, SyncCtx, SyncReport};
-use super::super::soft_path::host_pasid;
 use super::super::view::Released;
 use super::{host_err, Binding, Path, State, VtdBridge, FIRST_STAGE_NEEDS_NESTING};
 
@@ -177,13 +176,17 @@ impl VtdBridge {
         st: &mut State,
         bdf: PciBdf,
         pasid: Pasid,
+        hp: Option<Pasid>,
         old: Binding,
     ) -> Result<Binding, BridgeError> {
         let Some(d) = st.devices.get(&bdf) else {
             return Err(BridgeError::NoDevice { bdf });
         };
         let dev = d.dev;
-        let hp = host_pasid(pasid);
+        if pasid.0 != 0 && hp.is_none() {
+            // A PASID never bound on the host: nothing to detach.
+            return Ok(Binding::Blocked);
+        }
         let soft = match &d.path {
             Path::Assigned { .. } => None,
             Path::Emulated { soft, .. } => Some(soft.clone()),
@@ -205,23 +208,81 @@ impl VtdBridge {
         Ok(Binding::Blocked)
     }
 
-    /// Prepares the host object for `t` on (bdf, pasid) and attaches the device to it.
+    /// The device's host fault queue, allocated on first use: for an emulated device
+    /// always (it raises page requests only when its request asks for PRI), for an
+    /// assigned one when the host IOMMU has PRS and nesting (iommufd attaches a HWPT with a
+    /// fault queue only to a device that can fault). `None`: no page requests.
+    fn fault_queue(&self, st: &mut State, bdf: PciBdf) -> Option<FaultId> {
+        let d = st.devices.get_mut(&bdf)?;
+        if let Some(h) = &d.fault {
+            return Some(h.queue().id());
+        }
+        let backend: &dyn IommuBackend = match &d.path {
+            Path::Emulated { soft, .. } => &**soft,
+            Path::Assigned { caps, .. } => {
+                let ok = caps
+                    .as_ref()
+                    .is_some_and(|c| c.supports_nesting() && c.supports_prs());
+                if !ok {
+                    return None;
+                }
+                &*self.backend
+            }
+        };
+        match backend.fault_queue_alloc() {
+            Ok(q) => {
+                let h = FaultHandler::new(q, self.page_request_timeout());
+                let id = h.queue().id();
+                d.fault = Some(h);
+                Some(id)
+            }
+            Err(e) => {
+                warn!("vIOMMU {bdf}: no host fault queue, page requests answered by the host: {e}");
+                st.counters.host_errors += 1;
+                None
+            }
+        }
+    }
+
+    /// Prepares the host object for `t` on (bdf, pasid) — host PASID `hp`, `None` for the
+    /// requests without PASID — and attaches the device to it.
     pub(super) fn bind(
         &self,
         st: &mut State,
         bdf: PciBdf,
         pasid: Pasid,
+        hp: Option<Pasid>,
         t: Translation,
         old: Binding,
     ) -> Result<Binding, BridgeError> {
         if t == Translation::Blocked {
-            return self.block(st, bdf, pasid, old);
+            return self.block(st, bdf, pasid, hp, old);
         }
+        if pasid.0 != 0 && hp.is_none() {
+            return Err(BridgeError::Unsupported {
+                bdf,
+                pasid,
+                reason: "the PASID has no host PASID".to_string(),
+            });
+        }
+        let fault = match t {
+            Translation::FirstStage { .. } | Translation::SecondStage { .. } => {
+                let emulated = matches!(
+                    st.devices.get(&bdf).map(|d| &d.path),
+                    Some(Path::Emulated { .. })
+                );
+                if emulated || matches!(t, Translation::FirstStage { .. }) {
+                    self.fault_queue(st, bdf)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
         let Some(d) = st.devices.get(&bdf) else {
             return Err(BridgeError::NoDevice { bdf });
         };
         let dev = d.dev;
-        let hp = host_pasid(pasid);
         match (&d.path, t) {
             (_, Translation::Blocked) => Ok(Binding::Blocked),
             (Path::Assigned { .. }, Translation::PassThrough) => {
@@ -298,7 +359,7 @@ impl VtdBridge {
                     dev,
                     parent,
                     format.stage1(&table),
-                    None,
+                    fault,
                     pasid_hwpts || hp.is_some(),
                 )
                 .map_err(host_err(bdf))?;
@@ -319,7 +380,7 @@ impl VtdBridge {
                     levels: table.levels,
                 };
                 let hwpt = soft
-                    .hwpt_alloc_second_level(dev, *parent, cfg, None, true)
+                    .hwpt_alloc_second_level(dev, *parent, cfg, fault, true)
                     .map_err(|e| bad_table(bdf, pasid, table.root, e))?;
                 attach_soft(soft, dev, hp, hwpt, bdf)?;
                 Ok(Binding::Soft { did, t, hwpt })
@@ -335,7 +396,7 @@ impl VtdBridge {
                     dev,
                     *parent,
                     HostFormat::VtdS1.stage1(&table),
-                    None,
+                    fault,
                     true,
                 )
                 .map_err(|e| bad_table(bdf, pasid, table.pgtbl_addr, e))?;

@@ -14,7 +14,7 @@ use ioasid::{Invalidation, IommuBackend, Pasid};
 use log::{debug, warn};
 
 use super::super::nested::{compact, host_invalidations, HostFormat};
-use super::{Binding, Path, VtdBridge};
+use super::{Binding, DevTlbHook, Path, VtdBridge};
 
 /// What a guest IOTLB invalidation asks of a shadow domain: a range, or everything.
 fn shadow_range(inv: &Invalidation) -> Option<(u64, u64)> {
@@ -36,6 +36,9 @@ fn pasid_filter(inv: &Invalidation) -> Option<Pasid> {
     }
 }
 
+/// A device-TLB invalidation for an emulated device's hook: (hook, PASID, address, pages).
+type DevTlbCall = (Arc<dyn DevTlbHook>, Option<Pasid>, u64, u64);
+
 /// A shadow domain's work for one doorbell.
 enum Plan {
     Full,
@@ -54,14 +57,56 @@ impl ViommuBridge for VtdBridge {
             return Err(BridgeError::NoDevice { bdf });
         };
         let old = d.bindings.get(&pasid).copied().unwrap_or(Binding::Blocked);
-        let new = self.bind(&mut st, bdf, pasid, t, old)?;
-        debug!("vIOMMU {bdf} {pasid}: {t:?} -> {:?}", new.mode());
+        let (dev, bits) = (d.dev, d.pasid_bits);
+        let mut hp = d.host_pasid(pasid);
+        let mut fresh = false;
+        if pasid.0 != 0 && hp.is_none() && t != Translation::Blocked {
+            // A new guest PASID: bind it to a host PASID first (refuses one wider than the
+            // device's PASID capability).
+            let h = self.lock_pasids().bind(dev, pasid, bits).map_err(|e| {
+                BridgeError::Unsupported {
+                    bdf,
+                    pasid,
+                    reason: e.to_string(),
+                }
+            })?;
+            if let Some(d) = st.devices.get(&bdf) {
+                d.host_pasids.insert(pasid, h);
+            }
+            hp = Some(h);
+            fresh = true;
+        }
+        let new = match self.bind(&mut st, bdf, pasid, hp, t, old) {
+            Ok(b) => b,
+            Err(e) => {
+                if fresh {
+                    self.unbind_pasid(&st, bdf, pasid);
+                }
+                return Err(e);
+            }
+        };
+        debug!(
+            "vIOMMU {bdf} {pasid}: {t:?} -> {:?} (host {hp:?})",
+            new.mode()
+        );
         if new != old {
             let backend: Arc<dyn IommuBackend> = match st.devices.get(&bdf).map(|d| &d.path) {
                 Some(Path::Emulated { soft, .. }) => soft.clone(),
                 _ => self.backend.clone(),
             };
             self.release(&mut st, &*backend, bdf, pasid, old, None);
+        }
+        if new == Binding::Blocked {
+            // Torn down: what the device still waits for is answered, and a PASID other
+            // than 0 gives its host PASID back.
+            let st = &mut *st;
+            if let Some(h) = st.devices.get_mut(&bdf).and_then(|d| d.fault.as_mut()) {
+                let which = Some(Some(pasid).filter(|p| p.0 != 0));
+                st.prq.answer_device(h, bdf, which, &mut st.counters);
+            }
+            if pasid.0 != 0 {
+                self.unbind_pasid(st, bdf, pasid);
+            }
         }
         if let Some(d) = st.devices.get_mut(&bdf) {
             d.bindings.insert(pasid, new);
@@ -75,11 +120,24 @@ impl ViommuBridge for VtdBridge {
         st.counters.guest_invalidations += batch.len() as u64;
         let mut plans: BTreeMap<u64, Plan> = BTreeMap::new();
         let mut hwpt_batches: BTreeMap<(PciBdf, Pasid), Vec<Invalidation>> = BTreeMap::new();
+        let mut devtlb: Vec<DevTlbCall> = Vec::new();
         for gi in batch {
-            let GuestInvalidation::Iotlb { scope, inv } = gi else {
-                // Device-TLB: the host's own unmap and HWPT invalidation flush the device's
-                // ATC; the soft backend has none.
-                continue;
+            let (scope, inv) = match gi {
+                GuestInvalidation::Iotlb { scope, inv } => (scope, inv),
+                GuestInvalidation::DeviceTlb {
+                    bdf,
+                    pasid,
+                    addr,
+                    npages,
+                } => {
+                    // Assigned: the host's own unmap and HWPT invalidation flush the
+                    // device's ATC. Emulated with ATS: its hook drops its cached
+                    // translations.
+                    if let Some(h) = st.devices.get(bdf).and_then(|d| d.devtlb.clone()) {
+                        devtlb.push((h, *pasid, *addr, *npages));
+                    }
+                    continue;
+                }
             };
             let filter = pasid_filter(inv);
             for (bdf, d) in &st.devices {
@@ -150,6 +208,12 @@ impl ViommuBridge for VtdBridge {
                 first_err.get_or_insert(BridgeError::Host { bdf, source: e });
             }
         }
+        st.counters.devtlb_forwarded += devtlb.len() as u64;
+        drop(st);
+        // Outside the bridge's lock: the hook is the device model's.
+        for (h, pasid, addr, npages) in devtlb {
+            h.invalidate(pasid, addr, npages);
+        }
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
@@ -157,14 +221,24 @@ impl ViommuBridge for VtdBridge {
     }
 
     fn page_response(&self, resp: GuestPageResponse) -> Result<(), BridgeError> {
-        let st = self.lock();
-        if !st.devices.contains_key(&resp.bdf) {
+        if !self.lock().devices.contains_key(&resp.bdf) {
             return Err(BridgeError::NoDevice { bdf: resp.bdf });
         }
-        Err(BridgeError::Unsupported {
-            bdf: resp.bdf,
-            pasid: resp.pasid.unwrap_or(Pasid(0)),
-            reason: "page requests are not bridged yet (the vSVA issue)".to_string(),
-        })
+        self.answer_guest(resp);
+        Ok(())
+    }
+}
+
+impl VtdBridge {
+    /// Gives guest `pasid` of `bdf` back to the PASID space.
+    fn unbind_pasid(&self, st: &super::State, bdf: PciBdf, pasid: Pasid) {
+        let Some(d) = st.devices.get(&bdf) else {
+            return;
+        };
+        if d.host_pasids.remove(pasid).is_some() {
+            if let Err(e) = self.lock_pasids().unbind(d.dev, pasid) {
+                warn!("vIOMMU {bdf}: {e}");
+            }
+        }
     }
 }
