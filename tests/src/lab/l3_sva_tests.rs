@@ -185,8 +185,9 @@ fn leaves(v: &Value, path: &str, out: &mut Vec<(String, u64)>) {
     }
 }
 
-/// The fault path's counters in `vm.counters` (the bridge's `BridgeCounters`, wherever the
-/// VMM puts them: leaves whose name ends with these, `bridge_` prefixes allowed), summed.
+/// The fault path's counters in `vm.counters`: the bridge's `BridgeCounters`, which the
+/// VMM shows in `_viommu` with a `bridge_` prefix (or, without any `bridge_` leaf, leaves
+/// named exactly so), summed.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct FaultCounters {
     /// `page_requests`: page requests read from the host fault queues.
@@ -210,26 +211,33 @@ impl FaultCounters {
     fn read(counters: &Value) -> Self {
         let mut all = Vec::new();
         leaves(counters, "", &mut all);
+        // The bridge's counters carry a `bridge_` prefix in `_viommu` (the model's own,
+        // `model_page_requests` etc., count the PRQ's side and are not summed in).
+        let bridged = all.iter().any(|(p, _)| {
+            p.rsplit('.')
+                .next()
+                .is_some_and(|l| l.starts_with("bridge_"))
+        });
         let mut c = FaultCounters::default();
         for (p, n) in all {
             let last = p.rsplit('.').next().unwrap_or(&p);
-            let slot = if last.ends_with("page_requests") {
-                &mut c.requests
-            } else if last.ends_with("page_responses_success")
-                || last.ends_with("page_responses_invalid")
-            {
-                &mut c.guest_responses
-            } else if last.ends_with("prq_full_answers") {
-                &mut c.full_answers
-            } else if last.ends_with("page_requests_refused")
-                || last.ends_with("page_request_timeouts")
-                || last.ends_with("page_requests_torn_down")
-            {
-                &mut c.invalid_answers
-            } else if last.ends_with("page_responses_unmatched") {
-                &mut c.unmatched
+            let name = if bridged {
+                match last.strip_prefix("bridge_") {
+                    Some(n) => n,
+                    None => continue,
+                }
             } else {
-                continue;
+                last
+            };
+            let slot = match name {
+                "page_requests" => &mut c.requests,
+                "page_responses_success" | "page_responses_invalid" => &mut c.guest_responses,
+                "prq_full_answers" => &mut c.full_answers,
+                "page_requests_refused" | "page_request_timeouts" | "page_requests_torn_down" => {
+                    &mut c.invalid_answers
+                }
+                "page_responses_unmatched" => &mut c.unmatched,
+                _ => continue,
             };
             *slot = slot.saturating_add(n);
             c.paths.push(format!("{p}={n}"));
@@ -329,7 +337,7 @@ mod tests {
             "bridge_page_responses_invalid": 1, "bridge_prq_full_answers": 1,
             "bridge_page_request_timeouts": 0, "bridge_page_requests_refused": 0,
             "bridge_page_requests_torn_down": 0, "bridge_page_responses_unmatched": 0,
-            "bridge_shadow_map_calls": 7}});
+            "bridge_shadow_map_calls": 7, "model_page_requests": 5, "model_page_responses": 4}});
         let c = FaultCounters::read(&ok);
         assert_eq!((c.requests, c.guest_responses, c.full_answers), (5, 4, 1));
         assert!(c.check().is_ok());
