@@ -28,6 +28,7 @@
 #include <linux/slab.h>
 #include <linux/io.h>
 #include <linux/jiffies.h>
+#include <linux/delay.h>
 #include <linux/kref.h>
 #include <linux/idr.h>
 #include <linux/sched.h>
@@ -142,7 +143,17 @@ static int sva_hw_start(struct sva_dev *sd)
 	struct device *dev = &sd->pdev->dev;
 	u32 status;
 
+	unsigned long drain = jiffies + msecs_to_jiffies(2000);
+
+	/* RESET abandons the descriptor in flight; BUSY reads 1 until the engine let go. */
 	writel(CTRL_RESET, sd->regs + REG_CTRL);
+	while (readl(sd->regs + REG_STATUS) & STATUS_BUSY) {
+		if (time_after(jiffies, drain)) {
+			dev_err(dev, "engine still BUSY 2 s after RESET\n");
+			return -EIO;
+		}
+		usleep_range(1000, 2000);
+	}
 	memset(sd->ring, 0, RING_SIZE * sizeof(*sd->ring));
 	writel(lower_32_bits(sd->ring_dma), sd->regs + REG_RING_BASE);
 	writel(upper_32_bits(sd->ring_dma), sd->regs + REG_RING_BASE + 4);
@@ -217,13 +228,21 @@ static void sva_fill_info(struct sva_dev *sd, struct sva_copy_info *info)
 	info->error_irqs = atomic_read(&sd->error_irqs);
 }
 
-/* True when the descriptor numbered `target` (since enable) completed, or the engine erred. */
+/* COMPLETED reached `target` (the count since enable after our descriptor). */
+static bool sva_reached(struct sva_dev *sd, u32 target)
+{
+	return (s32)(readl(sd->regs + REG_COMPLETED) - target) >= 0;
+}
+
+/*
+ * True when our descriptor ended (COMPLETED counts every ending, successful or not), or
+ * the engine stopped: a failed descriptor fetch sets STATUS.ERROR and disables it.
+ */
 static bool sva_done(struct sva_dev *sd, u32 target, u32 *status)
 {
-	u32 completed = readl(sd->regs + REG_COMPLETED);
-
 	*status = readl(sd->regs + REG_STATUS);
-	return (s32)(completed - target) >= 0 || (*status & STATUS_ERROR);
+	return sva_reached(sd, target) ||
+	       ((*status & STATUS_ERROR) && !(*status & STATUS_ENABLED));
 }
 
 static long sva_copy(struct sva_ctx *ctx, struct sva_copy_req __user *ureq)
@@ -235,6 +254,7 @@ static long sva_copy(struct sva_ctx *ctx, struct sva_copy_req __user *ureq)
 	struct sva_desc *d;
 	unsigned long deadline;
 	u32 target, status = 0, timeout_ms;
+	int error_irqs;
 	long ret = 0;
 
 	if (copy_from_user(&req, ureq, sizeof(req)))
@@ -264,6 +284,7 @@ static long sva_copy(struct sva_ctx *ctx, struct sva_copy_req __user *ureq)
 	/* The descriptor is in memory before the doorbell (writel orders after dma_wmb). */
 	dma_wmb();
 	req.prq_before = readl(sd->regs + REG_PRQ_STATS);
+	error_irqs = atomic_read(&sd->error_irqs);
 	sd->tail = (sd->tail + 1) % RING_SIZE;
 	sd->submitted++;
 	target = sd->submitted;
@@ -286,14 +307,21 @@ static long sva_copy(struct sva_ctx *ctx, struct sva_copy_req __user *ureq)
 				   msecs_to_jiffies(POLL_MS));
 	}
 	req.prq_after = readl(sd->regs + REG_PRQ_STATS);
-	if (status & STATUS_ERROR) {
-		dev_err(dev, "PASID %u: STATUS.ERROR %#x (completion record not writable?)\n",
+	if (!sva_reached(sd, target)) {
+		dev_err(dev, "PASID %u: the engine stopped (STATUS %#x): descriptor fetch failed?\n",
 			ctx->pasid, status);
+		sva_hw_start(sd);
+		ret = -EIO;
+		goto out;
+	}
+	/* STATUS.ERROR says some descriptor ended with an error: the record tells which. */
+	status = readl(sd->regs + REG_STATUS);
+	if (status & STATUS_ERROR)
 		writel(CTRL_CLEAR_ERROR | CTRL_ENABLE, sd->regs + REG_CTRL);
-		if ((s32)(readl(sd->regs + REG_COMPLETED) - target) < 0) {
-			/* The descriptor did not end: restart the engine. */
-			sva_hw_start(sd);
-		}
+	if (atomic_read(&sd->error_irqs) != error_irqs) {
+		/* Vector 1: the completion record could not be written. */
+		dev_err(dev, "PASID %u: the completion record at %#llx was not written\n",
+			ctx->pasid, req.completion);
 		ret = -EIO;
 		goto out;
 	}
