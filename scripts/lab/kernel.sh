@@ -60,7 +60,7 @@ while [ $# -gt 0 ]; do
         shift
         ;;
     -h | --help)
-        sed -n '2,34p' "$0"
+        sed -n '2,31p' "$0"
         exit 0
         ;;
     *) lab_die "kernel: unknown argument '$1'" ;;
