@@ -86,8 +86,8 @@ pub enum SerialSink {
     Stdout,
     /// An in-memory buffer.
     Capture(CaptureBuffer),
-    /// A file.
-    File(std::fs::File),
+    /// A file, with the cap on bytes this run writes to it.
+    File(std::fs::File, u64),
     /// Discarded.
     Off,
 }
@@ -106,7 +106,7 @@ pub fn add_serial(vm: &Vm, sink: SerialSink) -> Result<Arc<Mutex<Serial>>, RunEr
             }
         },
         SerialSink::Capture(b) => Some(Box::new(b)),
-        SerialSink::File(f) => Some(Box::new(ConsoleOutput::file(f, DEFAULT_FILE_CAP))),
+        SerialSink::File(f, cap) => Some(Box::new(ConsoleOutput::file(f, cap))),
         SerialSink::Off => None,
     };
     let irq: Option<Arc<dyn InterruptLine>> = match vm.gsi_router() {
@@ -338,7 +338,7 @@ pub fn boot(
     let sink = match &cfg.serial {
         SerialConfig::Tty => SerialSink::Stdout,
         SerialConfig::Off => SerialSink::Off,
-        SerialConfig::File(path) => SerialSink::File(
+        SerialConfig::File { path, max_size } => SerialSink::File(
             OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -347,6 +347,7 @@ pub fn boot(
                     path: path.clone(),
                     source,
                 })?,
+            max_size.unwrap_or(DEFAULT_FILE_CAP),
         ),
     };
     let serial = add_serial(&vm, sink)?;

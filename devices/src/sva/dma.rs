@@ -1,7 +1,7 @@
 //! How the engine's DMA leaves it: [`DeviceDma`], one access at (PASID, address) with the
 //! request attributes (privileged, PRI), whose fixable faults hand back a pending page
 //! request to wait on. [`ViewDma`] implements it over the vIOMMU's
-//! [`DmaView`](crate::viommu::DmaView) (the VMM's soft backend); tests implement it with
+//! [`DmaView`] (the VMM's soft backend); tests implement it with
 //! fakes whose page requests they answer themselves.
 
 use std::sync::Arc;

@@ -96,7 +96,11 @@
 //!   one outstanding. A page response Success is retried at most
 //!   [`SvaOptions::max_retries_per_page`] times per access, then PAGE_FAULT. The completion
 //!   record write follows the same PRI protocol as the copy.
-//! - No DMA while the command register's Bus Master Enable is clear.
+//! - PRI Enable is read at every access: once the guest clears it, an outstanding request
+//!   is still waited for, but no new one is sent (the retry faults: PAGE_FAULT). PRI Stopped
+//!   reads as the inverse of PRI Enable.
+//! - No DMA while the command register's Bus Master Enable is clear; clearing it, or PASID
+//!   Enable under a PASID descriptor, abandons the descriptor in flight (as disable does).
 //! - RING_BASE and RING_SIZE writes are ignored while ENABLED. ENABLE with a bad ring size
 //!   or a RING_BASE not 64-byte aligned sets STATUS.ERROR and leaves the engine disabled.
 //!   ENABLE resets COMPLETED and PRQ_STATS and keeps HEAD/TAIL (reduced mod RING_SIZE).
@@ -117,6 +121,9 @@ pub mod worker;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod soft_tests;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! The engine's worker thread and the state it shares with the vCPU side.
 //!
-//! A vCPU's register write only changes [`Regs`] under a short lock and wakes the worker; the
+//! A vCPU's register write only changes the register state under a short lock and wakes the worker; the
 //! worker never holds that lock across a DMA or a page-request wait, so a vCPU is never
 //! blocked behind a descriptor (the vCPU that must service the guest's PRQ in particular).
 //! The worker runs one descriptor at a time: fetch (without PASID, without PRI), validate,
@@ -145,6 +145,8 @@ struct Job {
     generation: u64,
     slot: u64,
     caps: CapState,
+    /// The accesses in flight use a PASID: clearing PASID Enable abandons them.
+    uses_pasid: bool,
 }
 
 /// Why an access ended the descriptor.
@@ -168,9 +170,22 @@ impl Shared {
         }
     }
 
-    fn aborted(&self, generation: u64) -> bool {
+    /// Whether the descriptor in flight must be abandoned: shutdown, RESET, disable, Bus
+    /// Master Enable cleared, or PASID Enable cleared under a PASID descriptor.
+    fn aborted(&self, job: &Job) -> bool {
         let r = lock(&self.regs);
-        r.shutdown || r.generation != generation || !r.enabled || !r.caps.bus_master
+        r.shutdown
+            || r.generation != job.generation
+            || !r.enabled
+            || !r.caps.bus_master
+            || (job.uses_pasid && !r.caps.pasid.enabled)
+    }
+
+    /// Whether page requests may be sent now (PRI Enable and an allocation, as the guest
+    /// has them at this moment: a PRI disable stops new requests at once).
+    fn pri_live(&self) -> bool {
+        let r = lock(&self.regs);
+        r.caps.pri_enabled && r.caps.pri_alloc > 0
     }
 
     /// Waits for the next descriptor; `None` on shutdown.
@@ -195,6 +210,7 @@ impl Shared {
             generation: r.generation,
             slot: r.ring_base.wrapping_add(slot * abi::DESC_SIZE as u64),
             caps: r.caps,
+            uses_pasid: false,
         })
     }
 
@@ -207,7 +223,7 @@ impl Shared {
     ) -> Result<Option<PageResponseCode>, Fail> {
         let deadline = Instant::now() + self.opts.page_request_timeout;
         loop {
-            if self.aborted(job.generation) {
+            if self.aborted(job) {
                 return Err(Fail::Aborted);
             }
             let now = Instant::now();
@@ -237,6 +253,10 @@ impl Shared {
     ) -> Result<(), Fail> {
         let mut retries = 0u32;
         loop {
+            let req = DmaRequest {
+                pri: req.pri && self.pri_live(),
+                ..req
+            };
             let pending = match op(req) {
                 Ok(()) => return Ok(()),
                 Err(AccessError::Fault | AccessError::Invalid) => {
@@ -287,7 +307,7 @@ impl Shared {
         let pasid = d.pasid.map(Pasid);
         let mut done = 0u64;
         while done < d.len {
-            if self.aborted(job.generation) {
+            if self.aborted(job) {
                 return Err(Fail::Aborted);
             }
             // No overflow: validation checked src + len and dst + len.
@@ -312,7 +332,7 @@ impl Shared {
     }
 
     /// Runs one descriptor to its end.
-    fn run_one(&self, job: &Job, buf: &mut [u8]) {
+    fn run_one(&self, job: &mut Job, buf: &mut [u8]) {
         let mut raw = [0u8; abi::DESC_SIZE];
         let fetched = self
             .dma
@@ -335,6 +355,7 @@ impl Shared {
         let pri_ok = job.caps.pri_enabled && job.caps.pri_alloc > 0;
         let (status, bytes, cpasid, creq, interrupt) = match raw.validate(&job.caps.pasid) {
             Ok(d) => {
+                job.uses_pasid = d.pasid.is_some();
                 let req = DmaRequest {
                     privileged: d.privileged,
                     exec: false,
@@ -354,6 +375,7 @@ impl Shared {
             ),
         };
         let record = abi::encode_completion(status, bytes);
+        job.uses_pasid = cpasid.is_some();
         let written = self.access(job, creq, |req| {
             self.dma
                 .write(cpasid.map(Pasid), raw.completion, &record, req)
@@ -404,8 +426,8 @@ impl Shared {
 /// The worker thread's body: runs descriptors until shutdown.
 pub(crate) fn run(shared: Arc<Shared>) {
     let mut buf = vec![0u8; PAGE as usize];
-    while let Some(job) = shared.next_job() {
-        shared.run_one(&job, &mut buf);
+    while let Some(mut job) = shared.next_job() {
+        shared.run_one(&mut job, &mut buf);
         shared.wake.notify_all();
     }
     lock(&shared.regs).busy = false;

@@ -36,16 +36,16 @@ pub fn tests() -> Vec<LabTest> {
             run: viommu_nested_bridge_mock,
         },
         LabTest {
-            name: "viommu_shadow_edu_dma",
-            run: viommu_shadow_edu_dma,
+            name: "viommu_bridge_shadow_edu_dma",
+            run: viommu_bridge_shadow_edu_dma,
         },
         LabTest {
-            name: "viommu_shadow_unmap_plus_invalidate_blocks_dma",
-            run: viommu_shadow_unmap_plus_invalidate_blocks_dma,
+            name: "viommu_bridge_shadow_unmap_blocks_dma",
+            run: viommu_bridge_shadow_unmap_blocks_dma,
         },
         LabTest {
-            name: "viommu_missing_invalidation_is_guest_bug_not_host_hole",
-            run: viommu_missing_invalidation_is_guest_bug_not_host_hole,
+            name: "viommu_bridge_missing_invalidation_stays_in_ram",
+            run: viommu_bridge_missing_invalidation_stays_in_ram,
         },
     ]
 }
@@ -170,7 +170,7 @@ fn load_edu(sh: &Shadow, edu: &EduBus<'_>, seed: u8) -> Result<Vec<u8>, String> 
     Ok(want)
 }
 
-fn viommu_shadow_edu_dma() -> TestResult {
+fn viommu_bridge_shadow_edu_dma() -> TestResult {
     let sh = shadow_fixture()?;
     let edu = sh.a.bring_up()?;
     let want = load_edu(&sh, &edu, 0x3c)?;
@@ -205,7 +205,7 @@ fn viommu_shadow_edu_dma() -> TestResult {
     sh.teardown()
 }
 
-fn viommu_shadow_unmap_plus_invalidate_blocks_dma() -> TestResult {
+fn viommu_bridge_shadow_unmap_blocks_dma() -> TestResult {
     let sh = shadow_fixture()?;
     let edu = sh.a.bring_up()?;
     load_edu(&sh, &edu, 0x51)?;
@@ -239,7 +239,7 @@ fn viommu_shadow_unmap_plus_invalidate_blocks_dma() -> TestResult {
     sh.teardown()
 }
 
-fn viommu_missing_invalidation_is_guest_bug_not_host_hole() -> TestResult {
+fn viommu_bridge_missing_invalidation_stays_in_ram() -> TestResult {
     let sh = shadow_fixture()?;
     let edu = sh.a.bring_up()?;
     let want = load_edu(&sh, &edu, 0x77)?;

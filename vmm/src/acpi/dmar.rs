@@ -15,6 +15,8 @@
 //! DRHD  0  type 0 (u16), 2 length (u16), 4 flags (bit 0 INCLUDE_PCI_ALL),
 //!       5  size (register set is 2^size 4 KiB pages), 6 segment (u16), 8 register base (u64),
 //!      16  device scopes
+//! SATC  0  type 5 (u16), 2 length (u16), 4 flags (bit 0 ATC_REQUIRED), 5 reserved,
+//!       6  segment (u16), 8 device scopes
 //! scope 0  type (1: PCI endpoint), 1 length (6 + 2 per path entry), 2 flags, 3 reserved,
 //!       4  enumeration id (0 for PCI), 5 start bus, 6 path: (device, function) pairs
 //! ```
@@ -74,6 +76,19 @@ pub struct DrhdUnit {
     pub endpoints: Vec<PciEndpoint>,
 }
 
+/// An SoC integrated address translation cache (SATC) structure: the integrated endpoints
+/// of a segment that have an ATC (Linux looks an integrated endpoint up here before it turns
+/// ATS on: `dmar_ats_supported` -> `dmar_find_matched_satc_unit`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SatcUnit {
+    /// PCI segment.
+    pub segment: u16,
+    /// The endpoints must use their ATC (ATC_REQUIRED).
+    pub atc_required: bool,
+    /// The endpoints.
+    pub endpoints: Vec<PciEndpoint>,
+}
+
 /// The whole table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DmarConfig {
@@ -83,6 +98,8 @@ pub struct DmarConfig {
     pub flags: u8,
     /// The units.
     pub units: Vec<DrhdUnit>,
+    /// SATC structures (after the units, as the specification orders structure types).
+    pub satc: Vec<SatcUnit>,
 }
 
 /// A DMAR that cannot be built.
@@ -153,7 +170,17 @@ fn drhd_bytes(u: &DrhdUnit) -> Result<Vec<u8>, DmarError> {
     v.push(size);
     v.extend_from_slice(&u.segment.to_le_bytes());
     v.extend_from_slice(&u.register_base.to_le_bytes());
-    for e in &u.endpoints {
+    scope_bytes(&mut v, &u.endpoints);
+    Ok(v)
+}
+
+/// Structure type of an SATC.
+const TYPE_SATC: u16 = 5;
+/// Fixed part of an SATC.
+const SATC_FIXED_LEN: usize = 8;
+
+fn scope_bytes(v: &mut Vec<u8>, endpoints: &[PciEndpoint]) {
+    for e in endpoints {
         v.extend_from_slice(&[
             SCOPE_PCI_ENDPOINT,
             SCOPE_LEN as u8,
@@ -165,6 +192,28 @@ fn drhd_bytes(u: &DrhdUnit) -> Result<Vec<u8>, DmarError> {
             e.function,
         ]);
     }
+}
+
+fn satc_bytes(u: &SatcUnit) -> Result<Vec<u8>, DmarError> {
+    if u.endpoints.is_empty() {
+        return Err(DmarError::Shape("an SATC without endpoints".into()));
+    }
+    if let Some(e) = u.endpoints.iter().find(|e| e.device > 31 || e.function > 7) {
+        return Err(DmarError::Shape(format!(
+            "SATC endpoint {:02x}:{:02x}.{} is not a PCI address",
+            e.bus, e.device, e.function
+        )));
+    }
+    let len = SATC_FIXED_LEN + SCOPE_LEN * u.endpoints.len();
+    let len16 = u16::try_from(len)
+        .map_err(|_| DmarError::Shape(format!("{} SATC scopes do not fit", u.endpoints.len())))?;
+    let mut v = Vec::with_capacity(len);
+    v.extend_from_slice(&TYPE_SATC.to_le_bytes());
+    v.extend_from_slice(&len16.to_le_bytes());
+    v.push(u8::from(u.atc_required));
+    v.push(0);
+    v.extend_from_slice(&u.segment.to_le_bytes());
+    scope_bytes(&mut v, &u.endpoints);
     Ok(v)
 }
 
@@ -188,6 +237,9 @@ pub fn dmar_table(cfg: &DmarConfig) -> Result<Vec<u8>, DmarError> {
     sdt.write_u8(37, cfg.flags);
     for u in &cfg.units {
         sdt.append_slice(&drhd_bytes(u)?);
+    }
+    for u in &cfg.satc {
+        sdt.append_slice(&satc_bytes(u)?);
     }
     Ok(sdt.as_slice().to_vec())
 }
@@ -224,6 +276,7 @@ mod tests {
         let cfg = DmarConfig {
             address_width: 48,
             flags: 0,
+            satc: vec![],
             units: vec![
                 unit(0xfed9_0000, vec![ep(3), ep(24), ep(25)]),
                 DrhdUnit {
@@ -283,6 +336,7 @@ mod tests {
         let t = dmar_table(&DmarConfig {
             address_width: 39,
             flags: DMAR_INTR_REMAP,
+            satc: vec![],
             units: vec![DrhdUnit {
                 include_pci_all: true,
                 ..unit(0xfed9_0000, vec![])
@@ -297,12 +351,47 @@ mod tests {
     }
 
     #[test]
+    fn satc_follows_the_units() {
+        let t = dmar_table(&DmarConfig {
+            address_width: 48,
+            flags: 0,
+            units: vec![unit(0xfed9_0000, vec![ep(24)])],
+            satc: vec![SatcUnit {
+                segment: 0,
+                atc_required: true,
+                endpoints: vec![ep(24), ep(25)],
+            }],
+        })
+        .unwrap();
+        assert_eq!(t.len(), 48 + 24 + 8 + 16);
+        assert_eq!(t.iter().fold(0u8, |a, x| a.wrapping_add(*x)), 0);
+        let s = &t[48 + 24..];
+        assert_eq!(u16_at(s, 0), 5, "type SATC");
+        assert_eq!(u16_at(s, 2), 24);
+        assert_eq!(s[4], 1, "ATC_REQUIRED");
+        assert_eq!(u16_at(s, 6), 0, "segment");
+        assert_eq!((s[8], s[8 + 6], s[16 + 6]), (1, 24, 25));
+        assert!(dmar_table(&DmarConfig {
+            address_width: 48,
+            flags: 0,
+            units: vec![unit(0xfed9_0000, vec![])],
+            satc: vec![SatcUnit {
+                segment: 0,
+                atc_required: false,
+                endpoints: vec![],
+            }],
+        })
+        .is_err());
+    }
+
+    #[test]
     fn dmar_refuses_what_linux_would_refuse() {
         let one = |u: DrhdUnit| {
             dmar_table(&DmarConfig {
                 address_width: 48,
                 flags: 0,
                 units: vec![u],
+                satc: vec![],
             })
         };
         assert_eq!(
@@ -331,7 +420,8 @@ mod tests {
             dmar_table(&DmarConfig {
                 address_width: 20,
                 flags: 0,
-                units: vec![unit(0xfed9_0000, vec![])]
+                units: vec![unit(0xfed9_0000, vec![])],
+                satc: vec![],
             }),
             Err(DmarError::AddressWidth(20))
         );
@@ -339,7 +429,8 @@ mod tests {
             dmar_table(&DmarConfig {
                 address_width: 48,
                 flags: 0,
-                units: vec![]
+                units: vec![],
+                satc: vec![],
             }),
             Err(DmarError::Shape(_))
         ));

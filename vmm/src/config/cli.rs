@@ -59,23 +59,22 @@ pub struct VmArgs {
     #[arg(long, value_name = "path=..|fd=..,iommu=on|off,pasid=on|off,id=..", num_args = 1..)]
     pub device: Vec<String>,
     /// Platform: iommufd=on|off|auto (iommufd cdevs or the VFIO container),
-    /// iommu_address_width=BITS (vIOMMU guest address width, 39-64, default 48; the DMAR's
-    /// host address width is BITS-1), viommu=vtd|off (an emulated Intel VT-d that the guest
-    /// programs itself). With viommu=vtd, QEMU's intel-iommu property names:
+    /// iommu_address_width=BITS (vIOMMU guest address width, default 48; with viommu=vtd 39,
+    /// 48 or 57; the DMAR's host address width is BITS-1), viommu=vtd|off (an emulated
+    /// Intel VT-d that the guest programs itself). With viommu=vtd, QEMU's intel-iommu
+    /// property names:
     /// scalable-mode=on|off (default on), fsts=on|off|auto (first-stage translation, ECAP.FSTS;
     /// auto: only where the host can honour it; on fails at start for a device behind the
     /// vIOMMU whose host IOMMU has no nesting, because Linux does not invalidate after
     /// first-stage maps and a shadow could not follow), pasid-bits=N (PASID width offered to
     /// the guest, 0-20, default 0 = none), svm=on|off (shared virtual addressing with page
     /// requests; needs pasid-bits and first stage).
-    #[arg(
-        long,
-        value_name = "iommufd=on|off|auto,iommu_address_width=<bits>,viommu=vtd|off,\
-                      scalable-mode=on|off,fsts=on|off|auto,pasid-bits=<n>,svm=on|off"
-    )]
+    #[arg(long, value_name = "key=value,...")]
     pub platform: Option<String>,
-    /// Serial console (COM1): tty, file=PATH or off.
-    #[arg(long, value_name = "tty|file=<path>|off")]
+    /// Serial console (COM1): tty, file=PATH[,max_size=BYTES] or off. Output never blocks
+    /// the guest: what stdout or the file cannot take is dropped and counted; a file stops
+    /// growing after max_size bytes from this run (default 64M; K, M, G suffixes).
+    #[arg(long, value_name = "tty|file=<path>[,max_size=<bytes>]|off")]
     pub serial: Option<String>,
     /// REST API socket path.
     #[arg(long, value_name = "PATH")]

@@ -29,8 +29,14 @@ pub struct MemoryConfig {
 pub enum SerialConfig {
     /// stdout, with stdin input when it is a terminal.
     Tty,
-    /// Append to a file.
-    File(PathBuf),
+    /// Append to a file, at most `max_size` bytes per run (`None`: the default cap,
+    /// [`crate::serial::DEFAULT_FILE_CAP`]).
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The cap on bytes written by this run.
+        max_size: Option<u64>,
+    },
     /// No output.
     Off,
 }
@@ -77,12 +83,32 @@ pub(super) fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
 }
 
 pub(super) fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
-    const ACCEPTED: &str = "tty, file=<path>, off";
+    const ACCEPTED: &str = "tty, file=<path>[,max_size=<bytes>], off";
     match s {
         "tty" => Ok(SerialConfig::Tty),
         "off" | "null" => Ok(SerialConfig::Off),
         _ => match s.strip_prefix("file=") {
-            Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+            Some(rest) if !rest.is_empty() => {
+                // A path may contain commas; only a trailing `,max_size=` is an option.
+                let (path, max_size) = match rest.rsplit_once(",max_size=") {
+                    Some((p, v)) => match parse_size(v) {
+                        Some(n) if n > 0 && !p.is_empty() => (p, Some(n)),
+                        _ => {
+                            return Err(ConfigError::InvalidValue {
+                                flag: "--serial",
+                                key: "max_size".into(),
+                                value: v.to_string(),
+                                accepted: "a size in bytes above 0 (K, M, G suffixes)",
+                            })
+                        }
+                    },
+                    None => (rest, None),
+                };
+                Ok(SerialConfig::File {
+                    path: PathBuf::from(path),
+                    max_size,
+                })
+            }
             _ => Err(ConfigError::InvalidValue {
                 flag: "--serial",
                 key: "mode".into(),

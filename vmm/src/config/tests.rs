@@ -69,7 +69,13 @@ fn full_command_line() {
     assert_eq!(c.platform.iommufd, OnOffAuto::On);
     assert_eq!(c.platform.iommu_address_width, Some(48));
     assert_eq!(c.platform.viommu, ViommuKind::Vtd);
-    assert_eq!(c.serial, SerialConfig::File("/tmp/s.log".into()));
+    assert_eq!(
+        c.serial,
+        SerialConfig::File {
+            path: "/tmp/s.log".into(),
+            max_size: None
+        }
+    );
     assert_eq!(c.api_socket, Some("/tmp/api.sock".into()));
 }
 
@@ -416,12 +422,12 @@ fn serial_modes() {
     rejects(
         &["--kernel", "/k", "--serial", "pty"],
         "--serial",
-        "tty, file=<path>, off",
+        "tty, file=<path>[,max_size=<bytes>], off",
     );
     rejects(
         &["--kernel", "/k", "--serial", "file="],
         "--serial",
-        "tty, file=<path>, off",
+        "tty, file=<path>[,max_size=<bytes>], off",
     );
 }
 
@@ -478,4 +484,23 @@ fn iommu_info_subcommand() {
         }
     );
     assert!(Cli::try_parse_from(["ioasid-vmm", "iommu-info"]).is_err());
+}
+
+#[test]
+fn serial_file_takes_a_size_cap() {
+    assert_eq!(
+        parse_serial("file=/tmp/a,b.log,max_size=1M").unwrap(),
+        SerialConfig::File {
+            path: "/tmp/a,b.log".into(),
+            max_size: Some(1 << 20)
+        }
+    );
+    for bad in [
+        "file=/tmp/x,max_size=0",
+        "file=/tmp/x,max_size=lots",
+        "file=,max_size=1M",
+    ] {
+        let e = parse_serial(bad).unwrap_err().to_string();
+        assert!(e.contains("max_size"), "{bad}: {e}");
+    }
 }

@@ -42,9 +42,9 @@ pub fn to_api(cfg: &VmConfig) -> ApiVmConfig {
     let serial = match &cfg.serial {
         SerialConfig::Tty => ConsoleConfig::mode(ConsoleMode::Tty),
         SerialConfig::Off => ConsoleConfig::mode(ConsoleMode::Null),
-        SerialConfig::File(f) => ConsoleConfig {
+        SerialConfig::File { path, .. } => ConsoleConfig {
             mode: ConsoleMode::File,
-            file: Some(f.clone()),
+            file: Some(path.clone()),
         },
     };
     let mut platform = BTreeMap::new();

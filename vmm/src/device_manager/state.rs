@@ -136,10 +136,11 @@ impl DeviceManager {
 
     /// `vm.counters`. With a vIOMMU: guest invalidation descriptors and faults recorded (the
     /// model), host invalidation calls and shadow map/unmap calls (the bridge), with every
-    /// model and bridge count under `_viommu` (`model_*`, `bridge_*`). `host_ioctls` and `invalidations` are the iommufd backend's own
-    /// counters (0 with type1, which does not count its calls; they restart when the backend
-    /// is reopened after the last device left). Fault and page-request counters are 0: no
-    /// fault queue is wired yet. Per device: `dev_id` (devices bound to a backend), `msi_vectors`, `msi_vectors_masked`,
+    /// model and bridge count under `_viommu` (`model_*`, `bridge_*`). `host_ioctls` and
+    /// `invalidations` are the iommufd backend's own counters (0 with type1, which does not
+    /// count its calls; they restart when the backend is reopened after the last device
+    /// left). Fault and page-request counters are 0: no fault queue is wired yet. Per device:
+    /// `dev_id` (devices bound to a backend), `msi_vectors`, `msi_vectors_masked`,
     /// `bar_windows_mapped`; the VM-wide `ram_map_calls` and `ram_regions` are under `_vm`.
     pub fn counters(&self) -> VmCounters {
         let (host_ioctls, invalidations) = match self.dma.as_ref().map(|d| &d.backend) {

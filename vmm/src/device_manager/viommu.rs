@@ -28,7 +28,7 @@ use log::info;
 
 use super::dma::{unmap_ram, RamMapping};
 use super::{lock, Assigned, DeviceManager, DeviceManagerError, Reason, PCI_SEGMENT};
-use crate::acpi::dmar::{dmar_table, DmarConfig, DmarError, DrhdUnit, PciEndpoint};
+use crate::acpi::dmar::{dmar_table, DmarConfig, DmarError, DrhdUnit, PciEndpoint, SatcUnit};
 use crate::config::{OnOffAuto, PlatformConfig, ViommuConfig, ViommuKind};
 use crate::layout::{VIOMMU_SLOTS, VTD_REGS_SIZE, VTD_REGS_START};
 use crate::viommu::{
@@ -144,24 +144,7 @@ impl ViommuState {
     /// it cannot: a unit that offers first stage needs host nesting (Linux does not
     /// invalidate after first-stage maps under caching mode, so a shadow could not follow).
     pub fn refuse_assigned(&self, nesting: Result<bool, &str>) -> Option<String> {
-        if !self.first_stage {
-            return None;
-        }
-        let why = match nesting {
-            Ok(true) => return None,
-            Ok(false) => "its host IOMMU has no nesting".to_string(),
-            Err(e) => format!("its host IOMMU capabilities are unknown ({e})"),
-        };
-        Some(format!(
-            "iommu=on with a vIOMMU that offers first-stage translation (fsts={}), but {why}: \
-             Linux does not invalidate after first-stage maps under caching mode, so a shadow \
-             cannot follow them; use fsts=off (or auto)",
-            match self.setup.vtd.fsts {
-                OnOffAuto::On => "on",
-                OnOffAuto::Off => "off",
-                OnOffAuto::Auto => "auto, resolved to on",
-            }
-        ))
+        refuse_assigned(self.first_stage, self.setup.vtd.fsts, nesting)
     }
 
     /// Drops the host bridge (the backend goes), keeping its counts.
@@ -182,6 +165,34 @@ impl ViommuState {
         }
         c
     }
+}
+
+/// Why an assigned device whose host IOMMU can (`Ok(true)`) or cannot nest, or whose
+/// capabilities are unknown, cannot sit behind a unit offering first stage (`first_stage`,
+/// resolved from `fsts`); `None` when it can.
+pub fn refuse_assigned(
+    first_stage: bool,
+    fsts: OnOffAuto,
+    nesting: Result<bool, &str>,
+) -> Option<String> {
+    if !first_stage {
+        return None;
+    }
+    let why = match nesting {
+        Ok(true) => return None,
+        Ok(false) => "its host IOMMU has no nesting".to_string(),
+        Err(e) => format!("its host IOMMU capabilities are unknown ({e})"),
+    };
+    Some(format!(
+        "iommu=on with a vIOMMU that offers first-stage translation (fsts={}), but {why}: \
+         Linux does not invalidate after first-stage maps under caching mode, so a shadow \
+         cannot follow them; use fsts=off (or auto)",
+        match fsts {
+            OnOffAuto::On => "on",
+            OnOffAuto::Off => "off",
+            OnOffAuto::Auto => "auto, resolved to on",
+        }
+    ))
 }
 
 /// Adds the monotonic counts of `b` to `a` (the live gauges are `b`'s).
@@ -321,7 +332,34 @@ impl SlotScope {
 /// at boot, the unit would never be used. The host bridge always exists and never does DMA
 /// (QEMU's single DRHD covers it too, with INCLUDE_PCI_ALL); the model ignores context
 /// entries of devices it was not given.
-pub fn dmar_for(segment: u16, address_width: u8, slots: &[u8]) -> Result<Vec<u8>, DmarError> {
+///
+/// With `ats` (`svm=on`: page requests need the device TLB), an SATC lists the scope slots
+/// as integrated endpoints with an ATC, which Linux requires before it enables ATS on an
+/// integrated endpoint.
+pub fn dmar_for(
+    segment: u16,
+    address_width: u8,
+    slots: &[u8],
+    ats: bool,
+) -> Result<Vec<u8>, DmarError> {
+    let satc = slots
+        .iter()
+        .filter(|s| **s != 0)
+        .map(|&device| PciEndpoint {
+            bus: 0,
+            device,
+            function: 0,
+        })
+        .collect::<Vec<_>>();
+    let satc = if ats && !satc.is_empty() {
+        vec![SatcUnit {
+            segment,
+            atc_required: false,
+            endpoints: satc,
+        }]
+    } else {
+        Vec::new()
+    };
     let endpoints = std::iter::once(0)
         .chain(slots.iter().copied().filter(|s| *s != 0))
         .map(|device| PciEndpoint {
@@ -341,6 +379,7 @@ pub fn dmar_for(segment: u16, address_width: u8, slots: &[u8]) -> Result<Vec<u8>
             include_pci_all: false,
             endpoints,
         }],
+        satc,
     })
 }
 
@@ -715,7 +754,7 @@ impl DeviceManager {
             return Ok(Vec::new());
         };
         let slots = v.slots.seal();
-        let dmar = dmar_for(PCI_SEGMENT, v.setup.address_width, &slots)
+        let dmar = dmar_for(PCI_SEGMENT, v.setup.address_width, &slots, v.setup.vtd.svm)
             .map_err(|e| DeviceManagerError::step("the vIOMMU", "building the DMAR", e))?;
         info!(
             "DMAR: one DRHD at {VTD_REGS_START:#x}, host address width {}, scope slots {slots:?}",
@@ -767,7 +806,7 @@ mod tests {
 
     #[test]
     fn dmar_lists_the_scope_at_the_register_base() {
-        let t = dmar_for(0, 48, &[3, 24]).unwrap();
+        let t = dmar_for(0, 48, &[3, 24], false).unwrap();
         assert_eq!(t[36], 47);
         assert_eq!(
             u64::from_le_bytes(t[56..64].try_into().unwrap()),
@@ -776,6 +815,23 @@ mod tests {
         // The host bridge first (keeps the unit alive in Linux), then the scope.
         assert_eq!((t[64 + 6], t[72 + 6], t[80 + 6]), (0, 3, 24));
         assert_eq!(t.len(), 48 + 16 + 3 * 8);
+        // svm=on: an SATC after the unit lists the scope (not the host bridge).
+        let t = dmar_for(0, 48, &[3, 24], true).unwrap();
+        let satc = &t[48 + 16 + 3 * 8..];
+        assert_eq!(u16::from_le_bytes([satc[0], satc[1]]), 5);
+        assert_eq!((satc[8 + 6], satc[16 + 6]), (3, 24));
+        assert_eq!(satc.len(), 8 + 2 * 8);
+    }
+
+    #[test]
+    fn first_stage_refuses_assigned_devices_the_host_cannot_nest() {
+        assert_eq!(refuse_assigned(false, OnOffAuto::Off, Ok(false)), None);
+        assert_eq!(refuse_assigned(true, OnOffAuto::On, Ok(true)), None);
+        let no = refuse_assigned(true, OnOffAuto::On, Ok(false)).unwrap();
+        assert!(no.contains("fsts=on") && no.contains("no nesting"), "{no}");
+        assert!(no.contains("Linux does not invalidate after first-stage maps"));
+        let unknown = refuse_assigned(true, OnOffAuto::Auto, Err("type1")).unwrap();
+        assert!(unknown.contains("unknown (type1)") && unknown.contains("auto"));
     }
 
     #[test]
