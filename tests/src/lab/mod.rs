@@ -18,6 +18,7 @@ pub mod pdev_tests;
 pub mod viommu_mock_tests;
 pub mod viommu_shadow_tests;
 pub mod vmm_tests;
+pub mod vsva_mock_tests;
 
 use crate::harness::LabTest;
 
@@ -29,6 +30,7 @@ pub fn all() -> Vec<LabTest> {
     v.extend(viommu_shadow_tests::tests());
     v.extend(mock_tests::tests());
     v.extend(viommu_mock_tests::tests());
+    v.extend(vsva_mock_tests::tests());
     v.extend(kvm::tests());
     v.extend(l3_tests::tests());
     v.extend(l3_viommu_tests::tests());

@@ -415,9 +415,19 @@ fn viommu_nested_bridge_mock() -> TestResult {
         .set_translation(bdf, p, Translation::FirstStage { did: 3, table: t1 })
         .map_err(s)?;
     let n3 = hwpt_of(&bridge, bdf, p)?;
+    // The host PASID the VM's PASID space gave guest PASID 5 (vSVA: not the guest's value).
+    let host = |bridge: &VtdBridge| {
+        bridge
+            .pasid_space()
+            .lock()
+            .map_err(|e| e.to_string())?
+            .translate(mock.dev, p)
+            .ok_or_else(|| "PASID 5 has no host PASID".to_string())
+    };
+    let hp = host(&bridge)?;
     ensure!(
-        b.selftest().pasid_check_hwpt(&mock, p, n3).map_err(s)?,
-        "PASID 5 is not attached to nested HWPT {}",
+        b.selftest().pasid_check_hwpt(&mock, hp, n3).map_err(s)?,
+        "PASID 5 (host {hp}) is not attached to nested HWPT {}",
         n3.0
     );
     slots(&b, n3, [tag1; 4])?;
@@ -426,13 +436,14 @@ fn viommu_nested_bridge_mock() -> TestResult {
         .map_err(s)?;
     ensure!(
         b.selftest()
-            .pasid_check_hwpt(&mock, p, HwptId(0))
+            .pasid_check_hwpt(&mock, hp, HwptId(0))
             .map_err(s)?,
         "PASID 5 still attached after the guest cleared its entry"
     );
     bridge
         .set_translation(bdf, p, Translation::FirstStage { did: 3, table: t2 })
         .map_err(s)?;
+    let hp = host(&bridge)?;
 
     // Removal: every nested HWPT, the nest parent and the PASID are released.
     let rel = bridge.remove(bdf).map_err(s)?;
@@ -448,7 +459,7 @@ fn viommu_nested_bridge_mock() -> TestResult {
     );
     ensure!(
         b.selftest()
-            .pasid_check_hwpt(&mock, p, HwptId(0))
+            .pasid_check_hwpt(&mock, hp, HwptId(0))
             .map_err(s)?,
         "PASID 5 still attached after remove"
     );

@@ -76,6 +76,16 @@ impl ViommuBridge for VtdBridge {
             hp = Some(h);
             fresh = true;
         }
+        if t == Translation::Blocked {
+            // Torn down: what the device still waits for is answered first, while the
+            // group is still pending on the host (the kernel answers a detached PASID's
+            // pending faults itself, and refuses ours after that).
+            let st = &mut *st;
+            if let Some(h) = st.devices.get_mut(&bdf).and_then(|d| d.fault.as_mut()) {
+                let which = Some(Some(pasid).filter(|p| p.0 != 0));
+                st.prq.answer_device(h, bdf, which, &mut st.counters);
+            }
+        }
         let new = match self.bind(&mut st, bdf, pasid, hp, t, old) {
             Ok(b) => b,
             Err(e) => {
@@ -96,17 +106,9 @@ impl ViommuBridge for VtdBridge {
             };
             self.release(&mut st, &*backend, bdf, pasid, old, None);
         }
-        if new == Binding::Blocked {
-            // Torn down: what the device still waits for is answered, and a PASID other
-            // than 0 gives its host PASID back.
-            let st = &mut *st;
-            if let Some(h) = st.devices.get_mut(&bdf).and_then(|d| d.fault.as_mut()) {
-                let which = Some(Some(pasid).filter(|p| p.0 != 0));
-                st.prq.answer_device(h, bdf, which, &mut st.counters);
-            }
-            if pasid.0 != 0 {
-                self.unbind_pasid(st, bdf, pasid);
-            }
+        if new == Binding::Blocked && pasid.0 != 0 {
+            // A PASID other than 0 gives its host PASID back.
+            self.unbind_pasid(&st, bdf, pasid);
         }
         if let Some(d) = st.devices.get_mut(&bdf) {
             d.bindings.insert(pasid, new);
