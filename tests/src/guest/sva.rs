@@ -5,7 +5,8 @@
 //!
 //! Tasks: `sva-copy` (`sva_bind_and_copy`: a copy between two of our buffers, data
 //! verified), `sva-iopf` (`sva_iopf`: the destination is freshly mmap-ed and never touched,
-//! so the device faults, L3's PRQ handler and iopf queue fault the pages in and answer;
+//! so the device faults, L3's PRQ handler (its `dmarN-prq` interrupt counts) and iopf queue
+//! fault the pages in and answer;
 //! also `sva_iopf_invalid`: a source with no mapping at all is answered Invalid and the
 //! record says PAGE_FAULT), `sva-two-procs` (`sva_two_processes_isolated`: two processes
 //! with the same virtual addresses and different contents never see each other's memory).
@@ -376,6 +377,40 @@ impl Drop for Region {
     }
 }
 
+/// Interrupts of intel-iommu's page request event (`dmarN-prq` in /proc/interrupts, the
+/// irq whose thread, `prq_event_thread`, reads the PRQ), summed over units and CPUs.
+fn prq_interrupts() -> Result<u64, String> {
+    let text = std::fs::read_to_string("/proc/interrupts")
+        .map_err(|e| format!("/proc/interrupts: {e}"))?;
+    let cpus = text
+        .lines()
+        .next()
+        .map_or(0, |h| h.split_whitespace().count());
+    let mut found = false;
+    let mut sum = 0u64;
+    for line in text.lines().skip(1) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if !words
+            .last()
+            .is_some_and(|w| w.starts_with("dmar") && w.ends_with("-prq"))
+        {
+            continue;
+        }
+        found = true;
+        sum += words
+            .iter()
+            .skip(1)
+            .take(cpus)
+            .filter_map(|w| w.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    if found {
+        Ok(sum)
+    } else {
+        Err("no dmarN-prq line in /proc/interrupts: intel-iommu did not enable its page request queue (ECAP.PRS?)".into())
+    }
+}
+
 /// A pattern that differs per `seed` and per byte.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
@@ -511,8 +546,10 @@ fn iopf(b: &Binding, dev: &str) -> Result<String, String> {
             "{present} of the fresh destination's {PAGES} pages are present before the copy"
         ));
     }
+    let irqs_before = prq_interrupts()?;
     let req = b.copy(src.addr(0), dst.addr(0), len as u64, rec.addr(0), 0)?;
     check_record(&req, b)?;
+    let prq_irqs = prq_interrupts()?.saturating_sub(irqs_before);
     let prq = req.prq_after.wrapping_sub(req.prq_before);
     let present = dst.present_pages()?;
     if let Some(d) = first_diff(&dst.read(0, len), &want, "fresh destination") {
@@ -529,8 +566,13 @@ fn iopf(b: &Binding, dev: &str) -> Result<String, String> {
             req.prq_before, req.prq_after
         ));
     }
+    if prq_irqs == 0 {
+        return Err(format!(
+            "{prq} page request(s) but no dmarN-prq interrupt: L3's PRQ handler was not woken"
+        ));
+    }
     Ok(format!(
-        "device {dev}; pasid={} {len} bytes into {PAGES} untouched pages at {:#x}: {prq} page request(s) (PRQ_STATS {}->{}), all {PAGES} pages present after, data verified",
+        "device {dev}; pasid={} {len} bytes into {PAGES} untouched pages at {:#x}: {prq} page request(s) (PRQ_STATS {}->{}), {prq_irqs} page request interrupt(s) of L3's intel-iommu, all {PAGES} pages present after, data verified",
         b.pasid,
         dst.addr(0),
         req.prq_before,
