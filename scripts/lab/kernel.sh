@@ -20,6 +20,11 @@
 #                      object tree.
 #       --config FILE  use FILE instead of the flavor's config (for experiments).
 #       --dry-run      say what would be done; install, unpack and build nothing.
+#   scripts/lab/kernel.sh --flavor l3 --module DIR [--dry-run]
+#       Build the external module in DIR (its Kbuild/Makefile; e.g. tests/l3-module) against
+#       the L3 kernel's object tree and print the path of its .ko, cached beside the bzImage
+#       as <cache>/kernel/<config sha256>/modules/<sha256 of DIR's files>/NAME.ko. The object
+#       tree is (re)built first when it holds another config or no Module.symvers.
 #   scripts/lab/kernel.sh [--flavor l2|l3] --regen-config [--dry-run]
 #       Regenerate the flavor's config from its fragment: l2: defconfig + kvm_guest.config +
 #       kernel/lab.fragment; l3: tinyconfig + kernel/l3.fragment; merged with
@@ -34,6 +39,7 @@ config=""
 flavor=l2
 dry_run=0
 regen=0
+module_dir=""
 while [ $# -gt 0 ]; do
     case "$1" in
     --flavor)
@@ -48,8 +54,13 @@ while [ $# -gt 0 ]; do
         ;;
     --dry-run) dry_run=1 ;;
     --regen-config) regen=1 ;;
+    --module)
+        [ $# -ge 2 ] || lab_die "kernel: --module needs a directory"
+        module_dir=$2
+        shift
+        ;;
     -h | --help)
-        sed -n '2,29p' "$0"
+        sed -n '2,31p' "$0"
         exit 0
         ;;
     *) lab_die "kernel: unknown argument '$1'" ;;
@@ -297,8 +308,11 @@ build_kernel() {
 
     local jobs
     jobs=$(nproc)
-    lab_say "kernel: make -j$jobs bzImage (log: $log)"
-    make -C "$src" O="$obj" -j"$jobs" bzImage >>"$log" 2>&1 &
+    # With loadable modules, `modules` also writes Module.symvers, which --module needs.
+    local targets=(bzImage)
+    grep -qx 'CONFIG_MODULES=y' "$config" && targets+=(modules)
+    lab_say "kernel: make -j$jobs ${targets[*]} (log: $log)"
+    make -C "$src" O="$obj" -j"$jobs" "${targets[@]}" >>"$log" 2>&1 &
     local pid=$! start=$SECONDS last=$SECONDS
     # shellcheck disable=SC2064
     trap "kill $pid 2>/dev/null || true" EXIT INT TERM
@@ -324,6 +338,53 @@ build_kernel() {
     mv -f "$out.tmp.$$" "$out"
 }
 
+# --- an external module against the flavor's object tree ---------------------------------
+
+# build_module DIR SHA: prints the path of DIR's .ko built against the object tree of the
+# config with hash SHA (rebuilding the tree first when it holds another config).
+build_module() {
+    local dir=$1 sha=$2 series
+    [ -d "$dir" ] || lab_die "kernel: no module directory $dir"
+    grep -qx 'CONFIG_MODULES=y' "$config" || lab_die "kernel: $config has no CONFIG_MODULES=y"
+    series=$(config_series "$config")
+    local obj=$cache/build/obj-$series$obj_suffix
+    local src_hash name
+    src_hash=$(cd "$dir" && find . -type f \( -name '*.[ch]' -o -name Kbuild -o -name Makefile \) |
+        LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-64)
+    name=$(sed -n 's/^obj-m[[:space:]]*[+:]*=[[:space:]]*\([A-Za-z0-9_-]*\)\.o.*/\1/p' "$dir/Kbuild" | head -n1)
+    [ -n "$name" ] || lab_die "kernel: $dir/Kbuild names no obj-m module"
+    local out=$cache/$sha/modules/$src_hash/$name.ko
+    if [ -s "$out" ]; then
+        printf '%s\n' "$out"
+        return 0
+    fi
+    if [ "$dry_run" = 1 ]; then
+        lab_say "would build $dir against $obj (rebuilding the tree if it holds another config)" \
+            "and copy $name.ko to $out"
+        return 0
+    fi
+    # The object tree is shared by every config of the flavor: it must hold exactly ours.
+    if ! cmp -s "$obj/.config" "$config" || [ ! -s "$obj/Module.symvers" ]; then
+        lab_say "kernel: the $flavor object tree holds another config or no Module.symvers; rebuilding it"
+        build_kernel "$cache/$sha/bzImage"
+    fi
+    local work=$cache/build/mod-$name$obj_suffix log
+    log=$work.log
+    rm -rf "$work"
+    mkdir -p "$work"
+    cp -r "$dir"/. "$work"/
+    lab_say "kernel: building module $name against $obj (log: $log)"
+    make -C "$obj" M="$work" modules >"$log" 2>&1 || {
+        tail -n 40 "$log" >&2
+        lab_die "kernel: building module $name failed (log: $log)"
+    }
+    [ -s "$work/$name.ko" ] || lab_die "kernel: no $name.ko after the build (log: $log)"
+    mkdir -p "$(dirname "$out")"
+    cp "$work/$name.ko" "$out.tmp.$$"
+    mv -f "$out.tmp.$$" "$out"
+    printf '%s\n' "$out"
+}
+
 [ -f "$config" ] || lab_die "kernel: no config at $config"
 
 if [ "$regen" = 1 ]; then
@@ -339,6 +400,11 @@ if [ "$dry_run" = 0 ] && command -v flock >/dev/null 2>&1; then
     mkdir -p "$cache"
     exec 9>"$cache/.lock-$flavor"
     flock 9
+fi
+if [ -n "$module_dir" ]; then
+    [ "$flavor" = l3 ] || lab_die "kernel: --module needs --flavor l3"
+    build_module "$module_dir" "$sha"
+    exit 0
 fi
 if [ -s "$out" ]; then
     printf '%s\n' "$out"

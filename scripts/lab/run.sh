@@ -16,7 +16,8 @@
 #   --no-l3             do not build or carry the L3 pieces (the L3 tests then fail)
 # Steps: setup.sh (quiet when done), kernel.sh (L2), cargo build --release of ioasid-lab,
 # ioasid-guest, ioasid-vmm and ioasid-remote (CARGO_TARGET_DIR is honoured), kernel.sh
-# --flavor l3 and the L3 initramfs (l3-init + ioasid-guest), initramfs.sh for L2 carrying
+# --flavor l3, kernel.sh --flavor l3 --module tests/l3-module (sva_copy.ko) and the L3
+# initramfs (l3-init + ioasid-guest + /lib/modules/sva_copy.ko), initramfs.sh for L2 carrying
 # /bin/ioasid-vmm, /bin/ioasid-remote, /l3/bzImage and /l3/initramfs.cpio.gz, boot.sh,
 # parse.py.
 # Work files (initramfs, serial log) go to $IOASID_LAB_WORK, default <cargo target dir>/lab.
@@ -55,7 +56,7 @@ while [ $# -gt 0 ]; do
     --no-l3) l3=0 ;;
     --verbose) verbose=1 ;;
     -h | --help)
-        sed -n '2,25p' "$0"
+        sed -n '2,26p' "$0"
         exit 0
         ;;
     *) lab_die "run: unknown argument '$1'" ;;
@@ -115,8 +116,15 @@ if [ "$l3" = 1 ]; then
     guest_bin=$(slim "$tdir/release/ioasid-guest")
     vmm_bin=$(slim "$tdir/release/ioasid-vmm")
     remote_bin=$(slim "$tdir/release/ioasid-remote")
+    # The SVA tests' module, built against the L3 kernel's tree; without it only they fail.
+    l3_adds=()
+    if l3_module=$("$here/kernel.sh" --flavor l3 --module "$repo/tests/l3-module"); then
+        l3_adds+=(--add "$l3_module:/lib/modules/sva_copy.ko")
+    else
+        lab_warn "run: building tests/l3-module failed; the L3 SVA tests will fail"
+    fi
     l3_initrd=$("$here/initramfs.sh" --out "$work/l3-initramfs.cpio.gz" --init "$here/l3-init" \
-        --bin-name ioasid-guest "$guest_bin")
+        --bin-name ioasid-guest "$guest_bin" ${l3_adds[@]+"${l3_adds[@]}"})
     adds+=(--add "$vmm_bin:/bin/ioasid-vmm" --add "$remote_bin:/bin/ioasid-remote" --add "$l3_kernel:/l3/bzImage"
         --add "$l3_initrd:/l3/initramfs.cpio.gz")
 fi

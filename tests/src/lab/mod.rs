@@ -7,6 +7,7 @@ pub mod demo;
 pub mod env;
 pub mod ioasid_tests;
 pub mod kvm;
+pub mod l3_sva_tests;
 pub mod l3_tests;
 pub mod l3_viommu_tests;
 pub mod lifecycle_tests;
@@ -33,6 +34,7 @@ pub fn all() -> Vec<LabTest> {
     v.extend(kvm::tests());
     v.extend(l3_tests::tests());
     v.extend(l3_viommu_tests::tests());
+    v.extend(l3_sva_tests::tests());
     v.extend(vmm_tests::tests());
     v.extend(api_tests::tests());
     v.extend(lifecycle_tests::tests());
