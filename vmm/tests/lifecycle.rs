@@ -516,3 +516,23 @@ fn api_sigterm_releases_and_unlinks() {
     signal_case("sigterm-vm", libc::SIGTERM, true);
     signal_case("sigint-empty", libc::SIGINT, false);
 }
+
+#[test]
+fn empty_vmm_refuses_vm_flags_without_a_kernel() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ioasid-vmm"))
+        .args([
+            "--api-socket",
+            "/nonexistent/dir/api.sock",
+            "--memory",
+            "size=1G",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("stderr: {err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--memory") && err.contains("vm.create"),
+        "{err}"
+    );
+}

@@ -150,23 +150,9 @@ pub fn run_with(
         None => (None, Vec::new()),
     };
     let signals = signals::install().map_err(ControlError::Signals)?;
-    let (api, server) = match &api_socket {
-        Some(path) => {
-            let api_err = |source| ControlError::Api {
-                path: path.clone(),
-                source,
-            };
-            let (rx, tx, evt) =
-                api::ApiReceiver::new().map_err(|e| api_err(api::ServerError::EventFd(e)))?;
-            let server = api::start_server(path, tx, evt).map_err(api_err)?;
-            info!("REST API listening on {}", path.display());
-            (Some(rx), Some(server))
-        }
-        None => (None, None),
-    };
     let boot_now = config.is_some();
     let mut vmm = Vmm {
-        api,
+        api: None,
         signals: Some(signals),
         api_socket,
         config,
@@ -177,15 +163,29 @@ pub fn run_with(
         attach,
         exit: None,
     };
-    let result = if boot_now {
-        match vmm.boot_vm() {
-            Ok(()) => vmm.serve(),
-            Err(e) => Err(e),
-        }
+    // The VM of the command line boots before the API opens (as before the life cycle came),
+    // so the first request finds it running.
+    if boot_now {
+        vmm.boot_vm()?;
     } else {
         info!("No VM configured: waiting for vm.create");
-        vmm.serve()
+    }
+    let server = match vmm.api_socket.clone() {
+        Some(path) => {
+            let api_err = |source| ControlError::Api {
+                path: path.clone(),
+                source,
+            };
+            let (rx, tx, evt) =
+                api::ApiReceiver::new().map_err(|e| api_err(api::ServerError::EventFd(e)))?;
+            let server = api::start_server(&path, tx, evt).map_err(api_err)?;
+            info!("REST API listening on {}", path.display());
+            vmm.api = Some(rx);
+            Some(server)
+        }
+        None => None,
     };
+    let result = vmm.serve();
     stop_server(server);
     result.map_err(ControlError::Run)
 }
