@@ -383,7 +383,12 @@ fn vsva_gva_copy_pasid5() {
     assert_eq!((e.mode, e.did), (BridgeMode::Soft, Some(did)));
     let bindings = s.bridge.pasid_space().lock().unwrap().bindings();
     assert_eq!(bindings.len(), 1, "{bindings:?}");
-    assert_eq!((bindings[0].dev, bindings[0].guest), (s.dev_id, Pasid(5)));
+    let space_id = DevId(s.dev_id.0 | vmm::viommu::EMULATED_SPACE_TAG);
+    assert_eq!((bindings[0].dev, bindings[0].guest), (space_id, Pasid(5)));
+    let views = s.bridge.pasids();
+    assert_eq!(views.len(), 1);
+    assert_eq!((views[0].bdf, views[0].host), (s.bdf, bindings[0].host));
+    assert_eq!(views[0].host_pt, e.host_pt);
     // The host PASID is what the soft backend sees: a DMA on it (bypassing the guest
     // PASID) reaches the same GVA space.
     let mut b = [0u8; 4];

@@ -327,6 +327,8 @@ fn vsva_engine_in_vm_faults_through_prq() {
     let pasids = dm.pasids();
     assert_eq!(pasids.entries.len(), 1, "{pasids:?}");
     assert_eq!(pasids.entries[0].gpasid, 5);
+    assert_eq!(pasids.entries[0].device, "sva0");
+    assert!(pasids.entries[0].hwpt.is_some(), "{pasids:?}");
     let (_, bridge) = dm.viommu_counters().unwrap();
     assert_eq!(
         (bridge.page_requests, bridge.page_responses_success),

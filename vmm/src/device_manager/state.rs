@@ -116,19 +116,25 @@ impl DeviceManager {
     /// `vm.pasids`: the guest-to-host PASID table. Bindings are made when a guest programs a
     /// PASID through the vIOMMU; until one is wired the table stays empty.
     pub fn pasids(&self) -> PasidsInfo {
+        // The bridge knows each binding's device (by BDF) and host object.
+        let views = self.viommu_bridge().map(|h| h.pasids()).unwrap_or_default();
         PasidsInfo {
             entries: lock(&self.pasids)
                 .bindings()
                 .into_iter()
-                .map(|b| PasidEntry {
-                    device: self
-                        .devices
+                .map(|b| {
+                    let v = views
                         .iter()
-                        .find(|d| d.dev == Some(b.dev))
-                        .map_or_else(|| format!("dev_id {}", b.dev.0), |d| d.id.clone()),
-                    gpasid: b.guest.0,
-                    hpasid: b.host.0,
-                    hwpt: None,
+                        .find(|v| v.space_id == b.dev && v.guest == b.guest);
+                    let by_bdf = v.and_then(|v| self.devices.iter().find(|d| d.bdf == v.bdf));
+                    PasidEntry {
+                        device: by_bdf
+                            .or_else(|| self.devices.iter().find(|d| d.dev == Some(b.dev)))
+                            .map_or_else(|| format!("dev_id {}", b.dev.0), |d| d.id.clone()),
+                        gpasid: b.guest.0,
+                        hpasid: b.host.0,
+                        hwpt: v.and_then(|v| v.host_pt),
+                    }
                 })
                 .collect(),
         }

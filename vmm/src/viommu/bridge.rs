@@ -176,6 +176,16 @@ impl Device {
         }
     }
 
+    /// The device's key in the VM's PASID space: its `ioasid` device id, tagged for an
+    /// emulated device (the soft backend numbers its devices apart from iommufd, so the two
+    /// could collide).
+    fn space_id(&self) -> DevId {
+        match self.path {
+            Path::Assigned { .. } => self.dev,
+            Path::Emulated { .. } => DevId(self.dev.0 | EMULATED_SPACE_TAG),
+        }
+    }
+
     /// The host PASID of guest `pasid` (`None`: PASID 0, the requests without PASID, or
     /// not bound).
     fn host_pasid(&self, pasid: Pasid) -> Option<Pasid> {
@@ -184,6 +194,24 @@ impl Device {
         }
         self.host_pasids.get(pasid)
     }
+}
+
+/// The bit that tags an emulated device's id in the VM's PASID space.
+pub const EMULATED_SPACE_TAG: u32 = 1 << 31;
+
+/// One guest PASID bound on the host, for `vm.pasids`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PasidView {
+    /// The device's key in the VM's PASID space.
+    pub space_id: DevId,
+    /// The device.
+    pub bdf: PciBdf,
+    /// The guest PASID.
+    pub guest: Pasid,
+    /// The host PASID.
+    pub host: Pasid,
+    /// The host object (HWPT or IOAS id) the host PASID is attached to.
+    pub host_pt: Option<u32>,
 }
 
 /// Where the bridge forwards a guest device-TLB invalidation of an emulated device with
@@ -455,7 +483,7 @@ impl VtdBridge {
         {
             let mut space = self.lock_pasids();
             for (g, _) in d.host_pasids.drain() {
-                let _ = space.unbind(d.dev, g);
+                let _ = space.unbind(d.space_id(), g);
             }
         }
         // Dropping the handler closes the host fault queue (the soft backend answers what
@@ -522,6 +550,28 @@ impl VtdBridge {
             }
         }
         v
+    }
+
+    /// The guest PASIDs bound on the host (what `vm.pasids` shows), by device.
+    pub fn pasids(&self) -> Vec<PasidView> {
+        let views = self.devices();
+        let st = self.lock();
+        let mut out = Vec::new();
+        for (bdf, d) in &st.devices {
+            for (guest, host) in d.host_pasids.pairs() {
+                out.push(PasidView {
+                    space_id: d.space_id(),
+                    bdf: *bdf,
+                    guest,
+                    host,
+                    host_pt: views
+                        .iter()
+                        .find(|v| v.bdf == *bdf && v.pasid == guest)
+                        .and_then(|v| v.host_pt),
+                });
+            }
+        }
+        out
     }
 
     /// The counters, with the live host objects counted now.

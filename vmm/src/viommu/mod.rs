@@ -56,7 +56,10 @@ pub mod shadow;
 pub mod soft_path;
 pub mod view;
 
-pub use bridge::{BridgeLimits, DevTlbHook, VtdBridge, EMULATED_PASID_BITS, PAGE_REQUEST_TIMEOUT};
+pub use bridge::{
+    BridgeLimits, DevTlbHook, PasidView, VtdBridge, EMULATED_PASID_BITS, EMULATED_SPACE_TAG,
+    PAGE_REQUEST_TIMEOUT,
+};
 pub use guest_mem::{RamMap, RamTables, VmGuestMemory};
 pub use msi::KvmMsiSignal;
 pub use nested::{selftest_iotlb_tag, HostFormat};

@@ -90,6 +90,16 @@ impl HostPasids {
             .remove(&guest)
     }
 
+    /// Every (guest, host) pair.
+    pub fn pairs(&self) -> Vec<(Pasid, Pasid)> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(g, h)| (*g, *h))
+            .collect()
+    }
+
     pub(crate) fn drain(&self) -> Vec<(Pasid, Pasid)> {
         let mut m = self.0.write().unwrap_or_else(|e| e.into_inner());
         std::mem::take(&mut *m).into_iter().collect()

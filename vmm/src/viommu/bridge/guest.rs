@@ -57,7 +57,7 @@ impl ViommuBridge for VtdBridge {
             return Err(BridgeError::NoDevice { bdf });
         };
         let old = d.bindings.get(&pasid).copied().unwrap_or(Binding::Blocked);
-        let (dev, bits) = (d.dev, d.pasid_bits);
+        let (dev, bits) = (d.space_id(), d.pasid_bits);
         let mut hp = d.host_pasid(pasid);
         let mut fresh = false;
         if pasid.0 != 0 && hp.is_none() && t != Translation::Blocked {
@@ -238,7 +238,7 @@ impl VtdBridge {
             return;
         };
         if d.host_pasids.remove(pasid).is_some() {
-            if let Err(e) = self.lock_pasids().unbind(d.dev, pasid) {
+            if let Err(e) = self.lock_pasids().unbind(d.space_id(), pasid) {
                 warn!("vIOMMU {bdf}: {e}");
             }
         }
