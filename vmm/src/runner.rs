@@ -429,8 +429,9 @@ pub fn exit_code(exit: VmExit) -> Result<i32, RunError> {
 }
 
 fn describe(d: &DeviceConfig) -> String {
-    match &d.path {
-        Some(p) => p.display().to_string(),
-        None => "cdev fd".to_string(),
+    match (&d.path, &d.emulated) {
+        (Some(p), _) => p.display().to_string(),
+        (None, Some(e)) => format!("emulated {e}"),
+        (None, None) => "cdev fd".to_string(),
     }
 }

@@ -50,13 +50,15 @@ pub struct VmArgs {
     /// Guest RAM: size=SIZE[,hugepages=on|off] (sizes like 512M, 2G).
     #[arg(long, value_name = "size=<size>,hugepages=on|off")]
     pub memory: Option<String>,
-    /// A passthrough device (repeatable, or several values after one flag):
-    /// path=PATH (sysfs device or VFIO cdev) or fd=FD (a VFIO cdev fd), iommu=on|off (put it
+    /// A device (repeatable, or several values after one flag): path=PATH (sysfs device or
+    /// VFIO cdev) or fd=FD (a VFIO cdev fd) for passthrough, or emulated=sva-copy (the SVA
+    /// copy engine: PASID, ATS and PRI, DMA through the vIOMMU; needs iommu=on and
+    /// --platform viommu=vtd,fsts=on,pasid-bits=20,svm=on), iommu=on|off (put it
     /// behind the vIOMMU: the guest programs its DMA translation; needs --platform
     /// viommu=vtd), pasid=on|off (let the guest use PASIDs with it; needs iommu=on and
     /// pasid-bits), id=ID, pci_segment=N, pci_device_id=SLOT (0-31; devices behind the vIOMMU
     /// take the slots its DMAR scope reserves, 24-31, unless one is given at boot).
-    #[arg(long, value_name = "path=..|fd=..,iommu=on|off,pasid=on|off,id=..", num_args = 1..)]
+    #[arg(long, value_name = "path=..|fd=..|emulated=..,iommu=on|off,pasid=on|off,id=..", num_args = 1..)]
     pub device: Vec<String>,
     /// Platform: iommufd=on|off|auto (iommufd cdevs or the VFIO container),
     /// iommu_address_width=BITS (vIOMMU guest address width, default 48; with viommu=vtd 39,
