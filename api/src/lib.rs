@@ -34,6 +34,7 @@
 //! ```
 
 pub mod client;
+mod conn;
 pub mod device_config;
 mod dispatch;
 pub mod error;
