@@ -319,8 +319,13 @@ impl Conn {
     }
 
     /// Whether the server should poll this connection for input.
+    /// Not while the reply buffer is full (the client does not read), nor while the input
+    /// buffer already holds a whole request's worth of bytes.
     pub(crate) fn wants_input(&self, limits: &Limits) -> bool {
-        !self.closing && !self.dead && self.out.len() < limits.max_reply_buffer
+        !self.closing
+            && !self.dead
+            && self.out.len() < limits.max_reply_buffer
+            && self.inbuf.len() <= limits.max_header_bytes + limits.max_body
     }
 
     fn queue(&mut self, reply: &Reply, http10: bool) {
@@ -435,6 +440,20 @@ impl Conn {
         }
     }
 
+    /// Answers buffered requests and sends the replies for as long as the socket takes
+    /// them: stops when the socket is full (the client does not read) or no whole request
+    /// is left.
+    pub(crate) fn pump(&mut self, dispatcher: &Dispatcher, limits: &Limits) {
+        loop {
+            let before = self.inbuf.len();
+            self.process(dispatcher, limits);
+            self.flush();
+            if !self.out.is_empty() || self.inbuf.len() == before || self.closing || self.dead {
+                return;
+            }
+        }
+    }
+
     /// Writes what the socket takes.
     pub(crate) fn flush(&mut self) {
         while !self.out.is_empty() {
@@ -446,6 +465,10 @@ impl Conn {
                 Ok(n) => {
                     self.last_activity = Instant::now();
                     self.out.drain(..n);
+                    if self.out.is_empty() && self.request_start.is_some() {
+                        // Bytes read while we were busy writing: their time starts now.
+                        self.request_start = Some(self.last_activity);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -459,11 +482,12 @@ impl Conn {
     }
 
     /// When this connection times out: the request in progress has `request_timeout`
-    /// from its first byte; otherwise the connection has `idle_timeout` from the last byte
-    /// moved (a client that does not read its replies times out too).
+    /// from its first byte (or from when our replies were all sent); otherwise, and while
+    /// replies wait to be sent, the connection has `idle_timeout` from the last byte moved
+    /// (a client that does not read its replies times out too).
     pub(crate) fn deadline(&self, limits: &Limits) -> Instant {
         match self.request_start {
-            Some(start) if !self.closing => start + limits.request_timeout,
+            Some(start) if !self.closing && self.out.is_empty() => start + limits.request_timeout,
             _ => self.last_activity + limits.idle_timeout,
         }
     }
@@ -474,7 +498,7 @@ impl Conn {
         if now < self.deadline(limits) {
             return;
         }
-        if self.request_start.is_some() && !self.closing {
+        if self.request_start.is_some() && !self.closing && self.out.is_empty() {
             self.refuse(Reply::error(
                 HttpStatus::RequestTimeout,
                 format!(

@@ -359,7 +359,7 @@ fn read_conn(
                 options.max_fds_total
             ),
         )),
-        None => c.process(dispatcher, limits),
+        None => c.pump(dispatcher, limits),
     }
     *fds_held = (*fds_held + c.fds.len()).saturating_sub(before);
     c.flush();
@@ -415,12 +415,12 @@ fn serve(listener: UnixListener, stop: EventFd, dispatcher: Dispatcher, options:
             let r = p.revents;
             if r & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && c.wants_input(&limits) {
                 read_conn(c, &dispatcher, &limits, &mut fds_held, &options);
-            } else if r & libc::POLLOUT != 0 {
-                c.flush();
-                // Room in the reply buffer again: answer requests already read.
-                c.process(&dispatcher, &limits);
+            }
+            if r & libc::POLLOUT != 0 {
                 c.flush();
             }
+            // Room in the reply buffer again: answer requests already read.
+            c.pump(&dispatcher, &limits);
             if r & (libc::POLLERR | libc::POLLNVAL) != 0 && !c.out.is_empty() {
                 c.dead = true;
             }
