@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -131,6 +131,7 @@ pub struct ServerHandle {
     stop_evt: EventFd,
     /// Set before `stop_evt` is written: the VMM then takes no request still queued.
     stopping: Arc<AtomicBool>,
+    accept_failures: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -138,6 +139,12 @@ impl ServerHandle {
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How many `accept` calls have failed for lack of fds (EMFILE, ENFILE, ENOBUFS,
+    /// ENOMEM) since the start; with the back-off, a handful per second at most.
+    pub fn accept_failures(&self) -> u64 {
+        self.accept_failures.load(Ordering::Relaxed)
     }
 
     /// Stops the thread (after it writes the replies it has, for up to a second), joins it
@@ -200,11 +207,13 @@ pub fn start_server_with_options(
     };
     let stopping = Arc::new(AtomicBool::new(false));
     let thread_stopping = Arc::clone(&stopping);
+    let accept_failures = Arc::new(AtomicU64::new(0));
+    let thread_failures = Arc::clone(&accept_failures);
     let thread = std::thread::Builder::new()
         .name("api-server".into())
         .spawn(move || {
             request::set_server_context(options.reply_timeout, thread_stopping);
-            serve(listener, thread_stop, dispatcher, options)
+            serve(listener, thread_stop, dispatcher, options, thread_failures)
         })
         .map_err(|e| {
             let _ = std::fs::remove_file(&path);
@@ -214,6 +223,7 @@ pub fn start_server_with_options(
         path: path.clone(),
         stop_evt,
         stopping,
+        accept_failures,
         thread: Some(thread),
     })
 }
@@ -231,7 +241,9 @@ fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
 struct Acceptor {
     paused_until: Option<Instant>,
     backoff: Duration,
+    /// Failures in the current burst.
     failures: u64,
+    total_failures: Arc<AtomicU64>,
 }
 
 impl Acceptor {
@@ -244,6 +256,7 @@ impl Acceptor {
             warn!("API accept failed: {e}; pausing new connections until fds are free");
         }
         self.failures += 1;
+        self.total_failures.fetch_add(1, Ordering::Relaxed);
         self.backoff = (self.backoff * 2).clamp(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
         self.paused_until = Some(Instant::now() + self.backoff);
     }
@@ -365,10 +378,19 @@ fn read_conn(
     c.flush();
 }
 
-fn serve(listener: UnixListener, stop: EventFd, dispatcher: Dispatcher, options: ServerOptions) {
+fn serve(
+    listener: UnixListener,
+    stop: EventFd,
+    dispatcher: Dispatcher,
+    options: ServerOptions,
+    accept_failures: Arc<AtomicU64>,
+) {
     let limits = limits(&options);
     let mut conns: Vec<Conn> = Vec::new();
-    let mut acceptor = Acceptor::default();
+    let mut acceptor = Acceptor {
+        total_failures: accept_failures,
+        ..Acceptor::default()
+    };
     loop {
         let now = Instant::now();
         let accepting = acceptor.wants_poll(now);

@@ -266,17 +266,32 @@ pub fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time (user + system, clock ticks) of this process's threads named `api-server`.
-pub fn server_cpu_ticks() -> u64 {
+/// The `stat` files of this process's threads named `api-server`, opened now so they can
+/// be read while the process has no fd to spare.
+pub fn server_stat_files() -> Vec<std::fs::File> {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
+        return Vec::new();
     };
     tasks
         .filter_map(|t| t.ok())
         .filter(|t| {
             std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "api-server")
         })
-        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .filter_map(|t| std::fs::File::open(t.path().join("stat")).ok())
+        .collect()
+}
+
+/// CPU time (user + system, clock ticks) of the threads whose `stat` files are `files`.
+pub fn server_cpu_ticks(files: &mut [std::fs::File]) -> u64 {
+    use std::io::{Seek, SeekFrom};
+    files
+        .iter_mut()
+        .filter_map(|f| {
+            f.seek(SeekFrom::Start(0)).ok()?;
+            let mut stat = String::new();
+            f.read_to_string(&mut stat).ok()?;
+            Some(stat)
+        })
         .map(|stat| {
             // Fields after the ")" of comm: state is field 3; utime 14, stime 15.
             let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
