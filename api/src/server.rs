@@ -449,7 +449,12 @@ fn serve(
         }
         let now = Instant::now();
         for c in conns.iter_mut() {
-            c.expire(now, &limits);
+            if now >= c.deadline(&limits) && c.wants_input(&limits) {
+                // Bytes the client sent while we waited on the VMM for someone else may
+                // complete its request: read them before deciding it is late.
+                read_conn(c, &dispatcher, &limits, &mut fds_held, &options);
+            }
+            c.expire(Instant::now(), &limits);
             c.flush();
         }
         conns.retain(|c| !c.finished());
