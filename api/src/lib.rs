@@ -49,7 +49,7 @@ pub mod vm_config;
 pub use device_config::{DeviceConfig, DeviceConfigError};
 pub use error::{ApiError, ApiErrorKind};
 pub use listener::ListenerError;
-pub use request::{ApiChannel, ApiReceiver, ApiRequest, ApiResult, Responder};
+pub use request::{ApiChannel, ApiReceiver, ApiRequest, ApiResult, Responder, TicketHandle};
 pub use server::{
     start_server, start_server_with_options, ServerError, ServerHandle, ServerOptions,
 };

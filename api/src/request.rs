@@ -104,6 +104,30 @@ impl Ticket {
     }
 }
 
+/// The server's handle on a request's ticket, from [`Responder::pair_tracked`].
+pub struct TicketHandle(Arc<Ticket>);
+
+impl TicketHandle {
+    /// Withdraws the request unless the VMM has taken it: `true` when it is (now or
+    /// already) withdrawn and will never run, so a 503 is truthful; `false` when the VMM is
+    /// executing it and the server should keep waiting for its answer.
+    pub fn withdraw(&self) -> bool {
+        match self
+            .0
+            .state
+            .compare_exchange(PENDING, WITHDRAWN, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => true,
+            Err(current) => current == WITHDRAWN,
+        }
+    }
+
+    /// Whether the VMM has taken the request.
+    pub fn taken(&self) -> bool {
+        self.0.state.load(Ordering::SeqCst) == TAKEN
+    }
+}
+
 /// The reply half of one request. Consumed by [`Responder::send`], so each request is
 /// answered once; dropping it unanswered makes the server reply 503.
 pub struct Responder<T>(Sender<ApiResult<T>>, Arc<Ticket>);
@@ -114,6 +138,15 @@ impl<T> Responder<T> {
     pub fn pair() -> (Responder<T>, Receiver<ApiResult<T>>) {
         let (tx, rx) = mpsc::channel();
         (Responder(tx, Arc::new(Ticket::new())), rx)
+    }
+
+    /// [`Responder::pair`] plus the server's handle on the ticket, for a dispatcher that
+    /// withdraws a request before answering 503 ([`TicketHandle::withdraw`]) and keeps
+    /// waiting for one the VMM has taken.
+    pub fn pair_tracked() -> (Responder<T>, Receiver<ApiResult<T>>, TicketHandle) {
+        let (responder, rx) = Responder::pair();
+        let handle = TicketHandle(Arc::clone(&responder.1));
+        (responder, rx, handle)
     }
 
     /// Sends the reply. If the server stopped waiting (timeout, shutdown) the reply is
@@ -311,5 +344,44 @@ impl ApiReceiver {
                 taken
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn ticket_take_and_withdraw_exclude_each_other() {
+        let (r, _rx, h) = Responder::<()>::pair_tracked();
+        assert!(r.take());
+        assert!(!h.withdraw(), "a taken request cannot be withdrawn");
+        assert!(h.taken());
+        let (r, _rx, h) = Responder::<()>::pair_tracked();
+        assert!(h.withdraw());
+        assert!(!r.take(), "a withdrawn request cannot be taken");
+        assert!(h.withdraw());
+    }
+
+    #[test]
+    fn drain_skips_requests_past_the_server_deadline() {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (receiver, tx, evt) = ApiReceiver::new().unwrap();
+        set_server_context(Duration::ZERO, Arc::clone(&stopping));
+        let (late, late_rx) = Responder::pair();
+        set_server_context(Duration::from_secs(60), Arc::clone(&stopping));
+        let (fresh, _fresh_rx) = Responder::pair();
+        tx.send(ApiRequest::Ping(late)).unwrap();
+        tx.send(ApiRequest::VmBoot(fresh)).unwrap();
+        evt.write(1).unwrap();
+        let got: Vec<&str> = receiver.drain().iter().map(|r| r.name()).collect();
+        assert_eq!(got, vec!["vm.boot"]);
+        // The withdrawn request was dropped unanswered.
+        assert!(late_rx.try_recv().is_err());
+        // A stopping server's requests are not taken either.
+        let (r, _rx) = Responder::<()>::pair();
+        stopping.store(true, Ordering::SeqCst);
+        assert!(!r.take());
     }
 }
