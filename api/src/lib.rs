@@ -2,7 +2,8 @@
 //!
 //! Owns:
 //! - the **server** on `--api-socket PATH` (a mode-0600 Unix socket, its own thread; requests
-//!   are parsed by dbs-uhttp, replies rendered by [`http`]), see [`start_server`];
+//!   are framed, with their fds, under bounds and timeouts by `conn`, parsed by dbs-uhttp,
+//!   replies rendered by [`http`]), see [`start_server`];
 //! - the **routes** ([`routes::ROUTES`]) and their input checks: JSON shape, unknown fields,
 //!   body size, fd count, and [`DeviceConfig`] validation (sysfs paths only, unsupported `x_`
 //!   options refused) happen here, before anything reaches the VMM;

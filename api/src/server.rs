@@ -1,5 +1,5 @@
 //! The API server thread: accepts connections on the Unix socket, reads requests and their
-//! `SCM_RIGHTS` fds with bounds ([`crate::conn`]), hands each to the [`Dispatcher`] and
+//! `SCM_RIGHTS` fds with bounds (`conn`), hands each to the [`Dispatcher`] and
 //! writes the replies.
 //!
 //! One thread, `poll(2)` over the listener, a stop eventfd and the connections. Requests are
