@@ -51,10 +51,16 @@ pub enum HttpStatus {
     NotFound,
     /// 405.
     MethodNotAllowed,
+    /// 408: a request not completed within the server's request timeout.
+    RequestTimeout,
     /// 409.
     Conflict,
     /// 413.
     PayloadTooLarge,
+    /// 429: the server holds too many received fds, all connections together.
+    TooManyRequests,
+    /// 431: the request line and headers are over the server's bound.
+    HeadersTooLarge,
     /// 500.
     InternalServerError,
     /// 503.
@@ -70,8 +76,11 @@ impl HttpStatus {
             HttpStatus::BadRequest => 400,
             HttpStatus::NotFound => 404,
             HttpStatus::MethodNotAllowed => 405,
+            HttpStatus::RequestTimeout => 408,
             HttpStatus::Conflict => 409,
             HttpStatus::PayloadTooLarge => 413,
+            HttpStatus::TooManyRequests => 429,
+            HttpStatus::HeadersTooLarge => 431,
             HttpStatus::InternalServerError => 500,
             HttpStatus::ServiceUnavailable => 503,
         }

@@ -2,7 +2,8 @@
 //!
 //! Owns:
 //! - the **server** on `--api-socket PATH` (a mode-0600 Unix socket, its own thread; requests
-//!   are parsed by dbs-uhttp, replies rendered by [`http`]), see [`start_server`];
+//!   are framed, with their fds, under bounds and timeouts by `conn`, parsed by dbs-uhttp,
+//!   replies rendered by [`http`]), see [`start_server`];
 //! - the **routes** ([`routes::ROUTES`]) and their input checks: JSON shape, unknown fields,
 //!   body size, fd count, and [`DeviceConfig`] validation (sysfs paths only, unsupported `x_`
 //!   options refused) happen here, before anything reaches the VMM;
@@ -34,6 +35,7 @@
 //! ```
 
 pub mod client;
+mod conn;
 pub mod device_config;
 mod dispatch;
 pub mod error;
@@ -48,7 +50,7 @@ pub mod vm_config;
 pub use device_config::{DeviceConfig, DeviceConfigError};
 pub use error::{ApiError, ApiErrorKind};
 pub use listener::ListenerError;
-pub use request::{ApiChannel, ApiReceiver, ApiRequest, ApiResult, Responder};
+pub use request::{ApiChannel, ApiReceiver, ApiRequest, ApiResult, Responder, TicketHandle};
 pub use server::{
     start_server, start_server_with_options, ServerError, ServerHandle, ServerOptions,
 };
