@@ -167,6 +167,16 @@ fn options(rng: &mut Rng) -> VfioPciOptions {
             max_pasid_width: rng.below(32) as u8,
             execute: rng.chance(1, 2),
             privileged: rng.chance(1, 2),
+            ats: rng.chance(1, 2),
+            pri_capacity: rng
+                .chance(1, 2)
+                .then(|| rng.pick(&[0u32, 1, 32, VPRI_DEFAULT_CAPACITY, u32::MAX])),
+            // Sometimes an explicit offset, aligned or not, inside or past the end: a
+            // colliding one is refused with an error, never a panic.
+            offset: rng.chance(1, 4).then(|| {
+                rng.pick(&[0usize, 0xfc, 0x100, 0x102, 0xfe0, 0xff8, 0xffc, 0x1000])
+                    .max(rng.index(0x1100))
+            }),
         }),
     }
 }
@@ -353,6 +363,7 @@ fn config_space_hostile_layouts_no_panic() {
         max_pasid_width: 20,
         execute: false,
         privileged: false,
+        ..Default::default()
     };
     let mut d = build(
         c,

@@ -248,6 +248,7 @@ fn vpasid_is_synthesized_when_enabled() {
             max_pasid_width: 16,
             execute: false,
             privileged: true,
+            ..Default::default()
         }),
     };
     let mut m = model_with(FakeVfio::nic(), opts);
