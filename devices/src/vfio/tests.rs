@@ -1079,3 +1079,41 @@ fn vsva_guest_writes_honoured() {
     w(d, pri + 12, &4u32.to_le_bytes());
     assert_eq!(r32(d, pri + 12), 4, "allocation writable again after reset");
 }
+
+#[test]
+fn vsva_pcie_cap_gives_linux_a_pasid_path() {
+    // Without a vPASID the PCIe capability is the device's.
+    let mut m = nic_model();
+    assert_eq!(r16(&mut m.dev, nic::EXP + 2), 0x0002);
+    assert_eq!(r16(&mut m.dev, nic::EXP + 0x12), 0x1011);
+    assert_eq!(r32(&mut m.dev, nic::EXP + 0x24) & (7 << 21), 0);
+    // With one, an Endpoint on the guest's root bus becomes an RC integrated endpoint with
+    // End-End TLP Prefix Supported (Linux's eetlp_prefix_path, which pci_enable_pasid
+    // needs) and no link.
+    let mut m = model_with(FakeVfio::nic(), vsva_opts(None));
+    let d = &mut m.dev;
+    assert_eq!(r16(d, nic::EXP + 2), 0x0092);
+    let cap2 = r32(d, nic::EXP + 0x24);
+    assert_ne!(cap2 & (1 << 21), 0, "End-End TLP Prefix Supported");
+    assert_eq!((cap2 >> 22) & 3, 1, "Max End-End TLP Prefixes");
+    assert_eq!(r32(d, nic::EXP + 0x0c), 0, "no link capabilities");
+    assert_eq!(r16(d, nic::EXP + 0x12), 0, "no link status");
+    w(d, nic::EXP + 0x10, &0xffffu16.to_le_bytes());
+    w(d, nic::EXP + 0x24, &0u32.to_le_bytes());
+    assert_eq!(r16(d, nic::EXP + 0x10), 0);
+    assert_eq!(r32(d, nic::EXP + 0x24), cap2);
+    assert!(m
+        .fake
+        .config_writes_in(nic::EXP + 0x0c, nic::EXP + 0x14)
+        .is_empty());
+    assert!(m
+        .fake
+        .config_writes_in(nic::EXP + 0x24, nic::EXP + 0x28)
+        .is_empty());
+    // Device control still reaches the device.
+    w(d, nic::EXP + 8, &0x0010u16.to_le_bytes());
+    assert_eq!(
+        m.fake.config_writes_in(nic::EXP + 8, nic::EXP + 10).len(),
+        1
+    );
+}

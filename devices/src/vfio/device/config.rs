@@ -405,6 +405,7 @@ impl VfioPciDevice {
         };
         let (policy, reason) = caps::extended(ext_cap_id::PASID, ctx);
         self.install_vpasid(off, cfg);
+        self.present_pasid_path();
         visible.push((off, ext_cap_id::PASID, 1));
         self.caps.push(CapDecision {
             offset: off,

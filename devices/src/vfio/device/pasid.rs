@@ -4,8 +4,9 @@
 //! then ATS (`ats`) and PRI (`pri`) when the host caps allow them); where the chain goes is
 //! decided in `config` (`build_ext_capabilities`).
 
+use super::super::caps::CapPolicy;
 use super::*;
-use crate::pci::config::EXT_CONFIG_SPACE_SIZE;
+use crate::pci::config::{cap_id, EXT_CONFIG_SPACE_SIZE};
 
 /// vPASID placement when the device has no (hidden) PASID capability and nothing sits in
 /// the last bytes: the chain ends at the end of config space (a PASID-only chain takes the
@@ -144,5 +145,68 @@ impl VfioPciDevice {
         }
         self.ats_reset();
         self.pri_reset();
+    }
+}
+
+/// PCI Express Capabilities register: Device/Port Type field.
+const EXP_FLAGS_TYPE: u16 = 0x00f0;
+/// Device/Port Type: PCI Express Endpoint.
+const EXP_TYPE_ENDPOINT: u16 = 0x0;
+/// Device/Port Type: Legacy PCI Express Endpoint.
+const EXP_TYPE_LEG_END: u16 = 0x1;
+/// Device/Port Type: Root Complex Integrated Endpoint.
+const EXP_TYPE_RC_END: u16 = 0x9;
+/// Device Capabilities 2: End-End TLP Prefix Supported (21), Max End-End TLP Prefixes = 1
+/// (23:22).
+const EXP_DEVCAP2_EE_PREFIX: u32 = (1 << 21) | (1 << 22);
+const EXP_DEVCAP2_EE_MASK: u32 = (1 << 21) | (3 << 22);
+
+impl VfioPciDevice {
+    /// Makes the guest's Linux accept PASID on the assigned device: `pci_enable_pasid`
+    /// refuses a device without `eetlp_prefix_path`, which Linux sets only for a Root Port or
+    /// an RC integrated endpoint with End-End TLP Prefix Supported in Device Capabilities 2,
+    /// or below a bridge that has it. The device sits on the guest's root bus with no Root
+    /// Port above it, so (as QEMU's vfio-pci does for a device on a root bus) an Endpoint is
+    /// presented as an RC integrated endpoint, without link registers (RCiEPs have no link),
+    /// and its Device Capabilities 2 says End-End TLP Prefix Supported: PASID-tagged TLPs
+    /// are the host's concern, the host enabled PASID on the real path. Only the guest's
+    /// view changes, and only with a vPASID.
+    pub(super) fn present_pasid_path(&mut self) {
+        let Some(o) = self
+            .caps
+            .iter()
+            .find(|c| !c.extended && c.id == u16::from(cap_id::EXP) && c.policy != CapPolicy::Hide)
+            .map(|c| c.offset)
+        else {
+            return;
+        };
+        // A version 2 capability with Device Capabilities 2 inside the 256 bytes.
+        if o + 0x28 > CONFIG_SPACE_SIZE || self.virt.read_u16(o + 2) & 0xf < 2 {
+            return;
+        }
+        let flags = self.virt.read_u16(o + 2);
+        let kind = (flags & EXP_FLAGS_TYPE) >> 4;
+        if matches!(kind, EXP_TYPE_ENDPOINT | EXP_TYPE_LEG_END) {
+            self.emulate(o + 2, 2);
+            self.virt
+                .set_u16(o + 2, (flags & !EXP_FLAGS_TYPE) | (EXP_TYPE_RC_END << 4));
+            // Link Capabilities, Control and Status read 0 and are not writable.
+            self.emulate(o + 0x0c, 8);
+            self.virt.set_u32(o + 0x0c, 0);
+            self.virt.set_u32(o + 0x10, 0);
+            self.virt.set_read_only(o + 0x0c, 8);
+            for b in self.pass_write.iter_mut().skip(o + 0x0c).take(8) {
+                *b = false;
+            }
+        } else if kind != EXP_TYPE_RC_END {
+            return;
+        }
+        let cap2 = self.virt.read_u32(o + 0x24);
+        self.emulate(o + 0x24, 4);
+        self.virt.set_u32(
+            o + 0x24,
+            (cap2 & !EXP_DEVCAP2_EE_MASK) | EXP_DEVCAP2_EE_PREFIX,
+        );
+        self.virt.set_read_only(o + 0x24, 4);
     }
 }
