@@ -28,6 +28,7 @@ pub const KEYS: &[&str] = &[
     "pci_device_id",
     "x_nv_gpudirect_clique",
     "x_exclude_mmap_bars",
+    "x_pasid_offset",
 ];
 
 /// The devices `emulated=` names: the SVA copy engine (PASID, ATS, PRI; its DMA goes
@@ -164,6 +165,11 @@ pub struct DeviceConfig {
     /// (or null). Serialized even when empty, as a Cloud Hypervisor client does.
     #[serde(default, deserialize_with = "null_as_empty")]
     pub x_exclude_mmap_bars: Vec<u64>,
+    /// Config-space offset of the synthesized PASID/ATS/PRI chain (ioasid-vmm extension, as
+    /// QEMU's vPASID offset; needs `pasid`). The VMM picks a free place when absent and
+    /// refuses an offset that collides with a capability of the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x_pasid_offset: Option<u16>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -201,7 +207,7 @@ impl DeviceConfig {
         emulated=sva-copy,iommu=on|off,\
         pasid=on|off,id=<device id>,pci_segment=<segment>,pci_device_id=<slot 0-31>,\
         x_nv_gpudirect_clique=<clique id> (unsupported),x_exclude_mmap_bars=[<bar>,...] \
-        (unsupported); path is /sys/bus/pci/devices/<DDDD:BB:DD.F>, \
+        (unsupported),x_pasid_offset=<0x100-0xffc, with pasid=on>; path is /sys/bus/pci/devices/<DDDD:BB:DD.F>, \
         /sys/bus/mdev/devices/<UUID> or /dev/vfio/devices/vfio<N>; emulated (instead of path \
         or fd) names a device the VMM emulates";
 
@@ -298,6 +304,21 @@ impl DeviceConfig {
                 }
                 self.x_exclude_mmap_bars = bars;
             }
+            "x_pasid_offset" => {
+                let expected = "a dword-aligned extended config offset, 0x100-0xffc";
+                let n = match value
+                    .strip_prefix("0x")
+                    .or_else(|| value.strip_prefix("0X"))
+                {
+                    Some(hex) => u16::from_str_radix(hex, 16),
+                    None => value.parse(),
+                }
+                .map_err(|_| invalid(expected))?;
+                if !(0x100..=0xffc).contains(&n) || n % 4 != 0 {
+                    return Err(invalid(expected));
+                }
+                self.x_pasid_offset = Some(n);
+            }
             _ => return Err(unknown_key(key)),
         }
         Ok(())
@@ -361,6 +382,13 @@ impl DeviceConfig {
         }
         if self.pasid && !self.iommu {
             return Err(DeviceConfigError::PasidWithoutIommu);
+        }
+        if let (Some(off), false) = (self.x_pasid_offset, self.pasid) {
+            return Err(DeviceConfigError::InvalidValue {
+                key: "x_pasid_offset".to_string(),
+                value: format!("{off:#x}"),
+                expected: "an offset only together with pasid=on",
+            });
         }
         Ok(())
     }
@@ -604,6 +632,24 @@ mod tests {
             Err(DeviceConfigError::UnbalancedBrackets(_))
         ));
         assert!(DeviceConfig::parse("fd=-3").is_err());
+    }
+
+    #[test]
+    fn x_pasid_offset_parsed_and_checked() {
+        let cfg = DeviceConfig::parse(&format!(
+            "path={BDF_PATH},iommu=on,pasid=on,x_pasid_offset=0xe00"
+        ))
+        .unwrap();
+        assert_eq!(cfg.x_pasid_offset, Some(0xe00));
+        cfg.validate().unwrap();
+        let cfg = DeviceConfig::parse(&format!("path={BDF_PATH},x_pasid_offset=256")).unwrap();
+        assert_eq!(cfg.x_pasid_offset, Some(0x100));
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(msg.contains("pasid=on"), "{msg}");
+        for bad in ["0x102", "0x80", "0x1000", "x"] {
+            let e = DeviceConfig::parse(&format!("path={BDF_PATH},x_pasid_offset={bad}"));
+            assert!(e.is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

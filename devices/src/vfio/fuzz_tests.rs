@@ -167,6 +167,16 @@ fn options(rng: &mut Rng) -> VfioPciOptions {
             max_pasid_width: rng.below(32) as u8,
             execute: rng.chance(1, 2),
             privileged: rng.chance(1, 2),
+            ats: rng.chance(1, 2),
+            pri_capacity: rng
+                .chance(1, 2)
+                .then(|| rng.pick(&[0u32, 1, 32, VPRI_DEFAULT_CAPACITY, u32::MAX])),
+            // Sometimes an explicit offset, aligned or not, inside or past the end: a
+            // colliding one is refused with an error, never a panic.
+            offset: rng.chance(1, 4).then(|| {
+                rng.pick(&[0usize, 0xfc, 0x100, 0x102, 0xfe0, 0xff8, 0xffc, 0x1000])
+                    .max(rng.index(0x1100))
+            }),
         }),
     }
 }
@@ -220,12 +230,94 @@ fn config_case(rng: &mut Rng) {
     let fake = Arc::new(hostile_fake(rng, config));
     let sink = Arc::new(FakeSink::default());
     let id = VfioDeviceId::Mdev("fuzz".into());
-    let Ok(mut dev) = VfioPciDevice::new(id, fake, sink, options(rng)) else {
+    let opts = options(rng);
+    let Ok(mut dev) = VfioPciDevice::new(id, fake, sink, opts) else {
         return;
     };
     // A 256-byte model reads 0 past its end, which ends the extended walk at once.
     let view = guest_view(&mut dev);
     check_guest_lists(&view, EXT_CONFIG_SPACE_SIZE);
+    check_vsva(&dev, &view);
+    if let (Some(want), Some(p)) = (
+        opts.vpasid.and_then(|v| v.offset),
+        vsva_chain(&dev).first().map(|c| c.0),
+    ) {
+        assert_eq!(p, want, "explicit vPASID offset not honoured");
+    }
+}
+
+/// The synthesized chain's capabilities (offset, ID, length) the guest sees.
+fn vsva_chain(d: &VfioPciDevice) -> Vec<(usize, u16, usize)> {
+    let mut v: Vec<(usize, u16, usize)> = d
+        .capabilities()
+        .iter()
+        .filter(|c| c.extended && c.policy != CapPolicy::Hide)
+        .filter_map(|c| {
+            let len = match c.id {
+                ext_cap_id::PASID => 8,
+                ext_cap_id::ATS => 8,
+                ext_cap_id::PRI => 16,
+                _ => return None,
+            };
+            Some((c.offset, c.id, len))
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// The vSVA chain's invariants in the guest's view: contiguous from the vPASID, inside
+/// 0x100..0x1000, reachable by the guest's walk, covering no other header the guest sees;
+/// PRI allocation within capacity, Stopped exactly while disabled, Reset reads 0; PASID and
+/// ATS control hold only writable bits.
+fn check_vsva(d: &VfioPciDevice, view: &[u8]) {
+    let chain = vsva_chain(d);
+    let Some(&(start, id, _)) = chain.first() else {
+        return;
+    };
+    assert_eq!(
+        id,
+        ext_cap_id::PASID,
+        "chain does not start with PASID: {chain:?}"
+    );
+    let mut at = start;
+    for &(o, _, len) in &chain {
+        assert_eq!(o, at, "chain not contiguous: {chain:?}");
+        at += len;
+    }
+    assert!(start >= 0x100 && at <= EXT_CONFIG_SPACE_SIZE, "{chain:?}");
+    let u16_at = |o: usize| u16::from_le_bytes([view[o], view[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes(view[o..o + 4].try_into().unwrap());
+    let walked: Vec<usize> = walk_ext_capabilities(view)
+        .iter()
+        .map(|c| c.offset)
+        .collect();
+    for &(o, _, _) in &chain {
+        assert!(walked.contains(&o), "chain cap at {o:#x} not reachable");
+    }
+    for w in walked {
+        let ours = chain.iter().any(|c| c.0 == w);
+        assert!(
+            ours || w + 4 <= start || w >= at,
+            "guest-visible header at {w:#x} inside the chain {chain:?}"
+        );
+    }
+    for &(o, id, _) in &chain {
+        match id {
+            ext_cap_id::PASID => {
+                let cap = u16_at(o + 4);
+                assert!((1..=20).contains(&((cap >> 8) & 0x1f)), "width {cap:#x}");
+                assert_eq!(u16_at(o + 6) & !(1 | (cap & 6)), 0, "PASID control");
+            }
+            ext_cap_id::ATS => assert_eq!(u16_at(o + 6) & !0x801f, 0, "ATS control"),
+            _ => {
+                let (ctrl, status) = (u16_at(o + 4), u16_at(o + 6));
+                assert_eq!(ctrl & !1, 0, "PRI control (Reset self-clears)");
+                assert_eq!(status & (1 << 8) != 0, ctrl & 1 == 0, "Stopped vs Enable");
+                assert!(u32_at(o + 12) <= u32_at(o + 8), "allocation above capacity");
+            }
+        }
+    }
 }
 
 #[test]
@@ -353,6 +445,7 @@ fn config_space_hostile_layouts_no_panic() {
         max_pasid_width: 20,
         execute: false,
         privileged: false,
+        ..Default::default()
     };
     let mut d = build(
         c,
@@ -630,15 +723,26 @@ fn fuzz_pci_config_registers() {
             return;
         };
         let dev: crate::pci::SharedPciDevice = Arc::new(Mutex::new(dev));
+        let chain = {
+            let d = dev.lock().unwrap();
+            let d = d.as_any().downcast_ref::<VfioPciDevice>().unwrap();
+            vsva_chain(d)
+        };
+        let chain_span = chain
+            .first()
+            .zip(chain.last())
+            .map(|(f, l)| (f.0, l.0 + l.2 - f.0));
         let Ok(bdf) = rig.add(dev.clone(), Some(3)) else {
             return;
         };
         for _ in 0..200 {
             let len = rng.pick(&[1usize, 2, 4, 4, 4, 8]);
-            let off = match rng.index(4) {
-                0 => 0x04 + rng.index(2) * 0x0c, // command, BARs
-                1 => 0x10 + 4 * rng.index(6),
-                2 => 0x40 + rng.index(0xc0),
+            let off = match (rng.index(5), chain_span) {
+                (0, _) => 0x04 + rng.index(2) * 0x0c, // command, BARs
+                (1, _) => 0x10 + 4 * rng.index(6),
+                (2, _) => 0x40 + rng.index(0xc0),
+                // The vSVA chain's registers (and one dword either side).
+                (3, Some((start, span))) => (start - 4 + rng.index(span + 8)).min(4095),
                 _ => rng.index(4096),
             } as u16;
             let mut data = vec![0u8; len];
@@ -708,6 +812,10 @@ fn fuzz_pci_config_registers() {
             view.extend(rig.ecam_read32(bdf, o as u16).to_le_bytes());
         }
         check_guest_lists(&view, EXT_CONFIG_SPACE_SIZE);
+        {
+            let d = dev.lock().unwrap();
+            check_vsva(d.as_any().downcast_ref::<VfioPciDevice>().unwrap(), &view);
+        }
         // u128: a BAR may end exactly at 2^64.
         let mut live: Vec<(bool, u128, u128)> = rig
             .bars(bdf)

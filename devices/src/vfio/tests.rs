@@ -248,6 +248,7 @@ fn vpasid_is_synthesized_when_enabled() {
             max_pasid_width: 16,
             execute: false,
             privileged: true,
+            ..Default::default()
         }),
     };
     let mut m = model_with(FakeVfio::nic(), opts);
@@ -795,4 +796,324 @@ fn a_device_that_does_not_mask_needs_no_unmask() {
     let mut b = [0u8; 1];
     dev.read_bar(0, 0, &mut b);
     assert_eq!(unmasks(&fake), 0);
+}
+
+// The synthesized vSVA chain (PASID, ATS, PRI) of an assigned device.
+
+fn vsva_opts(offset: Option<usize>) -> VfioPciOptions {
+    VfioPciOptions {
+        vpasid: Some(VpasidConfig {
+            max_pasid_width: 20,
+            execute: true,
+            privileged: true,
+            ats: true,
+            pri_capacity: Some(32),
+            offset,
+        }),
+    }
+}
+
+/// `pci_find_ext_capability` as Linux does it: from 0x100, at most 480 headers, stop at a
+/// pointer below 0x100; the header at 0x100 counts too.
+fn linux_find_ext_cap(img: &[u8], id: u16) -> Option<usize> {
+    let rd = |p: usize| u32::from_le_bytes(img[p..p + 4].try_into().unwrap());
+    let mut pos = 0x100;
+    let mut hdr = rd(pos);
+    let mut ttl = (4096 - 256) / 8;
+    if hdr == 0 {
+        return None;
+    }
+    while ttl > 0 {
+        ttl -= 1;
+        if hdr & 0xffff == u32::from(id) {
+            return Some(pos);
+        }
+        pos = (hdr >> 20) as usize;
+        if pos < 0x100 {
+            break;
+        }
+        hdr = rd(pos);
+    }
+    None
+}
+
+/// Every extended header the guest walk reaches, with its offset.
+fn guest_ext_caps(img: &[u8]) -> Vec<(usize, u16)> {
+    walk_ext_capabilities(img)
+        .iter()
+        .map(|c| (c.offset, c.id))
+        .collect()
+}
+
+#[test]
+fn vsva_chain_placed_without_collision() {
+    let mut m = model_with(FakeVfio::nic(), vsva_opts(None));
+    let img = guest_image(&mut m.dev, 4096);
+    // The hidden PASID's place (0x160) has no room for 32 bytes before the VSEC at 0x170;
+    // the chain takes the place of the device's own ATS/PRI/PASID, from 0x148.
+    let pasid = linux_find_ext_cap(&img, ext_cap_id::PASID).unwrap();
+    let ats = linux_find_ext_cap(&img, ext_cap_id::ATS).unwrap();
+    let pri = linux_find_ext_cap(&img, ext_cap_id::PRI).unwrap();
+    assert_eq!((pasid, ats, pri), (nic::ATS, nic::ATS + 8, nic::ATS + 16));
+    assert_eq!(linux_find_ext_cap(&img, ext_cap_id::VSEC), Some(nic::VSEC));
+    // Nothing the device shows lies inside the chain, and the chain ends before the VSEC.
+    let ext = guest_ext_caps(&img);
+    assert_eq!(
+        ext,
+        vec![
+            (0x100, 0),
+            (pasid, ext_cap_id::PASID),
+            (ats, ext_cap_id::ATS),
+            (pri, ext_cap_id::PRI),
+            (nic::VSEC, ext_cap_id::VSEC)
+        ]
+    );
+    assert!(pri + 16 <= nic::VSEC);
+    // The VSEC is still the device's.
+    assert_eq!(
+        r32(&mut m.dev, nic::VSEC + 4),
+        0x1234 | (1 << 16) | (0x18 << 20)
+    );
+    let decided: Vec<(usize, u16, CapPolicy)> = m
+        .dev
+        .capabilities()
+        .iter()
+        .filter(|c| c.extended && c.policy != CapPolicy::Hide)
+        .map(|c| (c.offset, c.id, c.policy))
+        .filter(|c| c.1 != ext_cap_id::VSEC)
+        .collect();
+    assert_eq!(decided.len(), 3, "{decided:?}");
+}
+
+#[test]
+fn vsva_chain_at_explicit_offset() {
+    let mut m = model_with(FakeVfio::nic(), vsva_opts(Some(0xe00)));
+    let img = guest_image(&mut m.dev, 4096);
+    assert_eq!(linux_find_ext_cap(&img, ext_cap_id::PASID), Some(0xe00));
+    assert_eq!(linux_find_ext_cap(&img, ext_cap_id::ATS), Some(0xe08));
+    assert_eq!(linux_find_ext_cap(&img, ext_cap_id::PRI), Some(0xe10));
+    assert_eq!(linux_find_ext_cap(&img, ext_cap_id::VSEC), Some(nic::VSEC));
+    // The device's own PASID/ATS/PRI stay hidden.
+    for o in [nic::ATS, nic::PRI, nic::PASID] {
+        assert!(!guest_ext_caps(&img).iter().any(|c| c.0 == o), "{o:#x}");
+    }
+    // A PASID-only chain in the last 8 bytes.
+    let opts = VfioPciOptions {
+        vpasid: Some(VpasidConfig {
+            max_pasid_width: 8,
+            offset: Some(0xff8),
+            ..Default::default()
+        }),
+    };
+    let mut m = model_with(FakeVfio::nic(), opts);
+    let img = guest_image(&mut m.dev, 4096);
+    assert_eq!(linux_find_ext_cap(&img, ext_cap_id::PASID), Some(0xff8));
+    assert_eq!(linux_find_ext_cap(&img, ext_cap_id::ATS), None);
+    assert_eq!(linux_find_ext_cap(&img, ext_cap_id::PRI), None);
+    assert_eq!(m.dev.pasid_width(), Some(8));
+}
+
+#[test]
+fn vsva_colliding_offset_refused() {
+    for (off, why) in [
+        (nic::VSEC, "cover the device's capability at 0x170"),
+        (0x168, "cover the device's capability at 0x170"),
+        (0x0f0, "inside 0x100..0x1000"),
+        (0xff0, "inside 0x100..0x1000"),
+        (0xe02, "not dword aligned"),
+        // AER (0x100..0x148) is hidden, but it is the device's: not overwritten.
+        (0x120, "cover the device's capability at 0x100..0x148"),
+    ] {
+        let err = VfioPciDevice::new(
+            VfioDeviceId::Pdev("0000:00:03.0".into()),
+            Arc::new(FakeVfio::nic()),
+            Arc::new(FakeSink::with_intx()),
+            vsva_opts(Some(off)),
+        )
+        .err()
+        .unwrap_or_else(|| panic!("offset {off:#x} accepted"));
+        assert!(
+            matches!(err, VfioPciError::VsvaOffset { offset, .. } if offset == off),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("0000:00:03.0"), "{msg}");
+        assert!(msg.contains(&format!("{off:#x}")), "{msg}");
+        assert!(msg.contains(why), "{off:#x}: {msg}");
+    }
+}
+
+#[test]
+fn vsva_caps_follow_host_caps() {
+    // No PRS, ATS not supported, no exec/priv, a 5-bit width.
+    let opts = VfioPciOptions {
+        vpasid: Some(VpasidConfig {
+            max_pasid_width: 5,
+            ..Default::default()
+        }),
+    };
+    let mut m = model_with(FakeVfio::nic(), opts);
+    let img = guest_image(&mut m.dev, 4096);
+    let p = linux_find_ext_cap(&img, ext_cap_id::PASID).unwrap();
+    assert_eq!(linux_find_ext_cap(&img, ext_cap_id::ATS), None);
+    assert_eq!(linux_find_ext_cap(&img, ext_cap_id::PRI), None);
+    assert_eq!(r16(&mut m.dev, p + 4), 5 << 8, "no exec/priv, width 5");
+    w(&mut m.dev, p + 6, &0xffffu16.to_le_bytes());
+    assert_eq!(r16(&mut m.dev, p + 6), 1, "only Enable is writable");
+    assert!(m.dev.pri_control().is_none() && m.dev.ats_control().is_none());
+    // A width beyond 20 bits is clamped.
+    let opts = VfioPciOptions {
+        vpasid: Some(VpasidConfig {
+            max_pasid_width: 31,
+            ..Default::default()
+        }),
+    };
+    let m = model_with(FakeVfio::nic(), opts);
+    assert_eq!(m.dev.pasid_width(), Some(20));
+}
+
+#[test]
+fn vsva_guest_writes_honoured() {
+    let mut m = model_with(FakeVfio::nic(), vsva_opts(Some(0xe00)));
+    let pris = Arc::new(Mutex::new(Vec::new()));
+    let atss = Arc::new(Mutex::new(Vec::new()));
+    let (p2, a2) = (pris.clone(), atss.clone());
+    m.dev
+        .set_pri_listener(Box::new(move |c| p2.lock().unwrap().push(c)));
+    m.dev
+        .set_ats_listener(Box::new(move |c| a2.lock().unwrap().push(c)));
+    let d = &mut m.dev;
+    let img = guest_image(d, 4096);
+    let pasid = linux_find_ext_cap(&img, ext_cap_id::PASID).unwrap();
+    let ats = linux_find_ext_cap(&img, ext_cap_id::ATS).unwrap();
+    let pri = linux_find_ext_cap(&img, ext_cap_id::PRI).unwrap();
+
+    // pci_enable_pasid: features from the capability register into control.
+    let feat = r16(d, pasid + 4);
+    assert_eq!(feat, (20 << 8) | 0x6);
+    w(d, pasid + 6, &(1 | (feat & 0x6)).to_le_bytes());
+    assert_eq!(r16(d, pasid + 6), 0x7);
+    assert_eq!(
+        d.pasid_control(),
+        Some(PasidControl {
+            enabled: true,
+            execute: true,
+            privileged: true
+        })
+    );
+
+    // pci_enable_pri: Stopped while disabled, PRG Response PASID Required, capacity,
+    // allocation = min(capacity, wanted), then Enable.
+    assert_eq!(r16(d, pri + 6), (1 << 8) | (1 << 15));
+    assert_eq!(r32(d, pri + 8), 32);
+    w(d, pri + 12, &0x800u32.to_le_bytes());
+    assert_eq!(r32(d, pri + 12), 32, "allocation capped at the capacity");
+    w(d, pri + 12, &16u32.to_le_bytes());
+    assert_eq!(r32(d, pri + 12), 16);
+    w(d, pri + 4, &1u16.to_le_bytes());
+    assert_eq!(r16(d, pri + 4), 1);
+    assert_eq!(r16(d, pri + 6), 1 << 15, "Stopped clears with Enable");
+    w(d, pri + 12, &8u32.to_le_bytes());
+    assert_eq!(r32(d, pri + 12), 16, "allocation frozen while enabled");
+    // Status is read-only but for the W1C errors; Capacity is read-only.
+    w(d, pri + 6, &0xffffu16.to_le_bytes());
+    w(d, pri + 8, &0u32.to_le_bytes());
+    assert_eq!(r16(d, pri + 6), 1 << 15);
+    assert_eq!(r32(d, pri + 8), 32);
+    // pci_disable_pri, then pci_reset_pri: Reset self-clears.
+    w(d, pri + 4, &0u16.to_le_bytes());
+    assert_eq!(r16(d, pri + 6), (1 << 8) | (1 << 15), "Stopped again");
+    w(d, pri + 4, &2u16.to_le_bytes());
+    assert_eq!(r16(d, pri + 4), 0, "Reset reads 0");
+    let got = pris.lock().unwrap().clone();
+    assert!(got.iter().any(|c| c.reset), "{got:?}");
+    let last = *got.last().unwrap();
+    assert_eq!(
+        (last.enabled, last.stopped, last.allocation, last.capacity),
+        (false, true, 16, 32)
+    );
+    assert!(got.iter().any(|c| c.enabled && !c.stopped));
+
+    // pci_enable_ats with a 4 KiB STU (0), then a 64 KiB one.
+    w(d, ats + 6, &0x8000u16.to_le_bytes());
+    assert_eq!(r16(d, ats + 6), 0x8000);
+    w(d, ats + 6, &0xffe4u16.to_le_bytes());
+    assert_eq!(r16(d, ats + 6), 0x8004, "only Enable and STU stick");
+    assert_eq!(
+        d.ats_control(),
+        Some(AtsControl {
+            enabled: true,
+            stu: 4
+        })
+    );
+    assert_eq!(
+        *atss.lock().unwrap(),
+        vec![
+            AtsControl {
+                enabled: true,
+                stu: 0
+            },
+            AtsControl {
+                enabled: true,
+                stu: 4
+            }
+        ]
+    );
+    // Headers are read-only: the guest cannot relink the list.
+    for o in [pasid, ats, pri] {
+        let before = r32(d, o);
+        w(d, o, &0u32.to_le_bytes());
+        assert_eq!(r32(d, o), before);
+    }
+    // Nothing reached the device.
+    assert!(m.fake.config_writes_in(0xe00, 0xe20).is_empty());
+
+    // Function reset: everything back to reset values.
+    m.dev.reset();
+    let d = &mut m.dev;
+    assert_eq!(r16(d, pasid + 6), 0);
+    assert_eq!(r16(d, ats + 6), 0);
+    assert_eq!(r16(d, pri + 4), 0);
+    assert_eq!(r16(d, pri + 6), (1 << 8) | (1 << 15));
+    assert_eq!(r32(d, pri + 12), 0);
+    w(d, pri + 12, &4u32.to_le_bytes());
+    assert_eq!(r32(d, pri + 12), 4, "allocation writable again after reset");
+}
+
+#[test]
+fn vsva_pcie_cap_gives_linux_a_pasid_path() {
+    // Without a vPASID the PCIe capability is the device's.
+    let mut m = nic_model();
+    assert_eq!(r16(&mut m.dev, nic::EXP + 2), 0x0002);
+    assert_eq!(r16(&mut m.dev, nic::EXP + 0x12), 0x1011);
+    assert_eq!(r32(&mut m.dev, nic::EXP + 0x24) & (7 << 21), 0);
+    // With one, an Endpoint on the guest's root bus becomes an RC integrated endpoint with
+    // End-End TLP Prefix Supported (Linux's eetlp_prefix_path, which pci_enable_pasid
+    // needs) and no link.
+    let mut m = model_with(FakeVfio::nic(), vsva_opts(None));
+    let d = &mut m.dev;
+    assert_eq!(r16(d, nic::EXP + 2), 0x0092);
+    let cap2 = r32(d, nic::EXP + 0x24);
+    assert_ne!(cap2 & (1 << 21), 0, "End-End TLP Prefix Supported");
+    assert_eq!((cap2 >> 22) & 3, 1, "Max End-End TLP Prefixes");
+    assert_eq!(r32(d, nic::EXP + 0x0c), 0, "no link capabilities");
+    assert_eq!(r16(d, nic::EXP + 0x12), 0, "no link status");
+    w(d, nic::EXP + 0x10, &0xffffu16.to_le_bytes());
+    w(d, nic::EXP + 0x24, &0u32.to_le_bytes());
+    assert_eq!(r16(d, nic::EXP + 0x10), 0);
+    assert_eq!(r32(d, nic::EXP + 0x24), cap2);
+    assert!(m
+        .fake
+        .config_writes_in(nic::EXP + 0x0c, nic::EXP + 0x14)
+        .is_empty());
+    assert!(m
+        .fake
+        .config_writes_in(nic::EXP + 0x24, nic::EXP + 0x28)
+        .is_empty());
+    // Device control still reaches the device.
+    w(d, nic::EXP + 8, &0x0010u16.to_le_bytes());
+    assert_eq!(
+        m.fake.config_writes_in(nic::EXP + 8, nic::EXP + 10).len(),
+        1
+    );
 }

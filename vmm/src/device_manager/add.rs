@@ -9,7 +9,8 @@ use api::{DeviceConfig, DeviceConfigError};
 use devices::pci::root::MAX_SLOT;
 use devices::pci::{PciBdf, PciError, SharedPciDevice};
 use devices::vfio::{
-    CapPolicy, VfioDeviceId, VfioPciDevice, VfioPciError, VfioPciOptions, VfioRegions, VpasidConfig,
+    CapPolicy, VfioDeviceId, VfioPciDevice, VfioPciError, VfioPciOptions, VfioRegions,
+    VpasidConfig, VPRI_DEFAULT_CAPACITY,
 };
 use ioasid::{
     BackendChoice, BackendKind, DevId, DeviceName, HostFacts, HwCaps, IommufdBackend, Type1Backend,
@@ -374,6 +375,12 @@ impl DeviceManager {
                 max_pasid_width: c.max_pasid_bits().min(20),
                 execute: c.pasid_exec,
                 privileged: c.pasid_priv,
+                // vfio-pci shows the device's ATS but the host owns it: a vATS (shown only
+                // when the device has ATS) unless the IOMMU path cannot do ATS.
+                ats: !c.ats_not_supported,
+                // vfio-pci hides PRI: a vPRI only when the IOMMU takes page requests.
+                pri_capacity: c.supports_prs().then_some(VPRI_DEFAULT_CAPACITY),
+                offset: cfg.x_pasid_offset.map(usize::from),
             });
         }
         if cfg.iommu {

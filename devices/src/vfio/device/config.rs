@@ -228,13 +228,19 @@ impl VfioPciDevice {
         }
     }
 
-    pub(super) fn build_ext_capabilities(&mut self, snap: &[u8], vpasid: Option<VpasidConfig>) {
+    pub(super) fn build_ext_capabilities(
+        &mut self,
+        snap: &[u8],
+        vpasid: Option<VpasidConfig>,
+    ) -> Result<(), VfioPciError> {
         let ctx = CapContext {
             vpasid: vpasid.is_some(),
             ..Default::default()
         };
         let mut visible: Vec<(usize, u16, u8)> = Vec::new();
         let mut hidden_pasid = None;
+        let mut replaced: Vec<usize> = Vec::new();
+        let mut device_ats = None;
         let all = walk_ext_capabilities(snap);
         for cap in all.iter().copied() {
             let (mut policy, mut reason) = caps::extended(cap.id, &ctx);
@@ -246,6 +252,15 @@ impl VfioPciDevice {
                     // A synthesized vPASID replaces it below.
                     policy = CapPolicy::Hide;
                 }
+            }
+            if matches!(
+                cap.id,
+                ext_cap_id::PASID | ext_cap_id::ATS | ext_cap_id::PRI
+            ) {
+                replaced.push(cap.offset);
+            }
+            if cap.id == ext_cap_id::ATS && device_ats.is_none() {
+                device_ats = Some(image_u16(snap, cap.offset + 4));
             }
             if cap.id != ext_cap_id::PASID || vpasid.is_none() {
                 self.caps.push(CapDecision {
@@ -275,36 +290,14 @@ impl VfioPciDevice {
                 }
             }
         }
-        // The vPASID's 8 bytes go where they fit without covering a visible capability's
-        // header (the guest could rewrite that header through the control register): the
-        // hidden PASID's place, else the last 8 bytes, else nowhere.
-        let fits = |o: usize| {
-            o + 8 <= EXT_CONFIG_SPACE_SIZE
-                && !visible.iter().any(|&(c, _, _)| c < o + 8 && o < c + 4)
-        };
-        let place = hidden_pasid
-            .filter(|&o| fits(o))
-            .or(Some(VPASID_FALLBACK_OFFSET).filter(|&o| fits(o)));
-        if let (Some(_), None) = (vpasid, place) {
-            self.caps.push(CapDecision {
-                offset: VPASID_FALLBACK_OFFSET,
-                id: ext_cap_id::PASID,
-                extended: true,
-                policy: CapPolicy::Hide,
-                reason: "no room for a vPASID without covering another capability",
-            });
-        }
-        if let (Some(cfg), Some(off)) = (vpasid, place) {
-            self.install_vpasid(off, cfg);
-            visible.push((off, ext_cap_id::PASID, 1));
-            let (policy, reason) = caps::extended(ext_cap_id::PASID, &ctx);
-            self.caps.push(CapDecision {
-                offset: off,
-                id: ext_cap_id::PASID,
-                extended: true,
-                policy,
-                reason,
-            });
+        if let Some(cfg) = vpasid {
+            let layout = DeviceSvaLayout {
+                hidden_pasid,
+                lowest_replaced: replaced.iter().copied().min(),
+                device_ats,
+                obstacles: ext_obstacles(snap, &all, &replaced),
+            };
+            self.place_vsva(cfg, &layout, &ctx, &mut visible)?;
         }
         visible.sort_by_key(|v| v.0);
         visible.dedup_by_key(|v| v.0);
@@ -322,6 +315,130 @@ impl VfioPciDevice {
             self.emulate(EXT_CAP_START, 4);
             self.virt.set_u32(EXT_CAP_START, next << 20);
         }
+        Ok(())
+    }
+
+    /// Places the vSVA chain (PASID, then ATS, then PRI, contiguous) and installs it. An
+    /// explicit `cfg.offset` must be dword aligned, inside `0x100..0x1000` with the whole
+    /// chain, and collide with none of `obstacles`; else the assignment is refused. Without
+    /// one, the chain goes to the first free place of: the hidden PASID's offset, the
+    /// lowest of the hidden PASID/ATS/PRI offsets, then the highest free dword-aligned
+    /// window (the last bytes of config space when free); with no free place it is hidden.
+    fn place_vsva(
+        &mut self,
+        cfg: VpasidConfig,
+        layout: &DeviceSvaLayout,
+        ctx: &CapContext,
+        visible: &mut Vec<(usize, u16, u8)>,
+    ) -> Result<(), VfioPciError> {
+        let DeviceSvaLayout {
+            hidden_pasid,
+            lowest_replaced,
+            device_ats,
+            ref obstacles,
+        } = *layout;
+        let ats = cfg.ats && device_ats.is_some();
+        if cfg.ats && !ats {
+            self.caps.push(CapDecision {
+                offset: 0,
+                id: ext_cap_id::ATS,
+                extended: true,
+                policy: CapPolicy::Hide,
+                reason: "no vATS: the device has no ATS capability",
+            });
+        }
+        let len = cfg.chain_len(ats);
+        let free = |o: usize| {
+            o.is_multiple_of(4)
+                && o >= EXT_CAP_START
+                && o + len <= EXT_CONFIG_SPACE_SIZE
+                && !obstacles.iter().any(|r| r.start < o + len && o < r.end)
+        };
+        let place = match cfg.offset {
+            Some(o) => {
+                let why = if !o.is_multiple_of(4) {
+                    Some("not dword aligned".to_string())
+                } else if o < EXT_CAP_START || o + len > EXT_CONFIG_SPACE_SIZE {
+                    Some(format!(
+                        "the {len}-byte PASID/ATS/PRI chain must lie inside \
+                         {EXT_CAP_START:#x}..{EXT_CONFIG_SPACE_SIZE:#x}"
+                    ))
+                } else {
+                    obstacles
+                        .iter()
+                        .find(|r| r.start < o + len && o < r.end)
+                        .map(|r| {
+                            format!(
+                                "the {len}-byte PASID/ATS/PRI chain would cover the \
+                                 device's capability at {:#x}..{:#x}",
+                                r.start, r.end
+                            )
+                        })
+                };
+                if let Some(reason) = why {
+                    return Err(VfioPciError::VsvaOffset {
+                        device: self.id.clone(),
+                        offset: o,
+                        reason,
+                    });
+                }
+                Some(o)
+            }
+            None => hidden_pasid
+                .filter(|&o| free(o))
+                .or_else(|| lowest_replaced.filter(|&o| free(o)))
+                .or_else(|| {
+                    (EXT_CAP_START..=EXT_CONFIG_SPACE_SIZE.saturating_sub(len))
+                        .rev()
+                        .find(|&o| free(o))
+                }),
+        };
+        let Some(off) = place else {
+            self.caps.push(CapDecision {
+                offset: VPASID_FALLBACK_OFFSET,
+                id: ext_cap_id::PASID,
+                extended: true,
+                policy: CapPolicy::Hide,
+                reason: "no room for a vPASID without covering another capability",
+            });
+            return Ok(());
+        };
+        let (policy, reason) = caps::extended(ext_cap_id::PASID, ctx);
+        self.install_vpasid(off, cfg);
+        self.present_pasid_path();
+        visible.push((off, ext_cap_id::PASID, 1));
+        self.caps.push(CapDecision {
+            offset: off,
+            id: ext_cap_id::PASID,
+            extended: true,
+            policy,
+            reason,
+        });
+        let mut at = off + VPASID_LEN;
+        if let (true, Some(dev_cap)) = (ats, device_ats) {
+            self.install_vats(at, dev_cap);
+            visible.push((at, ext_cap_id::ATS, 1));
+            self.caps.push(CapDecision {
+                offset: at,
+                id: ext_cap_id::ATS,
+                extended: true,
+                policy: CapPolicy::Emulate,
+                reason: "vATS synthesized: the IOMMU supports ATS for the device",
+            });
+            at += super::ats::VATS_LEN;
+        }
+        if let Some(capacity) = cfg.pri_capacity {
+            self.install_vpri(at, capacity);
+            visible.push((at, ext_cap_id::PRI, 1));
+            self.caps.push(CapDecision {
+                offset: at,
+                id: ext_cap_id::PRI,
+                extended: true,
+                policy: CapPolicy::Emulate,
+                reason: "vPRI synthesized: the IOMMU takes page requests (PRS)",
+            });
+        }
+        Ok(())
     }
 
     pub(super) fn device_read_dword(&self, off: usize) -> u32 {
@@ -432,6 +549,55 @@ impl VfioPciDevice {
         {
             self.msix_control_written();
         }
-        self.pasid_written(off, data.len());
+        self.vsva_written(off, data.len());
     }
+}
+
+/// What the vSVA chain's placement needs to know about the device's extended capabilities.
+struct DeviceSvaLayout {
+    /// The device's own PASID capability (hidden).
+    hidden_pasid: Option<usize>,
+    /// The lowest of the device's own PASID/ATS/PRI capabilities (hidden, replaced).
+    lowest_replaced: Option<usize>,
+    /// The device's ATS capability register (its ATS is hidden; no ATS, no vATS).
+    device_ats: Option<u16>,
+    /// The registers of every other extended capability of the device.
+    obstacles: Vec<std::ops::Range<usize>>,
+}
+
+/// Register lengths of the extended capabilities whose size is fixed.
+fn fixed_ext_len(id: u16) -> Option<usize> {
+    match id {
+        ext_cap_id::AER => Some(0x48),
+        ext_cap_id::SRIOV => Some(0x40),
+        ext_cap_id::DEV3 => Some(0x0c),
+        _ => None,
+    }
+}
+
+/// The registers of the device's extended capabilities, except the PASID/ATS/PRI ones the
+/// chain replaces (`replaced`): a fixed length where the ID has one, the VSEC/DVSEC length
+/// field (at least the 8 bytes of headers), else up to the next header in address order
+/// (the last such capability: its header only, there is nothing to bound it by).
+fn ext_obstacles(
+    snap: &[u8],
+    all: &[crate::pci::config::ExtCapEntry],
+    replaced: &[usize],
+) -> Vec<std::ops::Range<usize>> {
+    let mut starts: Vec<usize> = all.iter().map(|c| c.offset).collect();
+    starts.sort_unstable();
+    all.iter()
+        .filter(|c| !replaced.contains(&c.offset))
+        .map(|c| {
+            let o = c.offset;
+            let next = starts.iter().copied().find(|&s| s > o);
+            let len = match c.id {
+                ext_cap_id::VSEC | ext_cap_id::DVSEC => {
+                    ((image_u32(snap, o + 4) >> 20) as usize).max(8)
+                }
+                id => fixed_ext_len(id).or(next.map(|n| n - o)).unwrap_or(4),
+            };
+            o..(o + len).min(EXT_CONFIG_SPACE_SIZE).max(o + 4)
+        })
+        .collect()
 }

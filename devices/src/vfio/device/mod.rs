@@ -3,16 +3,20 @@
 //! This file holds the model's state, its construction and its [`PciDevice`] face; the work
 //! is split by responsibility: `config` virtualizes config space (header, BARs,
 //! capability lists), `interrupts` turns MSI, MSI-X and INTx into routes and VFIO
-//! eventfds, `bars` serves BAR accesses and direct mappings, and `pasid` presents the
-//! PASID capability.
+//! eventfds, `bars` serves BAR accesses and direct mappings, and `pasid`, `ats` and `pri`
+//! present the synthesized vSVA chain (PASID, ATS, PRI capabilities).
 
+mod ats;
 mod bars;
 mod config;
 mod interrupts;
 mod pasid;
+mod pri;
 
-use pasid::VPASID_FALLBACK_OFFSET;
-pub use pasid::{PasidControl, PasidListener, VpasidConfig};
+pub use ats::{AtsControl, AtsListener};
+pub use pasid::{PasidControl, PasidListener, VpasidConfig, VPRI_DEFAULT_CAPACITY};
+use pasid::{VPASID_FALLBACK_OFFSET, VPASID_LEN};
+pub use pri::{PriControl, PriListener};
 
 use std::any::Any;
 use std::fmt;
@@ -89,6 +93,19 @@ pub enum VfioPciError {
         /// Region size.
         size: u64,
     },
+    /// The synthesized PASID/ATS/PRI chain cannot go at the requested offset.
+    #[error(
+        "Cannot place the synthesized PASID/ATS/PRI capabilities of the {device} at \
+         {offset:#x}: {reason}"
+    )]
+    VsvaOffset {
+        /// Device.
+        device: VfioDeviceId,
+        /// The requested offset (`x_pasid_offset`).
+        offset: usize,
+        /// Why not.
+        reason: String,
+    },
 }
 
 /// Options of one assignment.
@@ -131,6 +148,10 @@ pub struct VfioPciDevice {
     caps: Vec<CapDecision>,
     vpasid: Option<usize>,
     pasid_listener: Option<PasidListener>,
+    vats: Option<usize>,
+    ats_listener: Option<AtsListener>,
+    vpri: Option<usize>,
+    pri_listener: Option<PriListener>,
     /// Warnings a guest can trigger (MSI/MSI-X routing, BAR moves) go through this limit.
     warn: GuestWarn,
 }
@@ -191,6 +212,10 @@ impl VfioPciDevice {
             caps: Vec::new(),
             vpasid: None,
             pasid_listener: None,
+            vats: None,
+            ats_listener: None,
+            vpri: None,
+            pri_listener: None,
             warn: GuestWarn::new(),
         };
         dev.virt.set_bytes(0, &snap);
@@ -198,7 +223,13 @@ impl VfioPciDevice {
         dev.build_header(&snap, &bar_infos);
         dev.build_capabilities(&snap, &bar_infos);
         if size == EXT_CONFIG_SPACE_SIZE {
-            dev.build_ext_capabilities(&snap, options.vpasid);
+            dev.build_ext_capabilities(&snap, options.vpasid)?;
+        } else if let Some(offset) = options.vpasid.and_then(|v| v.offset) {
+            return Err(VfioPciError::VsvaOffset {
+                device: dev.id.clone(),
+                offset,
+                reason: "the device has no extended config space".to_string(),
+            });
         }
         dev.build_bars(bar_infos);
         dev.arm_intx();
@@ -210,7 +241,8 @@ impl VfioPciDevice {
         &self.id
     }
 
-    /// The pass/emulate/hide decision for every capability found (and a synthesized vPASID).
+    /// The pass/emulate/hide decision for every capability found (and the synthesized vSVA
+    /// chain: vPASID, vATS, vPRI).
     pub fn capabilities(&self) -> &[CapDecision] {
         &self.caps
     }
@@ -258,9 +290,7 @@ impl PciDevice for VfioPciDevice {
             let cap = *m.cap();
             cap.install(&mut self.virt);
         }
-        if let Some(p) = self.vpasid {
-            self.virt.set_u16(p + 6, 0);
-        }
+        self.vsva_reset();
         self.set_intx(true);
     }
 
