@@ -250,7 +250,8 @@ impl Dispatcher {
 
     /// Sends the request built by `make` and waits for the VMM's answer.
     fn call<T>(&self, make: impl FnOnce(Responder<T>) -> ApiRequest) -> Result<T, Reply> {
-        let (responder, rx) = Responder::pair();
+        // Tracked: a request answered 503 is withdrawn first, so it never runs later.
+        let (responder, rx, ticket) = Responder::pair_tracked();
         let request = make(responder);
         let name = request.name();
         if self.api_tx.send(request).is_err() {
@@ -271,16 +272,27 @@ impl Dispatcher {
             match rx.recv_timeout(STOP_CHECK) {
                 Ok(r) => break r,
                 Err(RecvTimeoutError::Timeout) if signalled(&self.stop_evt) => {
+                    let what = if ticket.withdraw() {
+                        "was withdrawn and will not run"
+                    } else {
+                        "was taken by the VMM and may have run"
+                    };
                     return Err(Reply::error(
                         HttpStatus::ServiceUnavailable,
-                        format!("The API server is stopping; {name} was not answered"),
-                    ))
+                        format!("The API server is stopping; {name} {what}"),
+                    ));
                 }
-                Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                // Past the deadline: 503 only for a request the VMM has not taken (withdrawn,
+                // it never runs); one the VMM is executing is waited for, so a 503 never
+                // hides a request that ran.
+                Err(RecvTimeoutError::Timeout)
+                    if Instant::now() >= deadline && ticket.withdraw() =>
+                {
                     return Err(Reply::error(
                         HttpStatus::ServiceUnavailable,
                         format!(
-                            "The VMM did not answer {name} within {} s",
+                            "The VMM did not take {name} within {} s; it was withdrawn and \
+                             will not run",
                             self.reply_timeout.as_secs()
                         ),
                     ))
