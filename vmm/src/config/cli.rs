@@ -56,7 +56,8 @@ pub struct VmArgs {
     /// --platform viommu=vtd,fsts=on,pasid-bits=20,svm=on), iommu=on|off (put it
     /// behind the vIOMMU: the guest programs its DMA translation; needs --platform
     /// viommu=vtd), pasid=on|off (let the guest use PASIDs with it; needs iommu=on and
-    /// pasid-bits), id=ID, pci_segment=N, pci_device_id=SLOT (0-31; devices behind the vIOMMU
+    /// pasid-bits; x_pasid_offset=OFF places the synthesized PASID/ATS/PRI capabilities),
+    /// id=ID, pci_segment=N, pci_device_id=SLOT (0-31; devices behind the vIOMMU
     /// take the slots its DMAR scope reserves, 24-31, unless one is given at boot).
     #[arg(long, value_name = "path=..|fd=..|emulated=..,iommu=on|off,pasid=on|off,id=..", num_args = 1..)]
     pub device: Vec<String>,
