@@ -58,6 +58,10 @@ pub fn tests() -> Vec<LabTest> {
             run: viommu_shadow_fsts_on_refused_without_host_nesting,
         },
         LabTest {
+            name: "viommu_type1_refused",
+            run: viommu_type1_refused,
+        },
+        LabTest {
             name: "viommu_shadow_rest_unplug_releases_everything",
             run: viommu_shadow_rest_unplug_releases_everything,
         },
@@ -540,12 +544,39 @@ fn viommu_shadow_fsts_on_refused_without_host_nesting() -> TestResult {
             "the host IOMMU nests edu: fsts=on is honoured there".into(),
         ));
     }
-    let payload = idle_payload("fsts")?;
+    let err = refused_start("fsts", "viommu=vtd,fsts=on", &edu)?;
+    ensure!(
+        err.contains("first-stage") && err.contains("nesting"),
+        "the refusal does not give the reason (first stage needs host nesting): {err}"
+    );
+    Ok(Outcome::Pass)
+}
+
+/// `ioasid-vmm` with edu behind the vIOMMU on the legacy VFIO container refuses to start:
+/// the shadow needs a host IOAS per guest domain and `IOAS_COPY`, which type1 lacks.
+fn viommu_type1_refused() -> TestResult {
+    let edu = edu_path()?;
+    ensure!(
+        std::path::Path::new(VMM_BIN).exists(),
+        "{VMM_BIN} is missing from L2"
+    );
+    let err = refused_start("type1", "iommufd=off,viommu=vtd", &edu)?;
+    ensure!(
+        err.contains("iommufd") && err.contains("type1"),
+        "the refusal does not name the backend (the vIOMMU needs iommufd): {err}"
+    );
+    Ok(Outcome::Pass)
+}
+
+/// Starts `ioasid-vmm` on an idle payload with `--platform platform` and edu with
+/// `iommu=on`, expects it to exit non-zero within [`GUARD`], and returns its stderr.
+fn refused_start(name: &str, platform: &str, edu: &std::path::Path) -> Result<String, String> {
+    let payload = idle_payload(name)?;
     let mut child = Command::new(VMM_BIN)
         .arg("--payload")
         .arg(format!("{},mode=real,irqchip=on", payload.display()))
         .args(["--memory", "size=64M", "--serial", "off"])
-        .args(["--platform", "viommu=vtd,fsts=on"])
+        .args(["--platform", platform])
         .arg("--device")
         .arg(format!("path={},iommu=on", edu.display()))
         .stdin(Stdio::null())
@@ -562,8 +593,8 @@ fn viommu_shadow_fsts_on_refused_without_host_nesting() -> TestResult {
             let _ = child.kill();
             let _ = child.wait();
             return Err(format!(
-                "ioasid-vmm with fsts=on and an assigned iommu=on device on a host without \
-                 nesting still runs after {GUARD:?}: it should refuse to start"
+                "ioasid-vmm --platform {platform} with edu iommu=on still runs after \
+                 {GUARD:?}: it should refuse to start"
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -574,12 +605,11 @@ fn viommu_shadow_fsts_on_refused_without_host_nesting() -> TestResult {
         let _ = e.read_to_string(&mut err);
     }
     println!("  ioasid-vmm exited {status}: {}", tail(&err, 4));
-    ensure!(!status.success(), "ioasid-vmm started with fsts=on: {err}");
     ensure!(
-        err.contains("first-stage") && err.contains("nesting"),
-        "the refusal does not give the reason (first stage needs host nesting): {err}"
+        !status.success(),
+        "ioasid-vmm started with --platform {platform}: {err}"
     );
-    Ok(Outcome::Pass)
+    Ok(err)
 }
 
 /// `ioasid-vmm` running the idle payload with `--platform viommu=vtd` and an API socket.

@@ -543,6 +543,22 @@ impl DeviceManager {
                 Reason("the VM has no IOMMU backend".into()),
             ));
         };
+        // The shadow mirrors guest tables with IOAS_COPY into per-domain IOASes; the legacy
+        // VFIO container has neither, so a device on it could not follow the guest's tables
+        // (its DMA would stay at guest-physical addresses while the guest believes it is
+        // translated). Refuse instead.
+        if d.backend.kind() == ioasid::BackendKind::Type1 {
+            return Err(DeviceManagerError::step(
+                "the vIOMMU",
+                "creating its host bridge",
+                Reason(
+                    "devices behind the vIOMMU need the iommufd backend (a host IOAS per guest \
+                     domain, IOAS_COPY); this VM uses the legacy VFIO container (type1): use \
+                     --platform iommufd=on or auto on a host with /dev/iommu"
+                        .into(),
+                ),
+            ));
+        }
         if let Some(h) = &v.host {
             return Ok(h.clone());
         }
