@@ -525,3 +525,72 @@ fn device_manager_can_be_shared_with_the_api_thread() {
     fn shareable<T: Send + Sync>() {}
     shareable::<std::sync::Mutex<DeviceManager>>();
 }
+
+#[test]
+fn device_manager_refuses_slot_32() {
+    let name = "device_manager_refuses_slot_32";
+    let Some((vm, mut dm)) = vm_with_manager(name) else {
+        return;
+    };
+    let fds = fd_count();
+    // Built directly, not parsed: the device manager must refuse these whatever its caller
+    // checked (slot 32 has device number 0 in five bits, the host bridge's).
+    for slot in [32u8, 33, 0x3f, 0xff] {
+        let want_slot = format!("PCI slot {slot} is not a device slot");
+        let assigned = DeviceConfig {
+            path: Some("/sys/bus/pci/devices/0000:00:03.0".into()),
+            pci_device_id: Some(slot),
+            ..Default::default()
+        };
+        let emulated = DeviceConfig {
+            emulated: Some("sva-copy".into()),
+            pci_device_id: Some(slot),
+            ..Default::default()
+        };
+        for c in [&assigned, &emulated] {
+            let e = dm.add_device(c, None).unwrap_err();
+            assert!(
+                matches!(
+                    &e,
+                    DeviceManagerError::Step {
+                        step: "choosing the PCI slot",
+                        ..
+                    }
+                ),
+                "slot {slot}: {}",
+                e.message()
+            );
+            refused(
+                &vm,
+                &mut dm,
+                c,
+                None,
+                &[&want_slot, "choosing the PCI slot"],
+            );
+            assert!(!e.message().contains("0000:00:00.0"), "{}", e.message());
+        }
+        let fake = FakeVfio::edu_msi();
+        let before = snapshot(&vm, &dm);
+        let e = dm
+            .add_unbacked_device(Some("edu32"), "fake-edu", fake.clone(), Some(slot))
+            .unwrap_err();
+        assert!(e.message().contains(&want_slot), "{}", e.message());
+        assert_eq!(
+            snapshot(&vm, &dm),
+            before,
+            "state changed after: {}",
+            e.message()
+        );
+        assert_eq!(Arc::strong_count(&fake), 1, "the refused model was kept");
+    }
+    // The host bridge still answers at 00:00.0, and slot 31 is a real slot.
+    assert_eq!(ecam_read32(&vm, 0, 0), HOST_BRIDGE_ID);
+    let added = dm
+        .add_unbacked_device(Some("edu31"), "fake-edu", FakeVfio::edu_msi(), Some(31))
+        .unwrap();
+    assert_eq!(added.bdf.to_string(), "0000:00:1f.0");
+    assert_eq!(ecam_read32(&vm, 31, 0), EDU_ID);
+    dm.remove_device("edu31").unwrap();
+    assert!(dm.device_ids().is_empty());
+    assert_eq!(fd_count(), fds, "an fd was left open");
+}

@@ -27,6 +27,19 @@ use super::{
     Placed, Progress, Reason, PCI_SEGMENT,
 };
 
+/// Refuses a requested slot above [`MAX_SLOT`]: a device number has five bits, so slot 32
+/// would otherwise wrap to `0000:00:00.0` wherever it is turned into a BDF.
+fn check_slot_range(slot: Option<u8>, device: &str) -> Result<(), DeviceManagerError> {
+    match slot {
+        Some(slot) if slot > MAX_SLOT => Err(DeviceManagerError::step(
+            device,
+            "choosing the PCI slot",
+            PciError::InvalidSlot { slot },
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl DeviceManager {
     /// Assigns the device `cfg` names (or the cdev `fd`): resolve, choose the backend (first
     /// device), bind, map RAM (first device), attach to the VM's IOAS, register with
@@ -42,6 +55,8 @@ impl DeviceManager {
             (None, Some(f)) => format!("cdev fd {}", f.as_raw_fd()),
             (None, None) => "a device without path or fd".to_string(),
         };
+        // Before anything else, whatever the caller checked: slot 32 would wrap to 00:00.0.
+        check_slot_range(cfg.pci_device_id, cfg.emulated.as_deref().unwrap_or(&given))?;
         check_device_config(cfg, fd.is_some()).map_err(|source| DeviceManagerError::Config {
             device: given.clone(),
             source,
@@ -631,6 +646,7 @@ impl DeviceManager {
         regions: Arc<dyn VfioRegions>,
         slot: Option<u8>,
     ) -> Result<AddedDevice, DeviceManagerError> {
+        check_slot_range(slot, name)?;
         if let Some(id) = id {
             api::device_config::validate_id(id).map_err(|source| DeviceManagerError::Config {
                 device: name.to_string(),
