@@ -9,7 +9,9 @@ Protocol (written by the lab test binary, one per line, anywhere in the log):
 Kernel messages and test chatter may interleave; lines may end in \\r.
 
 Suite mode prints one line per test, any problems, and then exactly one closing line
-"N passed, N failed" (", N skipped" appended when tests were skipped). It exits 1 on any
+"N passed, N failed, N skipped", followed on that line by each skipped test and its reason,
+"(name: reason; name: reason)", when any were skipped. A skip is not a pass: it is
+counted and named so that it shows in the CI log. It exits 1 on any
 FAIL (or malformed LAB-TEST line), when LAB-DONE is missing (crash, hang, timeout), when no
 test ran, or when the run timed out; else 0.
 
@@ -78,12 +80,14 @@ def parse_lines(lines):
 
 
 def summary_line(results):
+    """`N passed, N failed, N skipped`, then each skipped test with its reason in
+    parentheses. The `N passed, N failed` prefix is what CI reads: keep it first."""
     passed = sum(r.status == "PASS" for r in results)
     failed = sum(r.status == "FAIL" for r in results)
-    skipped = sum(r.status == "SKIP" for r in results)
-    line = f"{passed} passed, {failed} failed"
-    if skipped:
-        line += f", {skipped} skipped"
+    skips = [r for r in results if r.status == "SKIP"]
+    line = f"{passed} passed, {failed} failed, {len(skips)} skipped"
+    if skips:
+        line += " (" + "; ".join(f"{r.name}: {r.reason}" for r in skips) + ")"
     return line
 
 
@@ -138,7 +142,7 @@ def main(argv=None):
             rep = parse_lines(f)
     except OSError as e:
         print(f"lab: cannot read the serial log: {e}", file=sys.stderr)
-        print("0 passed, 0 failed")
+        print("0 passed, 0 failed, 0 skipped")
         return 1
     sys.stdout.flush()
     return report(rep, args.mode, args.timed_out, sys.stdout)
