@@ -631,18 +631,7 @@ impl DeviceManager {
         regions: Arc<dyn VfioRegions>,
         slot: Option<u8>,
     ) -> Result<AddedDevice, DeviceManagerError> {
-        if let Some(id) = id {
-            api::device_config::validate_id(id).map_err(|source| DeviceManagerError::Config {
-                device: name.to_string(),
-                source,
-            })?;
-            if let Some(d) = self.find(id) {
-                return Err(DeviceManagerError::DuplicateId {
-                    id: id.to_string(),
-                    host: d.host.to_string(),
-                });
-            }
-        }
+        self.check_new_id(id, name)?;
         let (id, auto) = match id {
             Some(id) => (id.to_string(), None),
             None => {
