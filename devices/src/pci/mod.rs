@@ -22,6 +22,7 @@ pub mod bdf;
 pub mod config;
 pub mod device;
 pub mod ecam;
+pub mod ext_caps;
 pub mod host_bridge;
 pub mod interrupt;
 pub mod msi;

@@ -3,6 +3,12 @@
 //! the write masks that let the guest program exactly the fields the spec makes writable;
 //! and [`CapState`], the decoded view of those fields that the worker acts on.
 
+pub use crate::pci::ext_caps::{
+    ATS_CTRL_ENABLE, ATS_CTRL_STU, PASID_CAP_EXEC, PASID_CAP_PRIV, PASID_CTRL_ENABLE,
+    PASID_CTRL_EXEC, PASID_CTRL_PRIV, PRI_CTRL_ENABLE, PRI_CTRL_RESET, PRI_STATUS_PASID,
+    PRI_STATUS_RF, PRI_STATUS_STOPPED, PRI_STATUS_UPRGI,
+};
+
 use crate::pci::bar::{BarKind, PciBarInfo};
 use crate::pci::config::{
     cap_id, command, ext_cap_id, reg, ConfigError, ConfigSpace, TypeZeroHeader,
@@ -43,36 +49,6 @@ const PCIE_DEVCAP2: u32 = (1 << 21) | (1 << 22);
 
 /// ATS capability register: invalidate queue depth 0 (= 32), page aligned requests.
 const ATS_CAPS: u16 = 1 << 5;
-/// ATS control: Enable.
-pub const ATS_CTRL_ENABLE: u16 = 1 << 15;
-/// ATS control: Smallest Translation Unit.
-pub const ATS_CTRL_STU: u16 = 0x1f;
-
-/// PASID capability: Execute Permission Supported.
-pub const PASID_CAP_EXEC: u16 = 1 << 1;
-/// PASID capability: Privileged Mode Supported.
-pub const PASID_CAP_PRIV: u16 = 1 << 2;
-/// PASID control: PASID Enable.
-pub const PASID_CTRL_ENABLE: u16 = 1 << 0;
-/// PASID control: Execute Permission Enable.
-pub const PASID_CTRL_EXEC: u16 = 1 << 1;
-/// PASID control: Privileged Mode Enable.
-pub const PASID_CTRL_PRIV: u16 = 1 << 2;
-
-/// PRI control: Enable.
-pub const PRI_CTRL_ENABLE: u16 = 1 << 0;
-/// PRI control: Reset (self-clearing).
-pub const PRI_CTRL_RESET: u16 = 1 << 1;
-/// PRI status: Response Failure (W1C).
-pub const PRI_STATUS_RF: u16 = 1 << 0;
-/// PRI status: Unexpected Page Request Group Index (W1C).
-pub const PRI_STATUS_UPRGI: u16 = 1 << 1;
-/// PRI status: Stopped (RO; set while PRI is disabled: the engine keeps no request
-/// outstanding once disabled). Linux's `pci_enable_pri` refuses a device without it.
-pub const PRI_STATUS_STOPPED: u16 = 1 << 8;
-/// PRI status: PRG Response PASID Required (RO): page responses to requests with a PASID
-/// carry it.
-pub const PRI_STATUS_PASID: u16 = 1 << 15;
 
 /// Offsets inside the extended capabilities (from the capability header).
 mod off {

@@ -647,18 +647,7 @@ impl DeviceManager {
         slot: Option<u8>,
     ) -> Result<AddedDevice, DeviceManagerError> {
         check_slot_range(slot, name)?;
-        if let Some(id) = id {
-            api::device_config::validate_id(id).map_err(|source| DeviceManagerError::Config {
-                device: name.to_string(),
-                source,
-            })?;
-            if let Some(d) = self.find(id) {
-                return Err(DeviceManagerError::DuplicateId {
-                    id: id.to_string(),
-                    host: d.host.to_string(),
-                });
-            }
-        }
+        self.check_new_id(id, name)?;
         let (id, auto) = match id {
             Some(id) => (id.to_string(), None),
             None => {

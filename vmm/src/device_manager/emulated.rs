@@ -61,18 +61,7 @@ impl DeviceManager {
         dma: EmulatedDma,
         build: impl FnOnce(EmulatedParts) -> Result<SharedPciDevice, String>,
     ) -> Result<AddedDevice, DeviceManagerError> {
-        if let Some(id) = id {
-            api::device_config::validate_id(id).map_err(|source| DeviceManagerError::Config {
-                device: name.to_string(),
-                source,
-            })?;
-            if let Some(d) = self.find(id) {
-                return Err(DeviceManagerError::DuplicateId {
-                    id: id.to_string(),
-                    host: d.host.to_string(),
-                });
-            }
-        }
+        self.check_new_id(id, name)?;
         let behind = matches!(dma, EmulatedDma::Soft(_));
         if behind && self.viommu.is_none() {
             return Err(DeviceManagerError::Unsupported {

@@ -473,6 +473,25 @@ impl DeviceManager {
         self.devices.iter().find(|d| d.id == id)
     }
 
+    /// Refuses a caller-chosen `id` that is malformed or taken (`name` names the device in
+    /// the error); `None` (the manager makes one up) passes.
+    fn check_new_id(&self, id: Option<&str>, name: &str) -> Result<(), DeviceManagerError> {
+        let Some(id) = id else {
+            return Ok(());
+        };
+        api::device_config::validate_id(id).map_err(|source| DeviceManagerError::Config {
+            device: name.to_string(),
+            source,
+        })?;
+        match self.find(id) {
+            Some(d) => Err(DeviceManagerError::DuplicateId {
+                id: id.to_string(),
+                host: d.host.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The next free made-up id and its number (taken only when the add succeeds).
     fn auto_id(&self) -> (String, u32) {
         let mut n = self.next_auto_id;

@@ -3,6 +3,8 @@
 //! Enable and Smallest Translation Unit are kept and readable back, and an [`AtsListener`]
 //! lets the VMM follow them (device-TLB invalidations are the vIOMMU's business).
 
+pub use crate::pci::ext_caps::{ATS_CTRL_ENABLE, ATS_CTRL_STU};
+
 use super::*;
 
 /// Length of the ATS extended capability.
@@ -11,10 +13,6 @@ pub(super) const VATS_LEN: usize = 8;
 /// ATS capability register bits copied from the device: Invalidate Queue Depth (4:0),
 /// Page Aligned Request (5), Global Invalidate Supported (6).
 const ATS_CAP_FROM_DEVICE: u16 = 0x7f;
-/// ATS control: Enable.
-pub const ATS_CTRL_ENABLE: u16 = 1 << 15;
-/// ATS control: Smallest Translation Unit.
-pub const ATS_CTRL_STU: u16 = 0x1f;
 
 /// The guest's ATS control register.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -6,25 +6,15 @@
 //! allocation is capped at the advertised capacity and only changes while PRI is disabled.
 //! A [`PriListener`] lets the VMM follow the state.
 
+pub use crate::pci::ext_caps::{
+    PRI_CTRL_ENABLE, PRI_CTRL_RESET, PRI_STATUS_PASID, PRI_STATUS_RF, PRI_STATUS_STOPPED,
+    PRI_STATUS_UPRGI,
+};
+
 use super::*;
 
 /// Length of the PRI extended capability.
 pub(super) const VPRI_LEN: usize = 16;
-
-/// PRI control: Enable.
-pub const PRI_CTRL_ENABLE: u16 = 1 << 0;
-/// PRI control: Reset (self-clearing).
-pub const PRI_CTRL_RESET: u16 = 1 << 1;
-/// PRI status: Response Failure (W1C).
-pub const PRI_STATUS_RF: u16 = 1 << 0;
-/// PRI status: Unexpected Page Request Group Index (W1C).
-pub const PRI_STATUS_UPRGI: u16 = 1 << 1;
-/// PRI status: Stopped (RO). Linux's `pci_enable_pri` refuses a device that does not show
-/// it while disabled.
-pub const PRI_STATUS_STOPPED: u16 = 1 << 8;
-/// PRI status: PRG Response PASID Required (RO): our page responses to requests with a
-/// PASID carry it (the vIOMMU matches responses by PRGI and PASID).
-pub const PRI_STATUS_PASID: u16 = 1 << 15;
 
 mod off {
     pub const CTRL: usize = 4;
