@@ -257,6 +257,29 @@ fn msix_function_mask_holds_vectors() {
     msix_set_mask(&mut state, &sink, 1, false);
     assert_eq!(sink.pump(), vec![(1, msix_msg(1))]);
 
+    // Vector control has one writable bit (mask): reserved bits read back as zero, and a
+    // write with reserved bits set still masks by bit 0 alone.
+    let vctrl = u64::from(2u16) * ENTRY_SIZE + 12;
+    state
+        .table_write(vctrl, &0xffff_fffeu32.to_le_bytes(), &sink)
+        .unwrap();
+    let mut back = [0u8; 4];
+    state.table_read(vctrl, &mut back);
+    assert_eq!(
+        u32::from_le_bytes(back),
+        0,
+        "reserved vector control bits kept"
+    );
+    fire(&fds, 2);
+    assert_eq!(sink.pump(), vec![(2, msix_msg(2))]);
+    state
+        .table_write(vctrl, &0xffff_ffffu32.to_le_bytes(), &sink)
+        .unwrap();
+    state.table_read(vctrl, &mut back);
+    assert_eq!(u32::from_le_bytes(back), 1);
+    fire(&fds, 2);
+    assert_eq!(sink.pump(), vec![]);
+
     assert_eq!(sink.stray(), Vec::<String>::new());
 }
 
