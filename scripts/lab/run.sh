@@ -4,7 +4,7 @@
 # Usage: scripts/lab/run.sh [options]
 #   --mode suite|demo|bench
 #                       suite (default): run all lab tests, report one line per test and
-#                       "N passed, N failed"; demo: stream the demo's console output;
+#                       "N passed, N failed, N skipped"; demo: stream the demo's console output;
 #                       bench: the lab benchmarks (carries QEMU into L2 as the peer)
 #   --filter SUBSTR     run only the tests whose name contains SUBSTR
 #   --timeout SECONDS   stop the guest after this long (default 900)
