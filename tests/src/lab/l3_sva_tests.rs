@@ -64,16 +64,7 @@ pub struct SvaRun {
 
 impl SvaRun {
     fn why(&self) -> String {
-        format!(
-            "{}{}; serial tail: {}; VMM log tail: {}",
-            self.stopped
-                .as_ref()
-                .map(|s| format!("{s}; "))
-                .unwrap_or_default(),
-            self.out.describe_exit(),
-            tail(&self.out.serial, 10),
-            tail(&self.out.vmm_log, 10)
-        )
+        self.out.why(self.stopped.as_deref())
     }
 }
 

@@ -87,6 +87,18 @@ impl L3Outcome {
         ))
     }
 
+    /// Why a shared L3 run failed, for its tests' messages: the early stop (if any), the
+    /// VMM's exit, and the tails of the guest's console and the VMM's log.
+    pub fn why(&self, stopped: Option<&str>) -> String {
+        format!(
+            "{}{}; serial tail: {}; VMM log tail: {}",
+            stopped.map(|s| format!("{s}; ")).unwrap_or_default(),
+            self.describe_exit(),
+            tail(&self.serial, 10),
+            tail(&self.vmm_log, 10)
+        )
+    }
+
     /// The VMM's exit, in words.
     pub fn describe_exit(&self) -> String {
         match self.status {

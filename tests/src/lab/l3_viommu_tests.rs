@@ -23,7 +23,7 @@ use ioasid::caps::VtdEcap;
 use serde_json::Value;
 
 use super::env;
-use super::l3_tests::{l3_cmdline, remote, tail, L3Outcome, L3Session, REMOTE_BIN};
+use super::l3_tests::{l3_cmdline, remote, L3Outcome, L3Session, REMOTE_BIN};
 use crate::ensure;
 use crate::harness::{LabTest, Outcome, TestResult};
 
@@ -98,16 +98,7 @@ pub struct ViommuRun {
 
 impl ViommuRun {
     fn why(&self) -> String {
-        format!(
-            "{}{}; serial tail: {}; VMM log tail: {}",
-            self.stopped
-                .as_ref()
-                .map(|s| format!("{s}; "))
-                .unwrap_or_default(),
-            self.out.describe_exit(),
-            tail(&self.out.serial, 10),
-            tail(&self.out.vmm_log, 10)
-        )
+        self.out.why(self.stopped.as_deref())
     }
 }
 

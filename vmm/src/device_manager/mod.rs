@@ -74,8 +74,6 @@ pub const PCI_IO_SIZE: u64 = 0x4000;
 pub const PCI_SEGMENT: u16 = 0;
 /// Prefix of the ids the manager makes up (`_vfio0`, `_vfio1`, ...), as Cloud Hypervisor.
 pub const AUTO_ID_PREFIX: &str = "_vfio";
-/// Host PASIDs the VM's PASID space hands out (PASID 0 is the no-PASID context).
-const HOST_PASIDS: (u32, u32) = (1, (1 << 20) - 1);
 
 /// Whether assigned devices get a legacy INTx line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -414,7 +412,11 @@ impl DeviceManager {
              backend choice {:?}",
             config.backend
         );
-        let pasids = PasidSpace::new(HOST_PASIDS.0, HOST_PASIDS.1).ok_or_else(|| {
+        let pasids = PasidSpace::new(
+            crate::viommu::bridge::HOST_PASIDS.0,
+            crate::viommu::bridge::HOST_PASIDS.1,
+        )
+        .ok_or_else(|| {
             DeviceManagerError::step("the VM", "PASID space setup", Reason("empty range".into()))
         })?;
         Ok(Self {

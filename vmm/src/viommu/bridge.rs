@@ -599,9 +599,12 @@ impl VtdBridge {
     }
 }
 
-/// A PASID space when the caller gives none: host PASIDs 1..2^20-1.
+/// The host PASIDs a VM's PASID space hands out (PASID 0 is the no-PASID context).
+pub const HOST_PASIDS: (u32, u32) = (1, (1 << 20) - 1);
+
+/// A PASID space when the caller gives none: [`HOST_PASIDS`].
 fn default_pasid_space() -> PasidSpace {
-    match PasidSpace::new(1, (1 << 20) - 1) {
+    match PasidSpace::new(HOST_PASIDS.0, HOST_PASIDS.1) {
         Some(s) => s,
         // The range is not empty; the allocator cannot refuse it.
         None => unreachable!("a non-empty PASID range"),

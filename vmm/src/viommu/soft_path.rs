@@ -19,11 +19,6 @@ use ioasid::{
 
 use super::guest_mem::RamMap;
 
-/// The host PASID of a guest context: PASID 0 (RID_PASID) is the requests without PASID.
-pub fn host_pasid(pasid: Pasid) -> Option<Pasid> {
-    (pasid.0 != 0).then_some(pasid)
-}
-
 /// Allocates a guest-RAM IOAS in `soft` and maps every RAM region at IOVA = GPA.
 pub(crate) fn map_ram_ioas(soft: &SoftIommu, ram: &RamMap) -> ioasid::Result<IoasId> {
     let ioas = soft.ioas_alloc()?;
