@@ -9,6 +9,7 @@
 //! `ioasid` crate.
 
 pub mod bus;
+pub mod cpu_pasid;
 pub mod pci;
 pub mod sva;
 pub mod vfio;
