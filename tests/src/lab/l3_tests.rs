@@ -149,7 +149,8 @@ pub fn l3_cmdline(tasks: &str, more: &str) -> String {
 
 /// The VMM command line for an L3 guest with kernel command line `cmdline` (see
 /// [`l3_cmdline`]), with `devices` (--device values) and `extra` arguments (one vCPU unless
-/// `extra` has `--cpus`); the serial console goes to `serial`.
+/// `extra` has `--cpus`, [`L3_MEMORY`] unless it has `--memory`); the serial console goes
+/// to `serial`.
 pub fn vmm_command(cmdline: &str, devices: &[String], extra: &[String], serial: &Path) -> Command {
     let mut c = Command::new(VMM_BIN);
     c.arg("--kernel")
@@ -158,8 +159,6 @@ pub fn vmm_command(cmdline: &str, devices: &[String], extra: &[String], serial: 
         .arg(L3_INITRD)
         .arg("--cmdline")
         .arg(cmdline)
-        .arg("--memory")
-        .arg(L3_MEMORY)
         .arg("--serial")
         .arg(format!("file={}", serial.display()));
     for d in devices {
@@ -167,6 +166,9 @@ pub fn vmm_command(cmdline: &str, devices: &[String], extra: &[String], serial: 
     }
     if !extra.iter().any(|a| a == "--cpus") {
         c.args(["--cpus", "boot=1"]);
+    }
+    if !extra.iter().any(|a| a == "--memory") {
+        c.args(["--memory", L3_MEMORY]);
     }
     c.args(extra);
     c.env("RUST_LOG", "info");
@@ -242,6 +244,16 @@ impl L3Session {
             start,
             reader: Some(reader),
         })
+    }
+
+    /// The VMM's process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the VMM still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// The guest's serial output so far.

@@ -3,6 +3,7 @@
 pub mod api_bench;
 pub mod api_tests;
 pub mod bench;
+pub mod bench_smp;
 pub mod demo;
 pub mod env;
 pub mod ioasid_tests;
@@ -44,6 +45,7 @@ pub fn all() -> Vec<LabTest> {
 /// The benchmarks (`ioasid-lab bench`).
 pub fn bench() -> Vec<LabTest> {
     let mut v = bench::tests();
+    v.extend(bench_smp::tests());
     v.extend(api_bench::tests());
     v.extend(l3_viommu_tests::peer_tests());
     v
