@@ -8,6 +8,7 @@ pub mod demo;
 pub mod env;
 pub mod ioasid_tests;
 pub mod kvm;
+pub mod l3_smp_tests;
 pub mod l3_sva_tests;
 pub mod l3_tests;
 pub mod l3_viommu_tests;
@@ -34,6 +35,7 @@ pub fn all() -> Vec<LabTest> {
     v.extend(vsva_mock_tests::tests());
     v.extend(kvm::tests());
     v.extend(l3_tests::tests());
+    v.extend(l3_smp_tests::tests());
     v.extend(l3_viommu_tests::tests());
     v.extend(l3_sva_tests::tests());
     v.extend(vmm_tests::tests());
