@@ -520,6 +520,14 @@ impl Vcpu {
         KVM_RUN_PTR.with(|c| c.set(p));
         kicker.attach_current_thread();
         let result = self.run_loop(buses, kicker, &mut exits);
+        if matches!(result, Ok(VcpuStop::Kicked)) {
+            // Where each vCPU was when the VMM stopped it (a stalled guest killed at a deadline).
+            log::info!(
+                "vCPU {} at stop: {}",
+                self.id,
+                crate::vcpu_dump::state_line(&self.fd)
+            );
+        }
         kicker.detach();
         KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
         VcpuReport {
