@@ -61,7 +61,13 @@ pub struct VmArgs {
     /// take the slots its DMAR scope reserves, 24-31, unless one is given at boot).
     #[arg(long, value_name = "path=..|fd=..|emulated=..,iommu=on|off,pasid=on|off,id=..", num_args = 1..)]
     pub device: Vec<String>,
-    /// Platform: iommufd=on|off|auto (iommufd cdevs or the VFIO container),
+    /// Platform: iommufd=on|off|auto (iommufd cdevs or the VFIO container; auto falls back
+    /// to the container when /dev/iommu or the device's cdev is missing, and logs why),
+    /// hwpt=auto|explicit (iommufd: attach devices to the guest-RAM IOAS and let the kernel
+    /// pick the paging HWPT, or allocate one with IOMMU_HWPT_ALLOC and attach to it),
+    /// rlimit_mode=user|process (iommufd: charge pinned guest RAM to the user's or to this
+    /// process's RLIMIT_MEMLOCK, as the VFIO container does; process needs
+    /// CAP_SYS_RESOURCE),
     /// iommu_address_width=BITS (vIOMMU guest address width, default 48; with viommu=vtd 39,
     /// 48 or 57; the DMAR's host address width is BITS-1), viommu=vtd|off (an emulated
     /// Intel VT-d that the guest programs itself). With viommu=vtd, QEMU's intel-iommu

@@ -12,9 +12,7 @@ use devices::vfio::{
     CapPolicy, VfioDeviceId, VfioPciDevice, VfioPciError, VfioPciOptions, VfioRegions,
     VpasidConfig, VPRI_DEFAULT_CAPACITY,
 };
-use ioasid::{
-    BackendChoice, BackendKind, DevId, DeviceName, HostFacts, HwCaps, IommufdBackend, Type1Backend,
-};
+use ioasid::{BackendChoice, BackendKind, DevId, DeviceName, HostFacts, HwCaps};
 use log::{info, warn};
 
 use super::assign::{self, KvmVfio, Source, CDEV_DIR};
@@ -250,38 +248,34 @@ impl DeviceManager {
             ioasid::choose(self.config.backend, host, source.spec.as_ref())
         }
         .map_err(|e| DeviceManagerError::step(device, "choosing the IOMMU backend", e))?;
-        let backend = match kind {
-            BackendKind::Iommufd => {
-                Backend::Iommufd(Arc::new(IommufdBackend::open().map_err(|e| {
-                    DeviceManagerError::step(device, "opening /dev/iommu", e)
-                })?))
-            }
-            BackendKind::Type1 => {
-                Backend::Type1(Arc::new(Type1Backend::open().map_err(|e| {
-                    DeviceManagerError::step(device, "opening the VFIO container", e)
-                })?))
-            }
-            BackendKind::Soft => {
-                return Err(DeviceManagerError::Unsupported {
-                    device: device.to_string(),
-                    reason: "the soft backend serves emulated devices, not VFIO devices"
-                        .to_string(),
-                })
-            }
-        };
-        let ioas = backend
-            .as_dyn()
-            .ioas_alloc()
+        if let Some(why) =
+            ioasid::select::why_not_iommufd(self.config.backend, host, kind, source.spec.as_ref())
+        {
+            info!("{device}: IOMMU backend {kind} instead of iommufd: {why}");
+        }
+        if kind == BackendKind::Soft {
+            return Err(DeviceManagerError::Unsupported {
+                device: device.to_string(),
+                reason: "the soft backend serves emulated devices, not VFIO devices".to_string(),
+            });
+        }
+        let backend = dma::open_backend(kind, &self.config.dma).map_err(|e| {
+            DeviceManagerError::step(
+                device,
+                match kind {
+                    BackendKind::Iommufd => "opening /dev/iommu",
+                    _ => "opening the VFIO container",
+                },
+                e,
+            )
+        })?;
+        let state = DmaState::new(backend, self.config.dma, &self.ram)
             .map_err(|e| DeviceManagerError::step(device, "allocating the VM's IOAS", e))?;
         info!(
             "IOMMU backend {kind} chosen (choice {:?}); IOAS {} allocated for the VM",
-            self.config.backend, ioas.0
+            self.config.backend, state.ioas.0
         );
-        self.dma = Some(DmaState {
-            backend,
-            ioas,
-            ram: Vec::new(),
-        });
+        self.dma = Some(state);
         Ok(())
     }
 
@@ -444,25 +438,15 @@ impl DeviceManager {
         }
 
         // Attach (type1 attached the group's container when binding). iommufd reports the
-        // paging HWPT the kernel found or created for the device over the IOAS.
+        // paging HWPT the device reaches the IOAS through (`--platform hwpt=`).
         let mut hwpt = None;
-        if let Backend::Iommufd(b) = &backend {
-            hwpt = b
-                .attach_ioas_reporting_hwpt(dev, ioas)
+        if let (Backend::Iommufd(_), Some(d)) = (&backend, self.dma.as_mut()) {
+            hwpt = d
+                .attach_device(dev)
                 .map_err(|e| DeviceManagerError::step(dev_str, "attaching to the VM's IOAS", e))?;
             p.attached = true;
-        }
-        match (hwpt, backend.kind()) {
-            (Some(h), _) => info!(
-                "{id}: attached to IOAS {} through paging HWPT {} (allocated by the kernel)",
-                ioas.0, h.0
-            ),
-            (None, BackendKind::Iommufd) => info!(
-                "{id}: attached to IOAS {} (no HWPT: the kernel reported the IOAS itself, as \
-                 for an emulated device)",
-                ioas.0
-            ),
-            (None, _) => info!("{id}: attached to IOAS {}", ioas.0),
+        } else {
+            info!("{id}: in container (IOAS) {} since it was bound", ioas.0);
         }
 
         let (bdf, model, sink, mapper) =

@@ -96,6 +96,8 @@ pub struct DeviceManagerConfig {
     pub intx: IntxWiring,
     /// The emulated VT-d (`--platform viommu=vtd`), if any.
     pub viommu: Option<viommu::ViommuSetup>,
+    /// The iommufd options of `--platform` (`hwpt=`, `rlimit_mode=`).
+    pub dma: dma::DmaOptions,
 }
 
 impl DeviceManagerConfig {
@@ -109,6 +111,10 @@ impl DeviceManagerConfig {
             },
             intx: IntxWiring::Wire,
             viommu: viommu::ViommuSetup::from_platform(p),
+            dma: dma::DmaOptions {
+                hwpt: p.hwpt,
+                rlimit: p.rlimit_mode,
+            },
         }
     }
 }
