@@ -5,6 +5,7 @@ pub mod api_tests;
 pub mod bench;
 pub mod bench_smp;
 pub mod demo;
+pub mod dm_tests;
 pub mod env;
 pub mod ioasid_tests;
 pub mod kvm;
@@ -39,6 +40,7 @@ pub fn all() -> Vec<LabTest> {
     v.extend(l3_viommu_tests::tests());
     v.extend(l3_sva_tests::tests());
     v.extend(vmm_tests::tests());
+    v.extend(dm_tests::tests());
     v.extend(api_tests::tests());
     v.extend(lifecycle_tests::tests());
     v
