@@ -15,6 +15,7 @@ pub mod mock_tests;
 pub mod pdev_dma_tests;
 pub mod pdev_fixture;
 pub mod pdev_tests;
+pub mod type1_tests;
 pub mod viommu_mock_tests;
 pub mod viommu_shadow_tests;
 pub mod vmm_tests;
@@ -38,6 +39,7 @@ pub fn all() -> Vec<LabTest> {
     v.extend(vmm_tests::tests());
     v.extend(api_tests::tests());
     v.extend(lifecycle_tests::tests());
+    v.extend(type1_tests::tests());
     v
 }
 
