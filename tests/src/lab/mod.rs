@@ -18,6 +18,7 @@ pub mod mock_tests;
 pub mod pdev_dma_tests;
 pub mod pdev_fixture;
 pub mod pdev_tests;
+pub mod type1_tests;
 pub mod viommu_mock_tests;
 pub mod viommu_shadow_tests;
 pub mod vmm_tests;
@@ -43,6 +44,7 @@ pub fn all() -> Vec<LabTest> {
     v.extend(dm_tests::tests());
     v.extend(api_tests::tests());
     v.extend(lifecycle_tests::tests());
+    v.extend(type1_tests::tests());
     v
 }
 

@@ -134,7 +134,7 @@ impl Lab {
                     },
                     address_width: 48,
                 }),
-                dma: Default::default(),
+                ..DeviceManagerConfig::default()
             },
         )
         .map_err(|e| e.message())?;
