@@ -368,6 +368,8 @@ pub struct VcpuConfig {
     pub tsc_deadline: bool,
     /// MSR indices KVM can save/restore (others are skipped).
     pub msr_index_list: Vec<u32>,
+    /// Whether the guest may see ENQCMD ([`crate::enqcmd::cpu::check_policy`]).
+    pub enqcmd: bool,
 }
 
 /// One vCPU.
@@ -422,6 +424,7 @@ impl Vcpu {
                 vcpu_count: cfg.vcpu_count,
                 has_lapic: cfg.has_lapic,
                 tsc_deadline: cfg.tsc_deadline,
+                enqcmd: cfg.enqcmd,
             },
         );
         self.fd

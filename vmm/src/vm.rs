@@ -13,6 +13,8 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
 
 use crate::boot::BootEntry;
+use crate::config::OnOffAuto;
+use crate::enqcmd::cpu::{check_policy, host_cpu_side};
 use crate::enqcmd::{install_msr_filter, Ia32Pasid, MsrFilterError};
 use crate::irq::{GsiRouter, IrqError};
 use crate::kvm_caps::has_cap;
@@ -501,6 +503,9 @@ impl Vm {
             has_lapic: router.is_some(),
             tsc_deadline: has_cap(&kvm, Cap::TscDeadlineTimer),
             msr_index_list,
+            // `auto`: shown only when the host's CPU side translates guest PASIDs (upstream
+            // KVM does not); `--cpus enqcmd=on` was refused before the VM was made.
+            enqcmd: check_policy(OnOffAuto::Auto, host_cpu_side()).unwrap_or(false),
         };
         let ram_slots = ram.regions().len() as u32;
         let slot_limit = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX);

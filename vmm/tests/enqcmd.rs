@@ -8,6 +8,7 @@
 
 mod common;
 
+use clap::Parser;
 use vmm::boot::payload::{PayloadMode, DEFAULT_LONG_GPA};
 use vmm::runner::PayloadVm;
 use vmm::vm::IrqchipMode;
@@ -138,4 +139,38 @@ fn enqcmd_reserved_pasid_gp() {
     assert_eq!((c.writes, c.rejected, c.reads, c.other_msrs), (1, 4, 2, 0));
     let exits = &out.exit.first_report().unwrap().exits;
     assert_eq!((exits.msr_write, exits.msr_read), (5, 2));
+}
+
+#[test]
+fn enqcmd_on_fails_at_start_saying_why() {
+    // The policy is checked before the VM is made: no /dev/kvm needed.
+    let cfg = match vmm::config::Cli::try_parse_from([
+        "ioasid-vmm",
+        "--payload",
+        "/nonexistent-payload",
+        "--cpus",
+        "boot=1,enqcmd=on",
+    ])
+    .unwrap()
+    .action()
+    .unwrap()
+    {
+        vmm::config::Action::Run(c) => *c,
+        a => panic!("expected a run, got {a:?}"),
+    };
+    let attach = |_: &mut vmm::vm::Vm,
+                  _: &vmm::runner::SharedDeviceManager,
+                  _: &vmm::config::VmConfig| Ok(Vec::new());
+    let e = match vmm::runner::boot(&cfg, Vec::new(), &attach, Box::new(|_| {})) {
+        Ok(_) => panic!("enqcmd=on booted"),
+        Err(e) => e,
+    };
+    let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+    println!("{chain}");
+    assert!(matches!(e, vmm::runner::RunError::Enqcmd(_)), "{chain}");
+    assert!(chain.contains("enqcmd=on"), "{chain}");
+    assert!(
+        chain.contains("no kernel offers KVM PASID translation"),
+        "{chain}"
+    );
 }

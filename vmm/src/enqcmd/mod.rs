@@ -1,6 +1,9 @@
 //! ENQCMD support in the VMM: what can be done honestly on today's kernels, ready for the
 //! kernel side (`docs/ENQCMD.md`).
 //!
+//! - [`cpu`]: the CPU side behind [`cpu::CpuPasidTranslation`]; upstream KVM has no CPU
+//!   PASID translation, so ENQCMD stays hidden from the guest and `--cpus enqcmd=on` fails
+//!   at start, saying why;
 //! - [`ia32_pasid`]: IA32_PASID (MSR 0xD93) virtualized through KVM's MSR filter and
 //!   user-space MSR exits; one value per vCPU, checked against the VM's PASID space, #GP
 //!   for a reserved or out-of-range value, published to the vCPU thread for a
@@ -14,6 +17,7 @@
 //! Must not touch: the shared-work-queue device (`devices::swq`), iommufd, the host PASID
 //! allocator (the bridge owns it).
 
+pub mod cpu;
 pub mod ia32_pasid;
 pub mod table;
 pub mod vm_table;
