@@ -6,7 +6,9 @@
 //! vIOMMU bridge feeds the table: when it gives a guest PASID a host PASID it records it
 //! here; a second device binding the same guest PASID shares that host PASID (one more
 //! user); the entry goes with its last user. The translation is kept in the VT-x layout
-//! ([`super::table`]) so that a KVM extension could consume it as is.
+//! ([`super::table`]) so that a KVM extension could consume it as is, and every change is
+//! handed to the CPU side ([`super::cpu::CpuPasidTranslation`]) when it can translate
+//! (upstream KVM cannot: nothing is handed then).
 //!
 //! Owns: the users of each guest PASID and the VT-x structure. Must not touch: the host
 //! PASID allocator (`ioasid::PasidSpace`, through the bridge) and iommufd.
@@ -17,6 +19,7 @@ use std::sync::{Mutex, MutexGuard};
 use devices::cpu_pasid::PasidTranslate;
 use thiserror::Error;
 
+use super::cpu::{host_cpu_side, CpuPasidSupport, CpuPasidTranslation};
 use super::table::{PasidTranslationTable, TableError};
 
 /// Who uses a guest PASID: a device's key in the VM's PASID space (`ioasid::DevId`'s raw
@@ -84,15 +87,46 @@ struct Inner {
 }
 
 /// The VM's guest-to-host PASID translation (see the module documentation).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct VmPasidTable {
     inner: Mutex<Inner>,
+    cpu: &'static dyn CpuPasidTranslation,
+}
+
+impl Default for VmPasidTable {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl VmPasidTable {
-    /// An empty table.
+    /// An empty table, over this host's CPU side ([`host_cpu_side`]).
     pub fn new() -> Self {
-        Self::default()
+        Self::with_cpu(host_cpu_side())
+    }
+
+    /// An empty table whose changes go to `cpu` when it can translate.
+    pub fn with_cpu(cpu: &'static dyn CpuPasidTranslation) -> Self {
+        VmPasidTable {
+            inner: Mutex::new(Inner::default()),
+            cpu,
+        }
+    }
+
+    /// Hands a change to the CPU side, when it translates (`host == None`: unmap). A
+    /// refusal is logged: the VMM-side table stays the source of truth, and the CPU side
+    /// reports a missing translation by its exit.
+    fn program_cpu(&self, guest: u32, host: Option<u32>) {
+        if self.cpu.support() != CpuPasidSupport::Available {
+            return;
+        }
+        let r = match host {
+            Some(h) => self.cpu.map(guest, h),
+            None => self.cpu.unmap(guest),
+        };
+        if let Err(e) = r {
+            log::warn!("{e}");
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -130,6 +164,7 @@ impl VmPasidTable {
         let mut users = BTreeSet::new();
         users.insert(user);
         g.by_guest.insert(guest, Shared { host, users });
+        self.program_cpu(guest, Some(host));
         Ok(())
     }
 
@@ -140,6 +175,7 @@ impl VmPasidTable {
         if let Some(s) = by_guest.get_mut(&guest) {
             table.map(guest, host)?;
             s.host = host;
+            self.program_cpu(guest, Some(host));
         }
         Ok(())
     }
@@ -162,6 +198,7 @@ impl VmPasidTable {
         let host = s.host;
         g.by_guest.remove(&guest);
         g.table.unmap(guest);
+        self.program_cpu(guest, None);
         Release::Last { host }
     }
 
@@ -194,7 +231,41 @@ impl PasidTranslate for VmPasidTable {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use super::super::cpu::EnqcmdError;
     use super::*;
+
+    /// A CPU side that translates and records what it is told.
+    #[derive(Debug, Default)]
+    struct Recording(Mutex<Vec<(u32, Option<u32>)>>);
+
+    impl CpuPasidTranslation for Recording {
+        fn support(&self) -> CpuPasidSupport {
+            CpuPasidSupport::Available
+        }
+        fn map(&self, guest: u32, host: u32) -> Result<(), EnqcmdError> {
+            self.0.lock().unwrap().push((guest, Some(host)));
+            Ok(())
+        }
+        fn unmap(&self, guest: u32) -> Result<(), EnqcmdError> {
+            self.0.lock().unwrap().push((guest, None));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn changes_reach_a_translating_cpu_side() {
+        let cpu: &'static Recording = Box::leak(Box::default());
+        let t = VmPasidTable::with_cpu(cpu);
+        t.insert(5, 0x40, 1).unwrap();
+        assert_eq!(t.share(5, 2), Some(0x40));
+        t.release(5, 1);
+        t.rehost(5, 0x41).unwrap();
+        t.release(5, 2);
+        assert_eq!(
+            *cpu.0.lock().unwrap(),
+            vec![(5, Some(0x40)), (5, Some(0x41)), (5, None)]
+        );
+    }
 
     #[test]
     fn shared_guest_pasid_is_refcounted() {
