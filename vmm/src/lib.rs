@@ -7,7 +7,9 @@
 //! a VM ([`runner`]), the VMM process around it ([`control`]: REST API, life cycle,
 //! signals), and the PCI bus with its assigned VFIO devices ([`device_manager`]:
 //! backend choice, the VM's IOAS with RAM mapped once per region, bind/attach, KVM-VFIO, MSI
-//! routes through irqfds, BAR windows as KVM memory slots, introspection).
+//! routes through irqfds, BAR windows as KVM memory slots, introspection), ENQCMD's CPU side
+//! ([`enqcmd`]: IA32_PASID virtualization, the VM's PASID translation table, the CPUID
+//! policy), and the one probe of KVM capabilities ([`kvm_caps`]).
 //!
 //! Must not touch: device internals beyond the `devices` traits (bus, PCI device, interrupt
 //! sink, BAR mapper), and the kernel IOMMU uAPI (no iommufd or VFIO ioctls here: the device
@@ -43,8 +45,10 @@ pub mod config;
 pub mod control;
 pub mod cpuid;
 pub mod device_manager;
+pub mod enqcmd;
 pub mod hotplug;
 pub mod irq;
+pub mod kvm_caps;
 pub mod layout;
 pub mod memory;
 pub mod runner;

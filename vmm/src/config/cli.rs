@@ -44,8 +44,13 @@ pub struct VmArgs {
     /// Initramfs image.
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
-    /// vCPUs: boot=N.
-    #[arg(long, value_name = "boot=<count>")]
+    /// vCPUs: boot=N, enqcmd=on|off|auto (offer ENQCMD, CPUID.7.0:ECX[29]; default auto).
+    /// ENQCMD in a guest needs a CPU with ENQCMD and VT-x PASID translation, and a KVM that
+    /// maps guest PASIDs to host PASIDs in it (a map/unmap ioctl) and reports a missing
+    /// translation (an exit). No kernel offers that, so auto and off keep ENQCMD hidden and
+    /// on fails at start. IA32_PASID (MSR 0xD93) is still virtualized (MSR filter) for
+    /// shared work queue portals. See docs/ENQCMD.md.
+    #[arg(long, value_name = "boot=<count>,enqcmd=on|off|auto")]
     pub cpus: Option<String>,
     /// Guest RAM: size=SIZE[,hugepages=on|off] (sizes like 512M, 2G).
     #[arg(long, value_name = "size=<size>,hugepages=on|off")]

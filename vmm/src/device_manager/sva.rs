@@ -36,6 +36,7 @@ pub(super) fn new_host_bridge(
     let h = Arc::new(
         VtdBridge::new(backend, ioas, ram)
             .with_pasid_space(pasids.clone())
+            .with_pasid_table(v.pasid_table.clone())
             .with_page_requests(v.setup.vtd.svm),
     );
     v.pump = None;

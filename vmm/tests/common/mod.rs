@@ -1,9 +1,12 @@
 //! What the KVM integration tests share: the skip helper, VMs with an in-kernel irqchip, the
 //! "ready" port, IDT gates, the MSI payload and its checks, a runner for payloads that wait
-//! for an interrupt, and a fake VFIO device (edu-like with MSI, or mtty-like with INTx).
+//! for an interrupt, a fake VFIO device (edu-like with MSI, or mtty-like with INTx), and
+//! IA32_PASID snippets ([`ia32_pasid`]).
 //!
 //! Each test binary uses part of this, hence `dead_code` is allowed here.
 #![allow(dead_code, clippy::unwrap_used, clippy::panic)]
+
+pub mod ia32_pasid;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
