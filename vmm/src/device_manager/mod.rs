@@ -31,6 +31,7 @@ pub mod interrupts;
 pub mod remove;
 pub mod state;
 pub mod sva;
+pub mod swq;
 pub mod viommu;
 
 use std::os::fd::RawFd;
