@@ -274,3 +274,130 @@ fn swq_device_needs_a_viommu_with_pasids() {
     let e = dm.add_device(&cfg, None).unwrap_err().message();
     assert!(e.contains("vIOMMU"), "{e}");
 }
+
+/// A PCIe function with a 4 KiB config space: a version 2 PCI Express capability with
+/// `devcap2` and, when `devctl3` is given, a Device 3 extended capability with that Device
+/// Control 3. No BARs, no interrupts.
+struct Pcie6Fake {
+    config: Mutex<Vec<u8>>,
+}
+
+impl Pcie6Fake {
+    fn new(devcap2: u32, devctl3: Option<u32>) -> Arc<Self> {
+        let mut c = vec![0u8; 4096];
+        c[0..4].copy_from_slice(&0x0b25_8086u32.to_le_bytes());
+        c[0x06] = 0x10; // capability list
+        c[0x0a..0x0c].copy_from_slice(&[0x80, 0x08]);
+        c[0x34] = 0x40;
+        c[0x40] = 0x10; // PCI Express, last capability
+        c[0x42] = 0x02; // version 2, endpoint
+        c[0x40 + 0x24..0x40 + 0x28].copy_from_slice(&devcap2.to_le_bytes());
+        if let Some(ctl3) = devctl3 {
+            // Device 3 (0x2f), version 1, last.
+            c[0x100..0x104].copy_from_slice(&(0x2fu32 | (1 << 16)).to_le_bytes());
+            c[0x108..0x10c].copy_from_slice(&ctl3.to_le_bytes());
+        }
+        Arc::new(Self {
+            config: Mutex::new(c),
+        })
+    }
+}
+
+impl devices::vfio::VfioRegions for Pcie6Fake {
+    fn region_info(&self, index: u32) -> Option<devices::vfio::RegionInfo> {
+        (index == devices::vfio::backend::CONFIG_REGION).then(|| devices::vfio::RegionInfo {
+            size: 4096,
+            read: true,
+            write: true,
+            ..Default::default()
+        })
+    }
+    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
+        let c = self.config.lock().unwrap();
+        let o = offset as usize;
+        match (index, c.get(o..o + data.len())) {
+            (devices::vfio::backend::CONFIG_REGION, Some(s)) => {
+                data.copy_from_slice(s);
+                Ok(())
+            }
+            _ => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+    }
+    fn region_write(&self, _index: u32, _offset: u64, _data: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn irq_info(&self, _index: u32) -> Option<devices::vfio::IrqInfo> {
+        None
+    }
+    fn enable_irq(
+        &self,
+        _index: u32,
+        _fds: &[&vmm_sys_util::eventfd::EventFd],
+    ) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+    }
+    fn disable_irq(&self, _index: u32) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn set_intx_resample(&self, _fd: &vmm_sys_util::eventfd::EventFd) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+    }
+    fn reset(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn mmap_region(
+        &self,
+        _index: u32,
+        _offset: u64,
+        _len: u64,
+        _writable: bool,
+    ) -> std::io::Result<devices::vfio::MmapArea> {
+        Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+    }
+}
+
+#[test]
+fn dmwr_reported_in_vm_iommu() {
+    let name = "dmwr_reported_in_vm_iommu";
+    let Some(vm) = vm(name) else {
+        return;
+    };
+    let mut dm = DeviceManager::new(
+        &vm,
+        DeviceManagerConfig {
+            intx: IntxWiring::Off,
+            ..DeviceManagerConfig::default()
+        },
+    )
+    .unwrap();
+    // DMWr Completer Supported (DevCap2 bit 28), Device 3 with DMWr Requester Enable.
+    dm.add_unbacked_device(
+        Some("dsa0"),
+        "dsa-like",
+        Pcie6Fake::new(1 << 28, Some(1)),
+        None,
+    )
+    .unwrap();
+    dm.add_unbacked_device(Some("plain0"), "plain", Pcie6Fake::new(0, None), None)
+        .unwrap();
+    let info = dm.iommu_info();
+    let dsa = info.devices.iter().find(|d| d.id == "dsa0").unwrap();
+    let plain = info.devices.iter().find(|d| d.id == "plain0").unwrap();
+    assert!(dsa.dmwr && !plain.dmwr, "{info:?}");
+    let d = &dsa.details["dmwr"];
+    assert_eq!(d["completer"], true, "{d}");
+    assert_eq!(d["requester_enabled"], true, "{d}");
+    assert_eq!(d["dev3_offset"], 0x100, "{d}");
+    assert!(d["swq"].as_str().unwrap().starts_with("not exposed"), "{d}");
+    assert_eq!(
+        plain.details["dmwr"]["dev3_offset"],
+        serde_json::Value::Null
+    );
+    // The same report over the wire: the JSON `vm.iommu` returns.
+    let wire = serde_json::to_value(&info).unwrap();
+    assert!(wire["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["id"] == "dsa0" && d["dmwr"] == true));
+}
