@@ -786,4 +786,21 @@ mod tests {
         let bad: DeviceConfig = serde_json::from_str(r#"{"emulated":"x","iommu":true}"#).unwrap();
         assert!(bad.validate().unwrap_err().to_string().contains("sva-copy"));
     }
+
+    #[test]
+    fn emulated_swq_parses_on_the_command_line_and_in_json() {
+        let c = DeviceConfig::parse("emulated=swq,id=swq0,iommu=on").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.emulated.as_deref(), Some("swq"));
+        let j: DeviceConfig =
+            serde_json::from_str(r#"{"emulated":"swq","iommu":true,"id":"swq0"}"#).unwrap();
+        assert_eq!(j, c);
+        assert_eq!(
+            DeviceConfig::parse("emulated=swq").unwrap().validate(),
+            Err(DeviceConfigError::EmulatedWithoutIommu("swq".into()))
+        );
+        let e = DeviceConfig::parse("emulated=dsa").unwrap_err().to_string();
+        assert!(e.contains("sva-copy or swq"), "{e}");
+        assert!(DeviceConfig::SYNTAX.contains("emulated=sva-copy|swq"));
+    }
 }
