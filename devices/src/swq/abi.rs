@@ -4,6 +4,9 @@
 //! code; only the way a descriptor arrives (a portal store, not a ring) and who fills its
 //! PASID word (the device, from the submitting vCPU) differ.
 
+/// STATUS bits (the SVA engine's: ENABLED, BUSY, ERROR) and CTRL bits (ENABLE; RESET, which
+/// here also drops the queue and forgets every vCPU's submit status; CLEAR_ERROR).
+pub use crate::sva::abi::{ctrl, status};
 pub use crate::sva::abi::{
     decode_completion, encode_completion, flags, CompletionStatus, RawDescriptor, COMPLETION_SIZE,
     DESC_SIZE, MAX_LEN, PASID_MASK, PASID_VALID,
@@ -61,27 +64,6 @@ pub mod reg {
     /// MALFORMED: portal stores of a bad size, alignment or offset, and incomplete
     /// descriptors.
     pub const MALFORMED: u64 = 0x24;
-}
-
-/// STATUS bits.
-pub mod status {
-    /// The work queue is enabled.
-    pub const ENABLED: u32 = 1 << 0;
-    /// The worker is inside a descriptor.
-    pub const BUSY: u32 = 1 << 1;
-    /// A descriptor ended with an error, or a completion record could not be written,
-    /// since the last CLEAR_ERROR.
-    pub const ERROR: u32 = 1 << 2;
-}
-
-/// CTRL bits.
-pub mod ctrl {
-    /// Enable the work queue.
-    pub const ENABLE: u32 = 1 << 0;
-    /// Reset (self-clearing): disable, drop the queue, zero the counters and ERROR.
-    pub const RESET: u32 = 1 << 1;
-    /// Clear STATUS.ERROR (self-clearing).
-    pub const CLEAR_ERROR: u32 = 1 << 2;
 }
 
 /// What the portal read-back says about the reading vCPU's last submission (the ENQCMD

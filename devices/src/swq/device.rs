@@ -11,7 +11,7 @@ use crate::pci::config::{reg as creg, ConfigSpace};
 use crate::pci::device::PciDevice;
 use crate::pci::interrupt::InterruptSink;
 use crate::pci::msix::MsixState;
-use crate::sva::caps::{self, CapState};
+use crate::sva::caps::{self, BarAccess, CapState};
 use crate::sva::dma::DeviceDma;
 use crate::sva::worker::lock;
 
@@ -282,24 +282,14 @@ impl PciDevice for SwqDevice {
     }
 
     fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
-        let Some(off) = reg_idx
-            .checked_mul(4)
-            .and_then(|o| o.checked_add(usize::try_from(offset).ok()?))
-        else {
-            return;
-        };
-        if data.len() > 4 {
-            return;
-        }
-        self.cfg.write(off, data);
-        caps::after_write(&mut self.cfg);
-        let mut msix = lock(&self.shared.msix);
-        if msix.cap().touches_control(off, data.len()) {
-            if let Err(e) = msix.control_written(&self.cfg, self.sink.as_ref()) {
-                log::warn!("SWQ device: MSI-X: {e}");
-            }
-        }
-        drop(msix);
+        caps::config_write(
+            &mut self.cfg,
+            &self.shared.msix,
+            self.sink.as_ref(),
+            (reg_idx, offset),
+            data,
+            "SWQ device",
+        );
         self.sync_caps();
     }
 
@@ -318,19 +308,11 @@ impl PciDevice for SwqDevice {
         if bar != abi::REGS_BAR {
             return;
         }
-        let m = caps::msix_cap();
-        if m.table_range().contains(&offset) {
-            lock(&self.shared.msix).table_read(offset - m.table_range().start, data);
+        let (msix, sink) = (&self.shared.msix, self.sink.as_ref());
+        if caps::msix_bar_access(msix, sink, offset, BarAccess::Read(data), "SWQ device") {
             return;
         }
-        if m.pba_range().contains(&offset) {
-            lock(&self.shared.msix).pba_read(offset - m.pba_range().start, data);
-            return;
-        }
-        for (i, b) in data.iter_mut().enumerate() {
-            let o = offset.saturating_add(i as u64);
-            *b = self.read_reg(o & !3).to_le_bytes()[(o & 3) as usize];
-        }
+        caps::read_dwords(offset, data, |o| self.read_reg(o));
     }
 
     fn write_bar(&mut self, bar: u8, offset: u64, data: &[u8]) {
@@ -340,13 +322,8 @@ impl PciDevice for SwqDevice {
         if bar != abi::REGS_BAR {
             return;
         }
-        let m = caps::msix_cap();
-        if m.table_range().contains(&offset) {
-            let mut s = lock(&self.shared.msix);
-            let off = offset - m.table_range().start;
-            if let Err(e) = s.table_write(off, data, self.sink.as_ref()) {
-                log::warn!("SWQ device: MSI-X table: {e}");
-            }
+        let (msix, sink) = (&self.shared.msix, self.sink.as_ref());
+        if caps::msix_bar_access(msix, sink, offset, BarAccess::Write(data), "SWQ device") {
             return;
         }
         // CTRL is the only writable register: a dword at CTRL, or the low half of the

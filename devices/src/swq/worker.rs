@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::pci::msix::MsixState;
 use crate::sva::caps::CapState;
 use crate::sva::dma::DeviceDma;
-use crate::sva::worker::lock;
+use crate::sva::worker::{fire_vector, lock};
 
 use super::abi::{self, flags, CompletionStatus, RawDescriptor, DESC_SIZE};
 
@@ -156,16 +156,7 @@ enum Stop {
 impl Shared {
     /// Raises MSI-X vector `v` if MSI-X is enabled.
     fn fire(&self, v: u16) {
-        let m = lock(&self.msix);
-        if !m.enabled() {
-            return;
-        }
-        if let Some(fd) = m.eventfds().get(usize::from(v)) {
-            match fd.write(1) {
-                Ok(()) => bump(&self.counters.interrupts, 1),
-                Err(e) => log::warn!("SWQ device: MSI-X vector {v}: {e}"),
-            }
-        }
+        fire_vector(&self.msix, v, &self.counters.interrupts, "SWQ device");
     }
 
     fn aborted(&self, generation: u64) -> bool {

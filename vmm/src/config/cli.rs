@@ -58,7 +58,10 @@ pub struct VmArgs {
     /// A device (repeatable, or several values after one flag): path=PATH (sysfs device or
     /// VFIO cdev) or fd=FD (a VFIO cdev fd) for passthrough, or emulated=sva-copy (the SVA
     /// copy engine: PASID, ATS and PRI, DMA through the vIOMMU; needs iommu=on and
-    /// --platform viommu=vtd,fsts=on,pasid-bits=20,svm=on), iommu=on|off (put it
+    /// --platform viommu=vtd,fsts=on,pasid-bits=20,svm=on) or emulated=swq (a shared work
+    /// queue portal: each descriptor's PASID is the submitting vCPU's IA32_PASID translated
+    /// to the host PASID, as ENQCMD would; needs iommu=on and --platform
+    /// viommu=vtd,pasid-bits=20), iommu=on|off (put it
     /// behind the vIOMMU: the guest programs its DMA translation; needs --platform
     /// viommu=vtd), pasid=on|off (let the guest use PASIDs with it; needs iommu=on and
     /// pasid-bits; x_pasid_offset=OFF places the synthesized PASID/ATS/PRI capabilities),
