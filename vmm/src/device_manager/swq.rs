@@ -69,25 +69,6 @@ impl DeviceDma for HostPasidDma {
     }
 }
 
-/// The placeholder CPU PASID table: translates nothing, so every submission is refused
-/// UNTRANSLATED (no DMA).
-// TODO(enq): replace with the VM's PASID translation table (`vmm/src/enqcmd/`, helper
-// `enq`'s branch) once it is merged.
-#[derive(Debug, Default)]
-pub struct NoCpuPasidTable;
-
-impl PasidTranslate for NoCpuPasidTable {
-    fn host_pasid(&self, _guest: u32) -> Option<u32> {
-        None
-    }
-}
-
-/// The VM's guest-to-host PASID table as the SWQ device sees it.
-pub(super) fn cpu_pasid_table() -> Arc<dyn PasidTranslate> {
-    // TODO(enq): the VM's table from `vmm/src/enqcmd/` instead of the placeholder.
-    Arc::new(NoCpuPasidTable)
-}
-
 impl DeviceManager {
     /// The SWQ device behind the vIOMMU, its guest PASIDs translated by `translate` (the
     /// VM's table). Needs a unit that offers PASIDs ([`SWQ_PLATFORM`]).
