@@ -91,7 +91,7 @@ impl DeviceManager {
     ) -> Result<AddedDevice, DeviceManagerError> {
         match name {
             "sva-copy" => self.add_sva_engine(cfg),
-            "swq" => self.add_swq_device(cfg, super::swq::cpu_pasid_table()),
+            "swq" => self.add_swq_device(cfg),
             other => Err(DeviceManagerError::Unsupported {
                 device: other.to_string(),
                 reason: format!(
