@@ -231,7 +231,6 @@ fn swq_device_copies_in_the_host_pasid_of_the_table() {
     );
     set_current_ia32_pasid(0);
     assert_eq!(reg_r(&dev, reg::REJECTED), 1);
-    std::thread::sleep(Duration::from_millis(50));
     assert_eq!(g.read(BUFS, 0x4000), before);
 
     dm.remove_device("swq0").unwrap();
