@@ -4,18 +4,23 @@
 //! IA32_PASID, stores a descriptor to the portal and reads the submit status back; the copy
 //! runs on the device's worker through the soft backend in the host PASID's context.
 //!
-//! The host-side tests submit from the test thread (its IA32_PASID published the way the
-//! vCPU loop publishes a vCPU's). Every wait has a deadline.
+//! The payload tests (`enqcmd_*`) run a long-mode payload on a vCPU: it writes IA32_PASID
+//! with WRMSR (recorded through the VMM's user-space MSR exit, which publishes it to the
+//! vCPU thread), stores descriptors to the portal (BAR2, placed by the test in the 32-bit
+//! MMIO window) by MMIO, eight MOV stores for the first and `rep movsq` for the second,
+//! and reads the submit status back after each. The host-side tests submit from the test
+//! thread (its IA32_PASID published the way the vCPU loop publishes a vCPU's).
+//! `dmwr_reported_in_vm_iommu` checks the DMWr report of assigned devices in `vm.iommu`.
+//! Every wait has a deadline.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use api::DeviceConfig;
-use devices::cpu_pasid::{set_current_ia32_pasid, PasidTranslate, IA32_PASID_VALID};
+use devices::cpu_pasid::{set_current_ia32_pasid, IA32_PASID_VALID};
 use devices::pci::config::{command, reg as creg};
 use devices::pci::{PciBdf, SharedPciDevice};
 use devices::sva::caps;
@@ -23,14 +28,17 @@ use devices::swq::abi::{self, ctrl, reg, CompletionStatus, RawDescriptor, Submit
 use devices::viommu::linux_harness::{LinuxHarness, Stage};
 use devices::viommu::{GuestMemoryAccess, Vtd};
 use vm_memory::{Bytes, GuestAddress};
+use vmm::boot::payload::{PayloadMode, DEFAULT_LONG_GPA};
 use vmm::config::{OnOffAuto, ViommuConfig};
 use vmm::device_manager::viommu::ViommuSetup;
 use vmm::device_manager::{DeviceManager, DeviceManagerConfig, IntxWiring};
+use vmm::layout::{PCI_ECAM_START, PCI_MMIO32_START};
 use vmm::memory::{GuestMemory, RamConfig};
+use vmm::runner::PayloadVm;
 use vmm::viommu::VmGuestMemory;
 use vmm::vm::{IrqchipMode, Vm, VmOptions};
 
-use common::kvm_available;
+use common::{assert_halted, kvm_available, read_guest, HANG_GUARD};
 
 const MIB: u64 = 1 << 20;
 const RAM: u64 = 64 * MIB;
@@ -40,17 +48,6 @@ const BUFS: u64 = 32 * MIB;
 const GVA: u64 = 0x7f00_0000_0000;
 const GPASID: u32 = 5;
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// The VM's guest-to-host PASID table as a test fills it (from `vm.pasids`, which is what
-/// the VM's table is fed from).
-#[derive(Default)]
-struct Table(Mutex<HashMap<u32, u32>>);
-
-impl PasidTranslate for Table {
-    fn host_pasid(&self, guest: u32) -> Option<u32> {
-        self.0.lock().unwrap().get(&guest).copied()
-    }
-}
 
 /// `--platform viommu=vtd,fsts=on,pasid-bits=20`.
 fn pasid_setup(pasid_bits: u8) -> DeviceManagerConfig {
@@ -188,14 +185,6 @@ impl Guest {
     }
 }
 
-/// The table entries `vm.pasids` shows for the device `id`.
-fn fill_table(dm: &DeviceManager, id: &str, t: &Table) {
-    let mut m = t.0.lock().unwrap();
-    for e in dm.pasids().entries.iter().filter(|e| e.device == id) {
-        m.insert(e.gpasid, e.hpasid);
-    }
-}
-
 #[test]
 fn swq_device_copies_in_the_host_pasid_of_the_table() {
     let name = "swq_device_copies_in_the_host_pasid_of_the_table";
@@ -203,15 +192,13 @@ fn swq_device_copies_in_the_host_pasid_of_the_table() {
         return;
     };
     let mut dm = DeviceManager::new(&vm, pasid_setup(20)).unwrap();
-    let table = Arc::new(Table::default());
     let cfg = DeviceConfig::parse("emulated=swq,id=swq0,iommu=on").unwrap();
-    let added = dm.add_swq_device(&cfg, table.clone()).unwrap();
+    let added = dm.add_device(&cfg, None).unwrap();
     let dev = dm.emulated_model("swq0").unwrap();
     let mut g = Guest::new(&vm, &dm, added.bdf);
     // The process's address space: GVA..+16 KiB at BUFS (src, dst, record pages).
     g.bind(GPASID, BUFS, 0x4000);
-    fill_table(&dm, "swq0", &table);
-    assert!(table.host_pasid(GPASID).is_some(), "{:?}", dm.pasids());
+    assert_eq!(dm.pasids().entries.len(), 1, "{:?}", dm.pasids());
     program(&dev);
     let data: Vec<u8> = (0..0x1000u32).map(|i| (i * 11 + 5) as u8).collect();
     g.write(BUFS + 0x100, &data[..0xe00]);
@@ -244,7 +231,6 @@ fn swq_device_copies_in_the_host_pasid_of_the_table() {
     );
     set_current_ia32_pasid(0);
     assert_eq!(reg_r(&dev, reg::REJECTED), 1);
-    std::thread::sleep(Duration::from_millis(50));
     assert_eq!(g.read(BUFS, 0x4000), before);
 
     dm.remove_device("swq0").unwrap();
@@ -388,7 +374,11 @@ fn dmwr_reported_in_vm_iommu() {
     assert_eq!(d["completer"], true, "{d}");
     assert_eq!(d["requester_enabled"], true, "{d}");
     assert_eq!(d["dev3_offset"], 0x100, "{d}");
-    assert!(d["swq"].as_str().unwrap().starts_with("not exposed"), "{d}");
+    let swq = d["swq"].as_str().unwrap();
+    assert!(
+        swq.starts_with("not exposed: no CPU PASID translation"),
+        "{swq}"
+    );
     assert_eq!(
         plain.details["dmwr"]["dev3_offset"],
         serde_json::Value::Null
@@ -400,4 +390,209 @@ fn dmwr_reported_in_vm_iommu() {
         .unwrap()
         .iter()
         .any(|d| d["id"] == "dsa0" && d["dmwr"] == true));
+}
+
+/// Where the test puts the portal BAR (the payload's identity map covers the low 4 GiB; the
+/// bus assigned the 64-bit BAR above them).
+const PORTAL_GPA: u64 = PCI_MMIO32_START + 0x10_0000;
+/// The payload's mailbox: +0 portal GPA, +8 and +16 the GPAs of descriptors 1 and 2, +0x18
+/// the IA32_PASID value to write; the payload leaves the submit statuses at +0x20 and
+/// +0x24 and IA32_PASID as RDMSR reads it back at +0x28.
+const MAILBOX: u64 = 0x8000;
+const DESC1_GPA: u64 = 0x9000;
+const DESC2_GPA: u64 = 0x9040;
+/// A second address space: guest PASID 7 maps the same GVAs to other memory.
+const BUFS7: u64 = 48 * MIB;
+
+/// ```text
+///     mov ecx, 0xd93                   ; IA32_PASID
+///     mov eax, dword ptr [0x8018]      ; the value, from the mailbox
+///     mov edx, dword ptr [0x801c]
+///     wrmsr                            ; a user-space MSR exit
+///     mov ecx, 0xd93
+///     rdmsr
+///     mov dword ptr [0x8028], eax      ; read back
+///     mov dword ptr [0x802c], edx
+///     mov rbx, qword ptr [0x8000]      ; the portal
+///     mov rsi, qword ptr [0x8008]      ; descriptor 1: eight MOV stores
+///     mov rax, qword ptr [rsi]
+///     mov qword ptr [rbx], rax
+///     ...                              ; +8 .. +0x30 the same way
+///     mov rax, qword ptr [rsi+0x38]
+///     mov qword ptr [rbx+0x38], rax    ; the last qword submits
+///     mov eax, dword ptr [rbx]         ; submit status (ZF's analogue)
+///     mov dword ptr [0x8020], eax
+///     mov rsi, qword ptr [0x8010]      ; descriptor 2: rep movsq
+///     mov rdi, rbx
+///     mov ecx, 8
+///     cld
+///     rep movsq
+///     mov eax, dword ptr [rbx]
+///     mov dword ptr [0x8024], eax
+///     mov dx, 0x3f8
+///     mov al, 'O'
+///     out dx, al
+///     mov al, 'K'
+///     out dx, al
+///     hlt
+/// ```
+const PORTAL_PAYLOAD: [u8; 169] = [
+    0xb9, 0x93, 0x0d, 0x00, 0x00, 0x8b, 0x04, 0x25, 0x18, 0x80, 0x00, 0x00, 0x8b, 0x14, 0x25, 0x1c,
+    0x80, 0x00, 0x00, 0x0f, 0x30, 0xb9, 0x93, 0x0d, 0x00, 0x00, 0x0f, 0x32, 0x89, 0x04, 0x25, 0x28,
+    0x80, 0x00, 0x00, 0x89, 0x14, 0x25, 0x2c, 0x80, 0x00, 0x00, 0x48, 0x8b, 0x1c, 0x25, 0x00, 0x80,
+    0x00, 0x00, 0x48, 0x8b, 0x34, 0x25, 0x08, 0x80, 0x00, 0x00, 0x48, 0x8b, 0x06, 0x48, 0x89, 0x03,
+    0x48, 0x8b, 0x46, 0x08, 0x48, 0x89, 0x43, 0x08, 0x48, 0x8b, 0x46, 0x10, 0x48, 0x89, 0x43, 0x10,
+    0x48, 0x8b, 0x46, 0x18, 0x48, 0x89, 0x43, 0x18, 0x48, 0x8b, 0x46, 0x20, 0x48, 0x89, 0x43, 0x20,
+    0x48, 0x8b, 0x46, 0x28, 0x48, 0x89, 0x43, 0x28, 0x48, 0x8b, 0x46, 0x30, 0x48, 0x89, 0x43, 0x30,
+    0x48, 0x8b, 0x46, 0x38, 0x48, 0x89, 0x43, 0x38, 0x8b, 0x03, 0x89, 0x04, 0x25, 0x20, 0x80, 0x00,
+    0x00, 0x48, 0x8b, 0x34, 0x25, 0x10, 0x80, 0x00, 0x00, 0x48, 0x89, 0xdf, 0xb9, 0x08, 0x00, 0x00,
+    0x00, 0xfc, 0xf3, 0x48, 0xa5, 0x8b, 0x03, 0x89, 0x04, 0x25, 0x24, 0x80, 0x00, 0x00, 0x66, 0xba,
+    0xf8, 0x03, 0xb0, 0x4f, 0xee, 0xb0, 0x4b, 0xee, 0xf4,
+];
+
+fn ecam_write(vm: &Vm, bdf: PciBdf, reg: u64, data: &[u8]) {
+    let addr = PCI_ECAM_START + (u64::from(bdf.device()) << 15) + reg;
+    vm.mmio_bus().write(addr, data).unwrap();
+}
+
+/// A payload VM with the SWQ device added by `--device emulated=swq,id=swq0,iommu=on`,
+/// its portal moved to [`PORTAL_GPA`] and enabled as a driver would (memory decode, bus
+/// master, PASID Enable, queue enabled), guest PASID 5 bound to GVAs at `BUFS` and guest
+/// PASID 7 to the same GVAs at [`BUFS7`].
+fn portal_vm(name: &str) -> Option<(PayloadVm, DeviceManager, Guest, SharedPciDevice)> {
+    if !kvm_available(name) {
+        return None;
+    }
+    let pvm = PayloadVm::new(RAM, IrqchipMode::Off).unwrap();
+    if let Err(e) = pvm.vm().ia32_pasid() {
+        println!("{name}: skipped: this KVM cannot virtualize IA32_PASID: {e}");
+        return None;
+    }
+    let mut dm = DeviceManager::new(pvm.vm(), pasid_setup(20)).unwrap();
+    let cfg = DeviceConfig::parse("emulated=swq,id=swq0,iommu=on").unwrap();
+    let added = dm.add_device(&cfg, None).unwrap();
+    let dev = dm.emulated_model("swq0").unwrap();
+    let bar2 = 0x10 + 4 * u64::from(abi::PORTAL_BAR);
+    ecam_write(
+        pvm.vm(),
+        added.bdf,
+        bar2,
+        &(PORTAL_GPA as u32).to_le_bytes(),
+    );
+    ecam_write(pvm.vm(), added.bdf, bar2 + 4, &0u32.to_le_bytes());
+    ecam_write(
+        pvm.vm(),
+        added.bdf,
+        creg::COMMAND as u64,
+        &(command::MEMORY | command::BUS_MASTER).to_le_bytes(),
+    );
+    program(&dev);
+    let mut g = Guest::new(pvm.vm(), &dm, added.bdf);
+    g.bind(GPASID, BUFS, 0x4000);
+    g.bind(7, BUFS7, 0x4000);
+    // The portal answers at its new address (this thread has submitted nothing: IDLE).
+    let mut st = [0xffu8; 4];
+    pvm.vm().mmio_bus().read(PORTAL_GPA, &mut st).unwrap();
+    assert_eq!(u32::from_le_bytes(st), SubmitStatus::Idle.code());
+    Some((pvm, dm, g, dev))
+}
+
+/// Descriptor `i` (1 or 2): copies 0x800 bytes from GVA+0x100 to GVA+i*0x1000, its record
+/// at GVA+0x3000+(i-1)*16. The PASID word holds a decoy (the device ignores it).
+fn portal_desc(i: u64) -> [u8; 64] {
+    RawDescriptor {
+        pasid: abi::PASID_VALID | 7,
+        src: GVA + 0x100,
+        dst: GVA + i * 0x1000,
+        len: 0x800,
+        completion: GVA + 0x3000 + (i - 1) * 16,
+        ..Default::default()
+    }
+    .encode()
+}
+
+/// Writes the mailbox and descriptors, runs [`PORTAL_PAYLOAD`] with IA32_PASID `ia32`,
+/// and returns (status 1, status 2, IA32_PASID read back).
+fn run_portal_payload(pvm: &mut PayloadVm, g: &Guest, ia32: u64) -> (u32, u32, u64) {
+    let m = &g.mem;
+    m.write_obj(PORTAL_GPA, GuestAddress(MAILBOX)).unwrap();
+    m.write_obj(DESC1_GPA, GuestAddress(MAILBOX + 8)).unwrap();
+    m.write_obj(DESC2_GPA, GuestAddress(MAILBOX + 16)).unwrap();
+    m.write_obj(ia32, GuestAddress(MAILBOX + 0x18)).unwrap();
+    m.write_obj(u64::MAX, GuestAddress(MAILBOX + 0x20)).unwrap();
+    g.write(DESC1_GPA, &portal_desc(1));
+    g.write(DESC2_GPA, &portal_desc(2));
+    let running = pvm
+        .start(&PORTAL_PAYLOAD, DEFAULT_LONG_GPA, PayloadMode::Long)
+        .unwrap();
+    let out = pvm.finish_within(running, HANG_GUARD);
+    println!("exit {:?}, serial {:?}", out.exit, out.serial);
+    assert_halted(&out);
+    assert_eq!(out.serial, b"OK");
+    (
+        read_guest(pvm, MAILBOX + 0x20),
+        read_guest(pvm, MAILBOX + 0x24),
+        read_guest(pvm, MAILBOX + 0x28),
+    )
+}
+
+#[test]
+fn enqcmd_msr_exit_and_swq_copy() {
+    let name = "enqcmd_msr_exit_and_swq_copy";
+    let Some((mut pvm, dm, g, dev)) = portal_vm(name) else {
+        return;
+    };
+    let src5: Vec<u8> = (0..0x800u32).map(|i| (i * 3 + 1) as u8).collect();
+    let src7: Vec<u8> = (0..0x800u32).map(|i| (i * 5 + 2) as u8).collect();
+    g.write(BUFS + 0x100, &src5);
+    g.write(BUFS7 + 0x100, &src7);
+    let ia32 = IA32_PASID_VALID | u64::from(GPASID);
+    let (s1, s2, back) = run_portal_payload(&mut pvm, &g, ia32);
+    assert_eq!(back, ia32, "IA32_PASID read back through the MSR exit");
+    let msr = pvm.vm().ia32_pasid().unwrap();
+    assert_eq!(msr.value(0), Some(ia32), "recorded by the WRMSR exit");
+    assert_eq!((msr.counters().writes, msr.counters().rejected), (1, 0));
+    assert_eq!(
+        (s1, s2),
+        (SubmitStatus::Accepted.code(), SubmitStatus::Accepted.code()),
+        "pasids {:?}",
+        dm.pasids()
+    );
+    // Both copies ran in guest PASID 5's address space (the vCPU's IA32_PASID), not in
+    // PASID 7's (the decoy in the descriptors), and their records say so.
+    for i in 1..=2u64 {
+        let rec = g.record(BUFS + 0x3000 + (i - 1) * 16);
+        assert_eq!(rec, Some((CompletionStatus::Success as u32, 0x800)), "{i}");
+        assert_eq!(g.read(BUFS + i * 0x1000, 0x800), src5, "destination {i}");
+        assert!(g.read(BUFS7 + i * 0x1000, 0x800).iter().all(|b| *b == 0));
+    }
+    assert!(g.read(BUFS7 + 0x3000, 32).iter().all(|b| *b == 0));
+    assert_eq!(reg_r(&dev, reg::SUBMITTED), 2);
+}
+
+#[test]
+fn enqcmd_unmapped_gpasid_rejected() {
+    let name = "enqcmd_unmapped_gpasid_rejected";
+    let Some((mut pvm, _dm, g, dev)) = portal_vm(name) else {
+        return;
+    };
+    let src: Vec<u8> = (0..0x800u32).map(|i| (i * 3 + 1) as u8).collect();
+    g.write(BUFS + 0x100, &src);
+    g.write(BUFS7 + 0x100, &src);
+    let before = (g.read(BUFS, 0x4000), g.read(BUFS7, 0x4000));
+    // Guest PASID 6: in range, so IA32_PASID takes it, but bound to no address space.
+    let ia32 = IA32_PASID_VALID | 6;
+    let (s1, s2, back) = run_portal_payload(&mut pvm, &g, ia32);
+    assert_eq!(back, ia32);
+    assert_eq!(
+        (s1, s2),
+        (
+            SubmitStatus::Untranslated.code(),
+            SubmitStatus::Untranslated.code()
+        )
+    );
+    assert_eq!(reg_r(&dev, reg::REJECTED), 2);
+    assert_eq!(reg_r(&dev, reg::SUBMITTED), 0);
+    // Nothing was queued, so nothing can still be running: memory is as it was.
+    assert_eq!((g.read(BUFS, 0x4000), g.read(BUFS7, 0x4000)), before);
 }

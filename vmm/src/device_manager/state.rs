@@ -35,10 +35,29 @@ pub fn caps_entry(id: &str, host: Option<String>, caps: &HwCaps) -> DeviceIommuC
 /// `devices::vfio::VfioPciDevice::dmwr`) into its entry: `dmwr` is DMWr Completer
 /// Supported, `details.dmwr` the decoded bits and whether its shared work queues are
 /// exposed (never while the CPU cannot translate ENQCMD's PASID).
-pub fn add_dmwr(e: &mut DeviceIommuCaps, completer: bool, report: serde_json::Value) {
+pub fn add_dmwr(e: &mut DeviceIommuCaps, completer: bool, mut report: serde_json::Value) {
     e.dmwr = e.dmwr || completer;
+    if let Some(r) = report.as_object_mut() {
+        r.insert("swq".to_string(), json!(swq_exposure()));
+    }
     if let Some(obj) = e.details.as_object_mut() {
         obj.insert("dmwr".to_string(), report);
+    }
+}
+
+/// Whether an assigned device's shared work queues can be used, as the CPU side
+/// ([`crate::enqcmd::cpu::host_cpu_side`]) decides: only ENQCMD submits to them, and only a
+/// CPU that translates guest PASIDs makes ENQCMD's PASID the one the device's IOMMU knows.
+fn swq_exposure() -> String {
+    use crate::enqcmd::cpu::{host_cpu_side, CpuPasidSupport};
+    match host_cpu_side().support() {
+        CpuPasidSupport::Available => {
+            "usable through ENQCMD: the CPU translates the guest's PASIDs".to_string()
+        }
+        CpuPasidSupport::Unavailable { reason } => format!(
+            "not exposed: no CPU PASID translation, so ENQCMD stays hidden from the guest and \
+             the device's shared work queues stay unused ({reason})"
+        ),
     }
 }
 

@@ -91,15 +91,7 @@ impl DeviceManager {
     ) -> Result<AddedDevice, DeviceManagerError> {
         match name {
             "sva-copy" => self.add_sva_engine(cfg),
-            "swq" => {
-                // The VM's guest-to-host PASID table, fed by the vIOMMU bridge. Without a
-                // vIOMMU there is nothing to translate and `add_swq_device` refuses the device.
-                let table: Arc<dyn devices::cpu_pasid::PasidTranslate> = match &self.viommu {
-                    Some(v) => v.pasid_table.clone(),
-                    None => Arc::new(crate::enqcmd::VmPasidTable::new()),
-                };
-                self.add_swq_device(cfg, table)
-            }
+            "swq" => self.add_swq_device(cfg),
             other => Err(DeviceManagerError::Unsupported {
                 device: other.to_string(),
                 reason: format!(

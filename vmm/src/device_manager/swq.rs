@@ -16,7 +16,8 @@
 //!
 //! "Never expose a shared work queue when the path cannot be honoured": this device honours
 //! it itself (it translates on the guest's behalf), but only with a vIOMMU that offers
-//! PASIDs; without one it is refused.
+//! PASIDs and a KVM whose MSR exits let the VMM keep each vCPU's IA32_PASID; without
+//! either it is refused.
 
 use std::sync::{Arc, Mutex};
 
@@ -26,9 +27,11 @@ use devices::pci::SharedPciDevice;
 use devices::sva::{AccessError, DeviceDma};
 use devices::swq::SwqDevice;
 use ioasid::{DevId, DmaRequest, Pasid, SoftIommu};
+use kvm_ioctls::Cap;
 
 use super::emulated::EmulatedDma;
 use super::{AddedDevice, DeviceManager, DeviceManagerError};
+use crate::kvm_caps::has_cap;
 
 /// What `--platform` must say for the SWQ device.
 pub const SWQ_PLATFORM: &str = "--platform viommu=vtd,pasid-bits=20";
@@ -70,12 +73,13 @@ impl DeviceDma for HostPasidDma {
 }
 
 impl DeviceManager {
-    /// The SWQ device behind the vIOMMU, its guest PASIDs translated by `translate` (the
-    /// VM's table). Needs a unit that offers PASIDs ([`SWQ_PLATFORM`]).
+    /// The SWQ device behind the vIOMMU, its guest PASIDs translated by the VM's PASID
+    /// translation table (the vIOMMU state's [`crate::enqcmd::VmPasidTable`], which the
+    /// bridge feeds as the guest binds PASIDs). Needs a unit that offers PASIDs
+    /// ([`SWQ_PLATFORM`]).
     pub fn add_swq_device(
         &mut self,
         cfg: &DeviceConfig,
-        translate: Arc<dyn PasidTranslate>,
     ) -> Result<AddedDevice, DeviceManagerError> {
         const NAME: &str = "swq";
         let refuse = |reason: String| DeviceManagerError::Unsupported {
@@ -96,6 +100,22 @@ impl DeviceManager {
                 vtd.scalable_mode, vtd.pasid_bits
             )));
         }
+        // The submitter's PASID is its IA32_PASID, which the VM virtualizes through the MSR
+        // filter and user-space MSR exits (`crate::enqcmd::install_msr_filter` at VM
+        // creation): without them no vCPU can name a PASID and every submission would be
+        // refused, so the device is not offered.
+        for (cap, name) in [
+            (Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR"),
+            (Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER"),
+        ] {
+            if !has_cap(self.vm_fd.as_ref(), cap) {
+                return Err(refuse(format!(
+                    "the submitter's PASID comes from its IA32_PASID, which this KVM cannot \
+                     virtualize (no {name})"
+                )));
+            }
+        }
+        let translate: Arc<dyn PasidTranslate> = v.pasid_table.clone();
         let soft = match v.soft_ram.as_ref() {
             Some((s, _)) => s.clone(),
             None => Arc::new(self.soft_over_ram().map_err(|e| {

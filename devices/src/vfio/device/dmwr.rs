@@ -52,7 +52,8 @@ pub struct DmwrInfo {
     /// be read).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub malformed: Option<String>,
-    /// Whether the device's shared work queues are exposed, and why.
+    /// Whether the device's shared work queues are exposed, and why (this crate's answer
+    /// for a KVM without PASID translation; the VMM replaces it with its CPU side's).
     pub swq: &'static str,
 }
 
