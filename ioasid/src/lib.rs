@@ -42,7 +42,7 @@ pub use fault_types::{
     FaultPerm, FaultReason, FaultRecord, PageFault, PageResponse, PageResponseCode,
     UnrecoverableFault,
 };
-pub use iommufd::IommufdBackend;
+pub use iommufd::{IommufdBackend, PinAccounting};
 pub use nesting::{alloc_nest_parent, bind_stage1, NestParent};
 pub use pasid::{PasidBinding, PasidError, PasidSpace};
 pub use select::{choose, BackendChoice, HostFacts};

@@ -59,14 +59,10 @@ impl HostFacts {
     }
 }
 
-/// Picks the backend for `device` (or for the VM when `None`).
-pub fn choose(
-    choice: BackendChoice,
-    host: HostFacts,
-    device: Option<&DeviceSpec>,
-) -> Result<BackendKind> {
+/// Why iommufd cannot serve `device` (or the VM when `None`) on `host`; `None` when it can.
+fn iommufd_blocker(host: HostFacts, device: Option<&DeviceSpec>) -> Option<String> {
     let has_cdev = device.is_none_or(|d| d.cdev.is_some());
-    let why_not_iommufd = if !host.iommufd {
+    if !host.iommufd {
         Some("/dev/iommu does not exist (kernel without CONFIG_IOMMUFD)".to_string())
     } else if !has_cdev {
         device.map(|d| {
@@ -77,7 +73,30 @@ pub fn choose(
         })
     } else {
         None
-    };
+    }
+}
+
+/// Why `choice` = auto led to `kind` rather than iommufd (the fallback's reason, for the
+/// log); `None` when iommufd was chosen or the user asked for another backend.
+pub fn why_not_iommufd(
+    choice: BackendChoice,
+    host: HostFacts,
+    kind: BackendKind,
+    device: Option<&DeviceSpec>,
+) -> Option<String> {
+    if choice != BackendChoice::Auto || kind == BackendKind::Iommufd {
+        return None;
+    }
+    iommufd_blocker(host, device)
+}
+
+/// Picks the backend for `device` (or for the VM when `None`).
+pub fn choose(
+    choice: BackendChoice,
+    host: HostFacts,
+    device: Option<&DeviceSpec>,
+) -> Result<BackendKind> {
+    let why_not_iommufd = iommufd_blocker(host, device);
     let why_not_type1 = (!host.container).then(|| {
         "/dev/vfio/vfio does not exist (kernel without CONFIG_VFIO_CONTAINER)".to_string()
     });
@@ -145,6 +164,44 @@ mod tests {
         assert_eq!(
             choose(BackendChoice::Auto, legacy, None).unwrap(),
             BackendKind::Type1
+        );
+    }
+
+    #[test]
+    fn auto_fallback_gives_its_reason() {
+        let legacy = HostFacts {
+            iommufd: false,
+            container: true,
+        };
+        let kind = choose(BackendChoice::Auto, legacy, Some(&spec(true))).unwrap();
+        assert_eq!(kind, BackendKind::Type1);
+        let why = why_not_iommufd(BackendChoice::Auto, legacy, kind, Some(&spec(true))).unwrap();
+        assert!(why.contains("/dev/iommu does not exist"), "{why}");
+        let both = HostFacts {
+            iommufd: true,
+            container: true,
+        };
+        let why = why_not_iommufd(
+            BackendChoice::Auto,
+            both,
+            BackendKind::Type1,
+            Some(&spec(false)),
+        )
+        .unwrap();
+        assert!(why.contains("no VFIO cdev"), "{why}");
+        // No fallback, no reason: iommufd chosen, or type1 asked for.
+        assert_eq!(
+            why_not_iommufd(
+                BackendChoice::Auto,
+                both,
+                BackendKind::Iommufd,
+                Some(&spec(true))
+            ),
+            None
+        );
+        assert_eq!(
+            why_not_iommufd(BackendChoice::Type1, legacy, BackendKind::Type1, None),
+            None
         );
     }
 

@@ -1,7 +1,7 @@
 //! The ioasid-vmm virtual machine monitor core.
 //!
 //! Owns: the KVM VM ([`vm`]), guest RAM ([`memory`], memfd-backed so it can be mapped for DMA
-//! by file), vCPUs and their run loop ([`vcpu`], [`cpuid`]), interrupt routing ([`irq`]),
+//! by file), vCPUs and their run loop ([`vcpu`], [`cpuid`], [`vcpu_dump`] for a stall diagnosis), interrupt routing ([`irq`]),
 //! Linux and payload boot ([`boot`]), ACPI tables ([`acpi`]), the 16550 console ([`serial`]),
 //! the guest address map ([`layout`]), the command line ([`config`]), building and booting
 //! a VM ([`runner`]), the VMM process around it ([`control`]: REST API, life cycle,
@@ -54,5 +54,6 @@ pub mod memory;
 pub mod runner;
 pub mod serial;
 pub mod vcpu;
+pub mod vcpu_dump;
 pub mod viommu;
 pub mod vm;

@@ -542,6 +542,14 @@ impl Vcpu {
             s.publish(self.id);
         }
         let result = self.run_loop(buses, kicker, &mut exits);
+        if matches!(result, Ok(VcpuStop::Kicked)) {
+            // Where each vCPU was when the VMM stopped it (a stalled guest killed at a deadline).
+            log::info!(
+                "vCPU {} at stop: {}",
+                self.id,
+                crate::vcpu_dump::state_line(&self.fd)
+            );
+        }
         kicker.detach();
         KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
         VcpuReport {

@@ -3,6 +3,8 @@
 
 use std::sync::atomic::Ordering;
 
+use iommufd_ioctls::IommuFd;
+
 use iommufd_bindings::iommufd::*;
 
 use super::{errno_of, sys, IommufdBackend};
@@ -164,32 +166,87 @@ impl IommufdBackend {
             .map_err(|e| Error::kernel(Op::AllowIovas, Ctx::object(ioas.0), e))
     }
 
-    /// `IOMMU_OPTION` `HUGE_PAGES` on an IOAS (true: combine contiguous pages, the default).
+    /// `IOMMU_OPTION` `HUGE_PAGES` SET on an IOAS: true lets the IOMMU map physically
+    /// contiguous pages with large IOPTEs (the kernel's default), false forces 4 KiB IOPTEs.
+    /// Turning it off fails (EINVAL) once the IOAS holds a mapping or a device is attached.
     pub fn set_huge_pages(&self, ioas: IoasId, on: bool) -> Result<()> {
-        let mut opt = iommu_option {
-            option_id: iommufd_option_IOMMU_OPTION_HUGE_PAGES,
-            op: iommufd_option_ops_IOMMU_OPTION_OP_SET as u16,
-            object_id: ioas.0,
-            val64: u64::from(on),
-            ..Default::default()
-        };
+        let mut opt = option_arg(
+            iommufd_option_IOMMU_OPTION_HUGE_PAGES,
+            iommufd_option_ops_IOMMU_OPTION_OP_SET,
+            ioas.0,
+            u64::from(on),
+        );
         self.count();
         sys::option(&*self.fd, &mut opt)
             .map_err(|e| Error::kernel(Op::SetOption, Ctx::object(ioas.0), e))
     }
 
-    /// `IOMMU_OPTION` `RLIMIT_MODE` (global): true accounts pinned pages per process instead of
-    /// per user (needs CAP_SYS_RESOURCE).
-    pub fn set_rlimit_per_process(&self, on: bool) -> Result<()> {
-        let mut opt = iommu_option {
-            option_id: iommufd_option_IOMMU_OPTION_RLIMIT_MODE,
-            op: iommufd_option_ops_IOMMU_OPTION_OP_SET as u16,
-            object_id: 0,
-            val64: u64::from(on),
-            ..Default::default()
-        };
+    /// `IOMMU_OPTION` `HUGE_PAGES` GET: whether the IOAS may use large IOPTEs.
+    pub fn huge_pages(&self, ioas: IoasId) -> Result<bool> {
+        let mut opt = option_arg(
+            iommufd_option_IOMMU_OPTION_HUGE_PAGES,
+            iommufd_option_ops_IOMMU_OPTION_OP_GET,
+            ioas.0,
+            0,
+        );
         self.count();
         sys::option(&*self.fd, &mut opt)
-            .map_err(|e| Error::kernel(Op::SetOption, Ctx::default(), e))
+            .map_err(|e| Error::kernel(Op::SetOption, Ctx::object(ioas.0), e))?;
+        Ok(opt.val64 != 0)
     }
+
+    /// `IOMMU_OPTION` `RLIMIT_MODE` GET: how this iommufd charges pinned pages.
+    pub fn pin_accounting(&self) -> Result<PinAccounting> {
+        let mut opt = option_arg(
+            iommufd_option_IOMMU_OPTION_RLIMIT_MODE,
+            iommufd_option_ops_IOMMU_OPTION_OP_GET,
+            0,
+            0,
+        );
+        self.count();
+        sys::option(&*self.fd, &mut opt)
+            .map_err(|e| Error::kernel(Op::SetOption, Ctx::default(), e))?;
+        Ok(if opt.val64 != 0 {
+            PinAccounting::Process
+        } else {
+            PinAccounting::User
+        })
+    }
+}
+
+/// `IOMMU_OPTION` `RLIMIT_MODE` SET (for the whole iommufd): how pinned pages are charged
+/// against RLIMIT_MEMLOCK. Needs CAP_SYS_RESOURCE (EPERM without), and an iommufd that holds
+/// no object yet (EBUSY), which is why
+/// [`IommufdBackend::from_file_with`] sets it before its first allocation.
+pub(super) fn set_pin_accounting(fd: &IommuFd, mode: PinAccounting) -> Result<()> {
+    let mut opt = option_arg(
+        iommufd_option_IOMMU_OPTION_RLIMIT_MODE,
+        iommufd_option_ops_IOMMU_OPTION_OP_SET,
+        0,
+        u64::from(mode == PinAccounting::Process),
+    );
+    sys::option(fd, &mut opt).map_err(|e| Error::kernel(Op::SetOption, Ctx::default(), e))
+}
+
+/// An `iommu_option` for `option_id`/`op` on `object_id` (0: the iommufd itself).
+fn option_arg(option_id: u32, op: u32, object_id: u32, val64: u64) -> iommu_option {
+    iommu_option {
+        option_id,
+        op: op as u16,
+        object_id,
+        val64,
+        ..Default::default()
+    }
+}
+
+/// How an iommufd charges the pages it pins against RLIMIT_MEMLOCK (`IOMMU_OPTION_RLIMIT_MODE`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum PinAccounting {
+    /// Per user (`user->locked_vm`), the iommufd default: all processes of the user share
+    /// one limit.
+    #[default]
+    User,
+    /// Per process (`mm->pinned_vm`), as the VFIO type1 container charges: the limit of
+    /// the VMM process alone, so a VM's memlock budget is the same on both backends.
+    Process,
 }

@@ -13,6 +13,7 @@ mod device;
 pub mod fault;
 mod hwpt;
 mod ioas;
+pub use ioas::PinAccounting;
 pub mod selftest;
 pub mod sys;
 
@@ -107,30 +108,53 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl IommufdBackend {
     /// Opens `/dev/iommu`.
     pub fn open() -> Result<Self> {
+        Self::open_with(PinAccounting::User)
+    }
+
+    /// Opens `/dev/iommu` and sets how it charges pinned pages (`IOMMU_OPTION_RLIMIT_MODE`,
+    /// which needs CAP_SYS_RESOURCE for [`PinAccounting::Process`]).
+    pub fn open_with(accounting: PinAccounting) -> Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open("/dev/iommu")
             .map_err(|e| Error::kernel(Op::OpenIommufd, Ctx::default(), e))?;
-        Self::from_file(file)
+        Self::from_file_with(file, accounting)
     }
 
     /// Uses an already-open `/dev/iommu` (fd passing).
     pub fn from_file(file: File) -> Result<Self> {
+        Self::from_file_with(file, PinAccounting::User)
+    }
+
+    /// Uses an already-open `/dev/iommu` and sets its pin accounting first: the kernel takes
+    /// `IOMMU_OPTION_RLIMIT_MODE` only while the iommufd holds no object, so it is set before
+    /// the placeholder IOAS below. [`PinAccounting::User`] is the kernel's default and sets
+    /// nothing.
+    pub fn from_file_with(file: File, accounting: PinAccounting) -> Result<Self> {
         let fd = Arc::new(IommuFd::new_from_fd(file));
-        // vfio-ioctls wants an IOAS for its cdev wrapper; it stays empty and unused, because
-        // this backend attaches devices to the IOASes and HWPTs its callers choose.
+        if accounting != PinAccounting::User {
+            ioas::set_pin_accounting(&fd, accounting)?;
+        }
         let placeholder = iommufd_ioctls::IommufdIoas::new(fd.clone())
             .map_err(|e| Error::kernel(Op::IoasAlloc, Ctx::default(), errno_of(&e)))?;
         let vfio = VfioIommufd::new(fd.clone(), Some(Arc::new(placeholder)), None)
             .map_err(|e| Error::kernel(Op::IoasAlloc, Ctx::default(), errno_of(&e)))?;
-        Ok(IommufdBackend {
+        let backend = IommufdBackend {
             fd,
             vfio: Arc::new(vfio),
             devices: Mutex::new(HashMap::new()),
             hwpt_types: Mutex::new(HashMap::new()),
             counters: HostCounters::default(),
-        })
+        };
+        // The placeholder IOAS and the RLIMIT_MODE SET before it.
+        let calls = if accounting == PinAccounting::User {
+            1
+        } else {
+            2
+        };
+        backend.counters.ioctls.fetch_add(calls, Ordering::Relaxed);
+        Ok(backend)
     }
 
     fn lock_devices(&self) -> MutexGuard<'_, HashMap<DevId, Bound>> {

@@ -134,6 +134,7 @@ impl Lab {
                     },
                     address_width: 48,
                 }),
+                ..DeviceManagerConfig::default()
             },
         )
         .map_err(|e| e.message())?;

@@ -58,7 +58,10 @@ pub struct VmArgs {
     /// A device (repeatable, or several values after one flag): path=PATH (sysfs device or
     /// VFIO cdev) or fd=FD (a VFIO cdev fd) for passthrough, or emulated=sva-copy (the SVA
     /// copy engine: PASID, ATS and PRI, DMA through the vIOMMU; needs iommu=on and
-    /// --platform viommu=vtd,fsts=on,pasid-bits=20,svm=on), iommu=on|off (put it
+    /// --platform viommu=vtd,fsts=on,pasid-bits=20,svm=on) or emulated=swq (a shared work
+    /// queue portal: each descriptor's PASID is the submitting vCPU's IA32_PASID translated
+    /// to the host PASID, as ENQCMD would; needs iommu=on and --platform
+    /// viommu=vtd,pasid-bits=20), iommu=on|off (put it
     /// behind the vIOMMU: the guest programs its DMA translation; needs --platform
     /// viommu=vtd), pasid=on|off (let the guest use PASIDs with it; needs iommu=on and
     /// pasid-bits; x_pasid_offset=OFF places the synthesized PASID/ATS/PRI capabilities),
@@ -66,7 +69,13 @@ pub struct VmArgs {
     /// take the slots its DMAR scope reserves, 24-31, unless one is given at boot).
     #[arg(long, value_name = "path=..|fd=..|emulated=..,iommu=on|off,pasid=on|off,id=..", num_args = 1..)]
     pub device: Vec<String>,
-    /// Platform: iommufd=on|off|auto (iommufd cdevs or the VFIO container),
+    /// Platform: iommufd=on|off|auto (iommufd cdevs or the VFIO container; auto falls back
+    /// to the container when /dev/iommu or the device's cdev is missing, and logs why),
+    /// hwpt=auto|explicit (iommufd: attach devices to the guest-RAM IOAS and let the kernel
+    /// pick the paging HWPT, or allocate one with IOMMU_HWPT_ALLOC and attach to it),
+    /// rlimit_mode=user|process (iommufd: charge pinned guest RAM to the user's or to this
+    /// process's RLIMIT_MEMLOCK, as the VFIO container does; process needs
+    /// CAP_SYS_RESOURCE),
     /// iommu_address_width=BITS (vIOMMU guest address width, default 48; with viommu=vtd 39,
     /// 48 or 57; the DMAR's host address width is BITS-1), viommu=vtd|off (an emulated
     /// Intel VT-d that the guest programs itself). With viommu=vtd, QEMU's intel-iommu

@@ -29,7 +29,9 @@ pub use device::{check_device_config, DeviceConfig, CDEV_DIR};
 pub use error::ConfigError;
 pub use kv::parse_size;
 pub use machine::{CpusConfig, MemoryConfig, SerialConfig, DEFAULT_MEMORY};
-pub use platform::{FstsMode, OnOffAuto, PlatformConfig, ViommuConfig, ViommuKind};
+pub use platform::{
+    FstsMode, HwptMode, OnOffAuto, PlatformConfig, RlimitMode, ViommuConfig, ViommuKind,
+};
 
 use boot::parse_payload;
 use device::parse_device;

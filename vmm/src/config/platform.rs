@@ -1,8 +1,10 @@
 //! `--platform`: the IOMMU backend and the vIOMMU.
 //!
-//! `--platform iommufd=on|off|auto,iommu_address_width=BITS,viommu=vtd|off,
-//! scalable-mode=on|off,fsts=on|off|auto,pasid-bits=N,svm=on|off`: Cloud Hypervisor's
-//! `--platform` syntax with QEMU's 2026 intel-iommu property names. Combinations that can never
+//! `--platform iommufd=on|off|auto,hwpt=auto|explicit,rlimit_mode=user|process,
+//! iommu_address_width=BITS,viommu=vtd|off,scalable-mode=on|off,fsts=on|off|auto,pasid-bits=N,
+//! svm=on|off`: Cloud Hypervisor's `--platform` syntax with QEMU's 2026 intel-iommu property
+//! names, plus two iommufd knobs (`hwpt=`, `rlimit_mode=`) that only mean something with
+//! iommufd and are refused with `iommufd=off`. Combinations that can never
 //! be honoured are refused here; those that depend on the host (first stage for an assigned
 //! device needs host nesting) are refused by the device manager when the device is added,
 //! which for a `--device` is at start.
@@ -19,6 +21,28 @@ pub enum OnOffAuto {
     Off,
     /// Used when available.
     Auto,
+}
+
+/// `hwpt=`: how an assigned device reaches the VM's guest-RAM IOAS on iommufd.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HwptMode {
+    /// Attach the device to the IOAS; the kernel finds or creates the paging HWPT.
+    #[default]
+    Auto,
+    /// Allocate a paging HWPT on the IOAS (`IOMMU_HWPT_ALLOC`) and attach the device to its
+    /// id: the VMM owns the HWPT (what dirty tracking needs later).
+    Explicit,
+}
+
+/// `rlimit_mode=`: how iommufd charges guest RAM it pins against RLIMIT_MEMLOCK
+/// (`IOMMU_OPTION_RLIMIT_MODE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RlimitMode {
+    /// Per user, the iommufd default.
+    #[default]
+    User,
+    /// Per process, as the VFIO type1 container charges; needs CAP_SYS_RESOURCE.
+    Process,
 }
 
 /// `viommu=`.
@@ -70,6 +94,10 @@ impl Default for ViommuConfig {
 pub struct PlatformConfig {
     /// iommufd (cdev) versus legacy VFIO container.
     pub iommufd: OnOffAuto,
+    /// `hwpt=` (iommufd only).
+    pub hwpt: HwptMode,
+    /// `rlimit_mode=` (iommufd only).
+    pub rlimit_mode: RlimitMode,
     /// vIOMMU guest address width in bits (`None`: [`DEFAULT_IOMMU_ADDRESS_WIDTH`]).
     pub iommu_address_width: Option<u8>,
     /// The vIOMMU model.
@@ -90,6 +118,8 @@ impl Default for PlatformConfig {
     fn default() -> Self {
         Self {
             iommufd: OnOffAuto::Auto,
+            hwpt: HwptMode::Auto,
+            rlimit_mode: RlimitMode::User,
             iommu_address_width: None,
             viommu: ViommuKind::Off,
             vtd: ViommuConfig::default(),
@@ -100,6 +130,8 @@ impl Default for PlatformConfig {
 /// The keys `--platform` accepts.
 const KEYS: &[&str] = &[
     "iommufd",
+    "hwpt",
+    "rlimit_mode",
     "iommu_address_width",
     "viommu",
     "scalable-mode",
@@ -108,7 +140,8 @@ const KEYS: &[&str] = &[
     "svm",
 ];
 /// What `--platform` accepts, for messages.
-pub const ACCEPTED: &str = "iommufd=on|off|auto, iommu_address_width=<39-64>, viommu=vtd|off, \
+pub const ACCEPTED: &str = "iommufd=on|off|auto, hwpt=auto|explicit, \
+    rlimit_mode=user|process, iommu_address_width=<39-64>, viommu=vtd|off, \
     scalable-mode=on|off, fsts=on|off|auto, pasid-bits=<0-20>, svm=on|off";
 
 fn on_off_auto(kv: &KeyValues, key: &str) -> Result<OnOffAuto, ConfigError> {
@@ -130,6 +163,29 @@ fn refuse(reason: impl Into<String>) -> ConfigError {
 pub(super) fn parse_platform(s: &str) -> Result<PlatformConfig, ConfigError> {
     let kv = KeyValues::parse("--platform", s, KEYS, ACCEPTED)?;
     let iommufd = on_off_auto(&kv, "iommufd")?;
+    let hwpt = match kv.get("hwpt") {
+        None | Some("auto") => HwptMode::Auto,
+        Some("explicit") => HwptMode::Explicit,
+        Some(v) => return Err(kv.invalid("hwpt", v, "auto, explicit")),
+    };
+    let rlimit_mode = match kv.get("rlimit_mode") {
+        None | Some("user") => RlimitMode::User,
+        Some("process") => RlimitMode::Process,
+        Some(v) => return Err(kv.invalid("rlimit_mode", v, "user, process")),
+    };
+    if iommufd == OnOffAuto::Off {
+        if hwpt == HwptMode::Explicit {
+            return Err(refuse(
+                "hwpt=explicit needs iommufd: the type1 container has no HWPTs",
+            ));
+        }
+        if rlimit_mode == RlimitMode::Process {
+            return Err(refuse(
+                "rlimit_mode=process is an iommufd option: the type1 container always \
+                 charges per process",
+            ));
+        }
+    }
     let width: Option<u8> = kv.number("iommu_address_width", "a bit width from 39 to 64")?;
     if let Some(w) = width {
         if !(39..=64).contains(&w) {
@@ -178,6 +234,8 @@ pub(super) fn parse_platform(s: &str) -> Result<PlatformConfig, ConfigError> {
     }
     Ok(PlatformConfig {
         iommufd,
+        hwpt,
+        rlimit_mode,
         iommu_address_width: width,
         viommu,
         vtd,

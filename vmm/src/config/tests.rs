@@ -363,6 +363,47 @@ fn viommu_options() {
 }
 
 #[test]
+fn iommufd_platform_options() {
+    let c = vm(&["--kernel", "/k"]);
+    assert_eq!(
+        (c.platform.hwpt, c.platform.rlimit_mode),
+        (HwptMode::Auto, RlimitMode::User)
+    );
+    let c = vm(&[
+        "--kernel",
+        "/k",
+        "--platform",
+        "iommufd=on,hwpt=explicit,rlimit_mode=process",
+    ]);
+    assert_eq!(c.platform.hwpt, HwptMode::Explicit);
+    assert_eq!(c.platform.rlimit_mode, RlimitMode::Process);
+    let c = vm(&["--kernel", "/k", "--platform", "hwpt=auto,rlimit_mode=user"]);
+    assert_eq!(
+        (c.platform.hwpt, c.platform.rlimit_mode),
+        (HwptMode::Auto, RlimitMode::User)
+    );
+    // auto may end on iommufd, so the iommufd knobs are accepted with it.
+    let c = vm(&["--kernel", "/k", "--platform", "iommufd=auto,hwpt=explicit"]);
+    assert_eq!(c.platform.hwpt, HwptMode::Explicit);
+    for (v, hint) in [
+        ("hwpt=kernel", "auto, explicit"),
+        ("rlimit_mode=mm", "user, process"),
+        ("iommufd=off,hwpt=explicit", "type1 container has no HWPTs"),
+        ("iommufd=off,rlimit_mode=process", "charges per process"),
+    ] {
+        rejects(&["--kernel", "/k", "--platform", v], "--platform", hint);
+    }
+    // The type1 defaults are fine with iommufd=off.
+    let c = vm(&[
+        "--kernel",
+        "/k",
+        "--platform",
+        "iommufd=off,hwpt=auto,rlimit_mode=user",
+    ]);
+    assert_eq!(c.platform.iommufd, OnOffAuto::Off);
+}
+
+#[test]
 fn viommu_combinations_that_cannot_be_honoured() {
     let p = |v: &str| {
         vec![
@@ -421,6 +462,8 @@ fn help_documents_every_platform_option() {
     let help = Cli::command().render_long_help().to_string();
     for key in [
         "iommufd=",
+        "hwpt=auto|explicit",
+        "rlimit_mode=user|process",
         "iommu_address_width=",
         "viommu=vtd",
         "scalable-mode=",

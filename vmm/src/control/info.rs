@@ -12,7 +12,9 @@ use api::vm_config::{
 use api::{ApiError, ApiErrorKind};
 use serde_json::Value;
 
-use crate::config::{BootConfig, OnOffAuto, SerialConfig, ViommuKind, VmArgs, VmConfig};
+use crate::config::{
+    BootConfig, HwptMode, OnOffAuto, RlimitMode, SerialConfig, ViommuKind, VmArgs, VmConfig,
+};
 
 /// `vmm.ping`: our version and pid.
 pub fn ping() -> VmmPingResponse {
@@ -54,6 +56,12 @@ pub fn to_api(cfg: &VmConfig) -> ApiVmConfig {
         OnOffAuto::Auto => "auto",
     };
     platform.insert("iommufd".to_string(), Value::from(iommufd));
+    if cfg.platform.hwpt == HwptMode::Explicit {
+        platform.insert("hwpt".to_string(), Value::from("explicit"));
+    }
+    if cfg.platform.rlimit_mode == RlimitMode::Process {
+        platform.insert("rlimit_mode".to_string(), Value::from("process"));
+    }
     let viommu = match cfg.platform.viommu {
         ViommuKind::Off => "off",
         ViommuKind::Vtd => "vtd",

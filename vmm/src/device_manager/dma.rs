@@ -5,15 +5,28 @@
 //! file offset), so the kernel pins pages of the file, not of a process mapping. type1 maps each
 //! region by its host address (`VFIO_IOMMU_MAP_DMA`). Either way: one call per region, never
 //! per page.
+//!
+//! On iommufd, `--platform` adds: `rlimit_mode=process` (`IOMMU_OPTION_RLIMIT_MODE`, set when
+//! the iommufd is opened), `hwpt=explicit` (a paging HWPT the VMM allocates on the IOAS with
+//! `IOMMU_HWPT_ALLOC` and attaches devices to, instead of the one the kernel picks); with
+//! hugetlbfs-backed guest RAM the IOAS gets `IOMMU_OPTION_HUGE_PAGES` set and read back before
+//! RAM is mapped. After each attach the VMM restricts the IOVAs the kernel may choose in the
+//! IOAS (`IOMMU_IOAS_ALLOW_IOVAS`) to the usable windows above the guest-physical address
+//! space: the VMM itself maps only at fixed IOVAs (guest addresses), so a kernel-chosen IOVA in
+//! the VM's IOAS, from whatever maps without one, can never land where guest RAM, a BAR or a
+//! later RAM region must go, and can never be reached by a guest-physical DMA address.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use ioasid::{
-    BackendKind, IoasId, IommuBackend, IommufdBackend, MapFile, MapUser, Perm, Type1Backend,
+    BackendKind, DevId, HwptAlloc, HwptFlags, HwptId, IoasId, IommuBackend, IommufdBackend,
+    IovaRange, MapFile, MapUser, Perm, PinAccounting, PtId, Type1Backend,
 };
 use log::{info, warn};
 
+use crate::config::{HwptMode, RlimitMode};
+use crate::layout::pci_mmio64_window;
 use crate::memory::RamRegion;
 
 /// The backend in use, typed, because binding differs between them.
@@ -48,6 +61,49 @@ impl Backend {
     }
 }
 
+/// The iommufd options of `--platform` (`hwpt=`, `rlimit_mode=`); type1 ignores them (the
+/// parser refuses them with `iommufd=off`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DmaOptions {
+    /// How devices reach the IOAS.
+    pub hwpt: HwptMode,
+    /// How pinned guest RAM is charged.
+    pub rlimit: RlimitMode,
+}
+
+impl DmaOptions {
+    /// The `ioasid` pin accounting of `rlimit`.
+    pub fn pin_accounting(&self) -> PinAccounting {
+        match self.rlimit {
+            RlimitMode::User => PinAccounting::User,
+            RlimitMode::Process => PinAccounting::Process,
+        }
+    }
+}
+
+/// Opens the backend `kind` with `opts` (iommufd: the pin accounting is set on open).
+pub fn open_backend(kind: BackendKind, opts: &DmaOptions) -> ioasid::Result<Backend> {
+    match kind {
+        BackendKind::Iommufd => {
+            let b = IommufdBackend::open_with(opts.pin_accounting())?;
+            if opts.rlimit == RlimitMode::Process {
+                let got = b.pin_accounting()?;
+                info!(
+                    "iommufd pins guest RAM against RLIMIT_MEMLOCK per process \
+                     (IOMMU_OPTION_RLIMIT_MODE reads back {got:?})"
+                );
+            }
+            Ok(Backend::Iommufd(Arc::new(b)))
+        }
+        BackendKind::Type1 => Ok(Backend::Type1(Arc::new(Type1Backend::open()?))),
+        BackendKind::Soft => Err(ioasid::Error::InvalidArgument {
+            op: ioasid::Op::IoasAlloc,
+            ctx: ioasid::Ctx::default(),
+            reason: "the soft backend serves emulated devices, not VFIO devices".to_string(),
+        }),
+    }
+}
+
 /// The DMA side of the VM: backend, IOAS, and guest RAM mapped into it.
 pub struct DmaState {
     /// The backend.
@@ -56,6 +112,231 @@ pub struct DmaState {
     pub ioas: IoasId,
     /// Guest RAM mapped into it (empty until the first device is bound).
     pub ram: Vec<RamMapping>,
+    /// `--platform` iommufd options.
+    pub options: DmaOptions,
+    /// Paging HWPTs the VMM allocated on the IOAS (`hwpt=explicit`), destroyed with it.
+    pub explicit_hwpts: Vec<HwptId>,
+    /// The IOVA windows the kernel may choose from in the IOAS (`IOMMU_IOAS_ALLOW_IOVAS`),
+    /// when restricted.
+    pub allowed: Option<Vec<IovaRange>>,
+    /// First IOVA above the guest-physical address space (RAM and the 64-bit PCI window).
+    pub guest_top: u64,
+}
+
+impl DmaState {
+    /// The VM's DMA state over `backend`: allocates its IOAS; on iommufd with
+    /// hugetlbfs-backed `ram`, sets and reads back `IOMMU_OPTION_HUGE_PAGES` on it, before any
+    /// RAM is mapped.
+    pub fn new(backend: Backend, options: DmaOptions, ram: &[RamRegion]) -> ioasid::Result<Self> {
+        let ioas = backend.as_dyn().ioas_alloc()?;
+        let state = DmaState {
+            backend,
+            ioas,
+            ram: Vec::new(),
+            options,
+            explicit_hwpts: Vec::new(),
+            allowed: None,
+            guest_top: guest_physical_top(ram),
+        };
+        if let (Backend::Iommufd(b), true) = (&state.backend, ram_is_hugetlb(ram)) {
+            let set = b
+                .set_huge_pages(ioas, true)
+                .and_then(|()| b.huge_pages(ioas));
+            match set {
+                Ok(true) => info!(
+                    "IOAS {}: large IOPTEs on for hugetlbfs-backed guest RAM \
+                     (IOMMU_OPTION_HUGE_PAGES set, reads back 1)",
+                    ioas.0
+                ),
+                Ok(false) => warn!(
+                    "IOAS {}: IOMMU_OPTION_HUGE_PAGES reads back 0 after setting it: DMA to \
+                     guest RAM uses 4 KiB IOPTEs",
+                    ioas.0
+                ),
+                Err(e) => {
+                    let _ = state.backend.as_dyn().destroy(ioas.0);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(state)
+    }
+
+    /// Attaches `dev` (RID) to the VM's IOAS on iommufd, as `--platform hwpt=` says, and
+    /// returns the paging HWPT it reaches the IOAS through (`None`: the kernel reported the
+    /// IOAS itself, as for an mdev). The kernel-chosen-IOVA restriction is lifted for the
+    /// attach (a device's reserved regions may not intersect the allowed windows) and
+    /// recomputed from the windows after it. type1 has nothing to attach: `Ok(None)`.
+    pub fn attach_device(&mut self, dev: DevId) -> ioasid::Result<Option<HwptId>> {
+        let Backend::Iommufd(b) = self.backend.clone() else {
+            return Ok(None);
+        };
+        if self.allowed.take().is_some() {
+            b.allow_iovas(self.ioas, &[])?;
+        }
+        let hwpt = match self.options.hwpt {
+            HwptMode::Auto => {
+                let h = b.attach_ioas_reporting_hwpt(dev, self.ioas)?;
+                match h {
+                    Some(h) => info!(
+                        "dev_id {}: attached to IOAS {} through paging HWPT {} (allocated by \
+                         the kernel)",
+                        dev.0, self.ioas.0, h.0
+                    ),
+                    None => info!(
+                        "dev_id {}: attached to IOAS {} (no HWPT: the kernel reported the IOAS \
+                         itself, as for an emulated device)",
+                        dev.0, self.ioas.0
+                    ),
+                }
+                h
+            }
+            HwptMode::Explicit => Some(self.attach_explicit(&b, dev)?),
+        };
+        self.restrict_kernel_iovas(&b);
+        Ok(hwpt)
+    }
+
+    /// `hwpt=explicit`: attaches `dev` to the first of the VMM's paging HWPTs its IOMMU
+    /// accepts, or to a new one allocated for it on the IOAS.
+    fn attach_explicit(&mut self, b: &IommufdBackend, dev: DevId) -> ioasid::Result<HwptId> {
+        for h in &self.explicit_hwpts {
+            match b.attach(dev, None, PtId::Hwpt(*h)) {
+                Ok(()) => {
+                    info!(
+                        "dev_id {}: attached to explicit paging HWPT {} on IOAS {} (shared)",
+                        dev.0, h.0, self.ioas.0
+                    );
+                    return Ok(*h);
+                }
+                // EINVAL: the HWPT's IOMMU or format does not fit this device; try the next.
+                Err(e) if e.errno() == Some(libc::EINVAL) => {
+                    info!("dev_id {}: HWPT {} does not fit it ({e})", dev.0, h.0)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let h = b.hwpt_alloc(&HwptAlloc {
+            dev,
+            parent: PtId::Ioas(self.ioas),
+            flags: HwptFlags::default(),
+            fault: None,
+            stage1: None,
+        })?;
+        if let Err(e) = b.attach(dev, None, PtId::Hwpt(h)) {
+            let _ = b.destroy(h.0);
+            return Err(e);
+        }
+        self.explicit_hwpts.push(h);
+        info!(
+            "dev_id {}: attached to explicit paging HWPT {} allocated on IOAS {} \
+             (IOMMU_HWPT_ALLOC, hwpt=explicit)",
+            dev.0, h.0, self.ioas.0
+        );
+        Ok(h)
+    }
+
+    /// Restricts the IOVAs the kernel may choose in the IOAS to its usable windows above
+    /// [`Self::guest_top`]. A failure leaves the IOAS unrestricted and is logged: the VMM
+    /// itself never maps without a fixed IOVA.
+    fn restrict_kernel_iovas(&mut self, b: &IommufdBackend) {
+        let windows = match b.iova_ranges(self.ioas) {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(
+                    "IOAS {}: kernel-chosen IOVAs left unrestricted: {e}",
+                    self.ioas.0
+                );
+                return;
+            }
+        };
+        let allowed = above(&windows.ranges, self.guest_top);
+        if allowed.is_empty() {
+            warn!(
+                "IOAS {}: no IOVA window above the guest-physical space ({:#x}) in {:x?}: \
+                 kernel-chosen IOVAs left unrestricted",
+                self.ioas.0, self.guest_top, windows.ranges
+            );
+            return;
+        }
+        match b.allow_iovas(self.ioas, &allowed) {
+            Ok(()) => {
+                info!(
+                    "IOAS {}: kernel-chosen IOVAs restricted to {} above the guest-physical \
+                     space (IOMMU_IOAS_ALLOW_IOVAS)",
+                    self.ioas.0,
+                    allowed
+                        .iter()
+                        .map(|r| format!("{:#x}..={:#x}", r.start, r.last))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                self.allowed = Some(allowed);
+            }
+            Err(e) => warn!(
+                "IOAS {}: kernel-chosen IOVAs left unrestricted: {e}",
+                self.ioas.0
+            ),
+        }
+    }
+
+    /// Unmaps guest RAM, destroys the explicit HWPTs and then the IOAS (a HWPT holds its
+    /// IOAS): the end of the VM's DMA space, with its last device.
+    pub fn teardown(self) {
+        let b = self.backend.as_dyn();
+        if !self.ram.is_empty() {
+            unmap_ram(b, self.ioas, &self.ram);
+        }
+        for h in &self.explicit_hwpts {
+            match b.destroy(h.0) {
+                Ok(()) => info!("explicit paging HWPT {} destroyed", h.0),
+                Err(e) => warn!("{e}"),
+            }
+        }
+        match b.destroy(self.ioas.0) {
+            Ok(()) => info!(
+                "IOAS {} destroyed; {} backend closed",
+                self.ioas.0,
+                self.backend.kind()
+            ),
+            Err(e) => warn!("{e}"),
+        }
+    }
+}
+
+/// The parts of `windows` at or above `floor`.
+fn above(windows: &[IovaRange], floor: u64) -> Vec<IovaRange> {
+    windows
+        .iter()
+        .filter(|r| r.last >= floor)
+        .map(|r| IovaRange {
+            start: r.start.max(floor),
+            last: r.last,
+        })
+        .collect()
+}
+
+/// First address above the guest-physical space of a VM with `ram`: the end of the 64-bit
+/// PCI window, which lies above all RAM.
+pub fn guest_physical_top(ram: &[RamRegion]) -> u64 {
+    let ram_end = ram.iter().map(|r| r.gpa + r.size).max().unwrap_or(0);
+    let (base, size) = pci_mmio64_window(ram_end);
+    base.saturating_add(size).max(ram_end)
+}
+
+/// `HUGETLBFS_MAGIC` of include/uapi/linux/magic.h.
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// Whether guest RAM lives in hugetlbfs (`--memory hugepages=on`): the memfd's filesystem.
+fn ram_is_hugetlb(ram: &[RamRegion]) -> bool {
+    let Some(r) = ram.first() else {
+        return false;
+    };
+    // SAFETY: statfs is plain data; all-zero is a valid value that fstatfs overwrites.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid fd (the memfd, alive through `r`) and a live, writable statfs.
+    let rc = unsafe { libc::fstatfs(r.memfd.as_raw_fd(), &mut st) };
+    rc == 0 && st.f_type as i64 == HUGETLBFS_MAGIC
 }
 
 /// One RAM region mapped for DMA.

@@ -19,19 +19,8 @@ impl DeviceManager {
                 v.drop_host();
             }
         }
-        let Some(d) = self.dma.take() else {
-            return;
-        };
-        if !d.ram.is_empty() {
-            dma::unmap_ram(d.backend.as_dyn(), d.ioas, &d.ram);
-        }
-        match d.backend.as_dyn().destroy(d.ioas.0) {
-            Ok(()) => info!(
-                "IOAS {} destroyed; {} backend closed",
-                d.ioas.0,
-                d.backend.kind()
-            ),
-            Err(e) => warn!("{e}"),
+        if let Some(d) = self.dma.take() {
+            d.teardown();
         }
     }
 

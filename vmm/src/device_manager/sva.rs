@@ -91,6 +91,7 @@ impl DeviceManager {
     ) -> Result<AddedDevice, DeviceManagerError> {
         match name {
             "sva-copy" => self.add_sva_engine(cfg),
+            "swq" => self.add_swq_device(cfg, super::swq::cpu_pasid_table()),
             other => Err(DeviceManagerError::Unsupported {
                 device: other.to_string(),
                 reason: format!(
@@ -157,7 +158,7 @@ impl DeviceManager {
     }
 
     /// A soft IOMMU whose DMA reaches exactly the VM's RAM.
-    fn soft_over_ram(&self) -> ioasid::Result<SoftIommu> {
+    pub(super) fn soft_over_ram(&self) -> ioasid::Result<SoftIommu> {
         let regions: Vec<HostRegion> = self
             .ram
             .iter()
