@@ -86,6 +86,7 @@ fn vm_and_dm(test: &str, viommu: bool) -> Result<Option<(Vm, DeviceManager)>, St
                 },
                 address_width: 48,
             }),
+            ..DeviceManagerConfig::default()
         },
     )
     .map_err(|e| e.message())?;
