@@ -91,7 +91,10 @@ impl DeviceManager {
     ) -> Result<AddedDevice, DeviceManagerError> {
         match name {
             "sva-copy" => self.add_sva_engine(cfg),
-            "swq" => self.add_swq_device(cfg, super::swq::cpu_pasid_table()),
+            "swq" => {
+                let table = super::swq::cpu_pasid_table(self.viommu.as_ref());
+                self.add_swq_device(cfg, table)
+            }
             other => Err(DeviceManagerError::Unsupported {
                 device: other.to_string(),
                 reason: format!(

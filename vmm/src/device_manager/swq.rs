@@ -69,10 +69,8 @@ impl DeviceDma for HostPasidDma {
     }
 }
 
-/// The placeholder CPU PASID table: translates nothing, so every submission is refused
-/// UNTRANSLATED (no DMA).
-// TODO(enq): replace with the VM's PASID translation table (`vmm/src/enqcmd/`, helper
-// `enq`'s branch) once it is merged.
+/// A table that translates nothing (every submission refused UNTRANSLATED, no DMA): what a
+/// VM without a vIOMMU has.
 #[derive(Debug, Default)]
 pub struct NoCpuPasidTable;
 
@@ -82,13 +80,23 @@ impl PasidTranslate for NoCpuPasidTable {
     }
 }
 
-/// The VM's guest-to-host PASID table as the SWQ device sees it.
-pub(super) fn cpu_pasid_table() -> Arc<dyn PasidTranslate> {
-    // TODO(enq): the VM's table from `vmm/src/enqcmd/` instead of the placeholder.
-    Arc::new(NoCpuPasidTable)
+/// The VM's guest-to-host PASID table as the SWQ device sees it: the one every host bridge
+/// of the vIOMMU `v` records into ([`crate::enqcmd::VmPasidTable`], one host PASID per guest
+/// PASID for the whole VM), or nothing without a vIOMMU.
+pub(super) fn cpu_pasid_table(v: Option<&super::viommu::ViommuState>) -> Arc<dyn PasidTranslate> {
+    match v {
+        Some(v) => v.pasid_table.clone(),
+        None => Arc::new(NoCpuPasidTable),
+    }
 }
 
 impl DeviceManager {
+    /// The VM's guest-to-host PASID translation, fed by the vIOMMU bridges (`None` without a
+    /// vIOMMU): what `emulated=swq` translates through.
+    pub fn pasid_table(&self) -> Option<Arc<crate::enqcmd::VmPasidTable>> {
+        self.viommu.as_ref().map(|v| v.pasid_table.clone())
+    }
+
     /// The SWQ device behind the vIOMMU, its guest PASIDs translated by `translate` (the
     /// VM's table). Needs a unit that offers PASIDs ([`SWQ_PLATFORM`]).
     pub fn add_swq_device(
