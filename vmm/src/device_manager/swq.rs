@@ -123,6 +123,11 @@ impl DeviceManager {
                 vtd.scalable_mode, vtd.pasid_bits
             )));
         }
+        if let Err(e) = &v.ia32_pasid {
+            return Err(refuse(format!(
+                "the portal takes the submitter's PASID from its vCPU's IA32_PASID: {e}"
+            )));
+        }
         let soft = match v.soft_ram.as_ref() {
             Some((s, _)) => s.clone(),
             None => Arc::new(self.soft_over_ram().map_err(|e| {
