@@ -92,7 +92,12 @@ impl DeviceManager {
         match name {
             "sva-copy" => self.add_sva_engine(cfg),
             "swq" => {
-                let table = super::swq::cpu_pasid_table(self.viommu.as_ref());
+                // The VM's guest-to-host PASID table, fed by the vIOMMU bridge. Without a
+                // vIOMMU there is nothing to translate and `add_swq_device` refuses the device.
+                let table: Arc<dyn devices::cpu_pasid::PasidTranslate> = match &self.viommu {
+                    Some(v) => v.pasid_table.clone(),
+                    None => Arc::new(crate::enqcmd::VmPasidTable::new()),
+                };
                 self.add_swq_device(cfg, table)
             }
             other => Err(DeviceManagerError::Unsupported {

@@ -69,27 +69,6 @@ impl DeviceDma for HostPasidDma {
     }
 }
 
-/// A table that translates nothing (every submission refused UNTRANSLATED, no DMA): what a
-/// VM without a vIOMMU has.
-#[derive(Debug, Default)]
-pub struct NoCpuPasidTable;
-
-impl PasidTranslate for NoCpuPasidTable {
-    fn host_pasid(&self, _guest: u32) -> Option<u32> {
-        None
-    }
-}
-
-/// The VM's guest-to-host PASID table as the SWQ device sees it: the one every host bridge
-/// of the vIOMMU `v` records into ([`crate::enqcmd::VmPasidTable`], one host PASID per guest
-/// PASID for the whole VM), or nothing without a vIOMMU.
-pub(super) fn cpu_pasid_table(v: Option<&super::viommu::ViommuState>) -> Arc<dyn PasidTranslate> {
-    match v {
-        Some(v) => v.pasid_table.clone(),
-        None => Arc::new(NoCpuPasidTable),
-    }
-}
-
 impl DeviceManager {
     /// The VM's guest-to-host PASID translation, fed by the vIOMMU bridges (`None` without a
     /// vIOMMU): what `emulated=swq` translates through.
