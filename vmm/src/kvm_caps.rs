@@ -1,12 +1,17 @@
 //! The one place the VMM asks KVM about a capability (`KVM_CHECK_EXTENSION`).
 //!
 //! Every probe goes through [`has_cap`] so that a capability number can be refused before it
-//! reaches the kernel. The refused numbers ([`NEVER_PROBED`]) are the ones the 2021
-//! `/dev/ioasid` RFC proposed for CPU PASID translation and that never became uAPI: the
-//! RFC's `KVM_CAP_PASID_TRANSLATION` is 206, which is `KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`
-//! in today's `linux/kvm.h`. Probing it would ask KVM about SEV context migration and read
-//! a yes as "KVM translates PASIDs". A kernel that offers PASID translation will name its
-//! own capability; `docs/ENQCMD.md` says what it must offer.
+//! reaches the kernel. The refused numbers ([`NEVER_PROBED`]) are the ones proposed for CPU
+//! PASID translation outside upstream, which never became uAPI:
+//! - the 2021 `/dev/ioasid` RFC's `KVM_CAP_PASID_TRANSLATION`, 206, which is
+//!   `KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM` in today's `linux/kvm.h`: probing it would ask KVM
+//!   about SEV context migration and read a yes as "KVM translates PASIDs";
+//! - the 2026 research fork's `KVM_CAP_X86_PASID_TRANSLATION`, 245 (nalves599/linux-dsa-siov,
+//!   `include/uapi/linux/kvm.h`): the next free number of its tree, which upstream is free
+//!   to give to another capability.
+//!
+//! A kernel that offers PASID translation upstream will name its own capability;
+//! `docs/ENQCMD.md` says what it must offer.
 //!
 //! Owns: the probe and the refusal list. The test `pasid_cap_number_never_probed` checks the
 //! list, the refusal, and that no other file of the workspace calls `check_extension*`.
@@ -14,11 +19,18 @@
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
 /// Capability numbers never passed to `KVM_CHECK_EXTENSION`, with why.
-pub const NEVER_PROBED: &[(u32, &str)] = &[(
-    206,
-    "the /dev/ioasid RFC's KVM_CAP_PASID_TRANSLATION (never merged); 206 is \
-     KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM today",
-)];
+pub const NEVER_PROBED: &[(u32, &str)] = &[
+    (
+        206,
+        "the /dev/ioasid RFC's KVM_CAP_PASID_TRANSLATION (never merged); 206 is \
+         KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM today",
+    ),
+    (
+        245,
+        "a research fork's KVM_CAP_X86_PASID_TRANSLATION (not upstream; upstream may give \
+         245 to another capability)",
+    ),
+];
 
 /// Something `KVM_CHECK_EXTENSION` can be issued on (`/dev/kvm` or a VM fd).
 pub trait CapProbe {
@@ -99,8 +111,9 @@ mod tests {
 
     #[test]
     fn pasid_cap_number_never_probed() {
-        // The list holds the RFC's number.
+        // The list holds the RFC's number and the research fork's.
         assert!(refused(206).is_some());
+        assert!(refused(245).is_some());
         assert_eq!(
             kvm_bindings::KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM,
             206,

@@ -8,7 +8,11 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
+
 use clap::Parser;
+use devices::bus::BusDevice;
+use devices::cpu_pasid::{current_pasid, set_current_ia32_pasid};
 use vmm::boot::payload::{PayloadMode, DEFAULT_LONG_GPA};
 use vmm::runner::PayloadVm;
 use vmm::vm::IrqchipMode;
@@ -173,4 +177,63 @@ fn enqcmd_on_fails_at_start_saying_why() {
         chain.contains("no kernel offers KVM PASID translation"),
         "{chain}"
     );
+}
+
+/// Per MMIO store: the byte stored and the PASID ENQCMD would take on the storing thread.
+type Seen = Arc<Mutex<Vec<(u8, Option<u32>)>>>;
+
+/// Records, for each MMIO store, the PASID ENQCMD would take on the storing thread.
+struct PasidProbe(Seen);
+
+impl BusDevice for PasidProbe {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
+        let tag = data.first().copied().unwrap_or(0);
+        self.0.lock().unwrap().push((tag, current_pasid()));
+    }
+}
+
+/// Where [`PasidProbe`] sits (an MMIO address no other device of a payload VM uses).
+const PROBE_GPA: u64 = 0xd000_0000;
+
+#[test]
+fn enqcmd_ia32_pasid_reaches_the_vcpu_thread() {
+    const NAME: &str = "enqcmd_ia32_pasid_reaches_the_vcpu_thread";
+    if !kvm_available(NAME) {
+        return;
+    }
+    // mov rbx, 0xd0000000; mov dword [rbx], 1      (before: IA32_PASID is 0)
+    // <wrmsr_ia32_pasid(valid | 7)>
+    // mov dword [rbx], 2; hlt                     (after: PASID 7, on this vCPU's thread)
+    let mut code = vec![0x48, 0xbb];
+    code.extend_from_slice(&PROBE_GPA.to_le_bytes());
+    code.extend_from_slice(&[0xc7, 0x03, 0x01, 0x00, 0x00, 0x00]);
+    code.extend_from_slice(&wrmsr_ia32_pasid(ia32_pasid_valid(7)));
+    code.extend_from_slice(&[0xc7, 0x03, 0x02, 0x00, 0x00, 0x00, 0xf4]);
+
+    let mut pvm = PayloadVm::new(MEM, IrqchipMode::Off).unwrap();
+    if let Err(e) = pvm.vm().ia32_pasid() {
+        println!("{NAME}: skipped: {e}");
+        return;
+    }
+    let seen: Seen = Arc::default();
+    pvm.vm()
+        .add_mmio_device(Arc::new(Mutex::new(PasidProbe(seen.clone()))), PROBE_GPA, 4)
+        .unwrap();
+    // The test thread is no vCPU: what it publishes never reaches the vCPU's thread.
+    set_current_ia32_pasid(ia32_pasid_valid(9));
+    let running = pvm
+        .start(&code, DEFAULT_LONG_GPA, PayloadMode::Long)
+        .unwrap();
+    let out = pvm.finish_within(running, HANG_GUARD);
+    set_current_ia32_pasid(0);
+    println!("{NAME}: exit {:?}", out.exit);
+    assert!(
+        matches!(out.stop(), Some(Ok(vmm::vcpu::VcpuStop::Halted))),
+        "{:?}",
+        out.exit
+    );
+    assert_eq!(*seen.lock().unwrap(), vec![(1, None), (2, Some(7))]);
 }

@@ -27,11 +27,9 @@ use devices::pci::SharedPciDevice;
 use devices::sva::{AccessError, DeviceDma};
 use devices::swq::SwqDevice;
 use ioasid::{DevId, DmaRequest, Pasid, SoftIommu};
-use kvm_ioctls::Cap;
 
 use super::emulated::EmulatedDma;
 use super::{AddedDevice, DeviceManager, DeviceManagerError};
-use crate::kvm_caps::has_cap;
 
 /// What `--platform` must say for the SWQ device.
 pub const SWQ_PLATFORM: &str = "--platform viommu=vtd,pasid-bits=20";
@@ -73,6 +71,12 @@ impl DeviceDma for HostPasidDma {
 }
 
 impl DeviceManager {
+    /// The VM's guest-to-host PASID translation, fed by the vIOMMU bridges (`None` without a
+    /// vIOMMU): what `emulated=swq` translates through.
+    pub fn pasid_table(&self) -> Option<Arc<crate::enqcmd::VmPasidTable>> {
+        self.viommu.as_ref().map(|v| v.pasid_table.clone())
+    }
+
     /// The SWQ device behind the vIOMMU, its guest PASIDs translated by the VM's PASID
     /// translation table (the vIOMMU state's [`crate::enqcmd::VmPasidTable`], which the
     /// bridge feeds as the guest binds PASIDs). Needs a unit that offers PASIDs
@@ -100,20 +104,10 @@ impl DeviceManager {
                 vtd.scalable_mode, vtd.pasid_bits
             )));
         }
-        // The submitter's PASID is its IA32_PASID, which the VM virtualizes through the MSR
-        // filter and user-space MSR exits (`crate::enqcmd::install_msr_filter` at VM
-        // creation): without them no vCPU can name a PASID and every submission would be
-        // refused, so the device is not offered.
-        for (cap, name) in [
-            (Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR"),
-            (Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER"),
-        ] {
-            if !has_cap(self.vm_fd.as_ref(), cap) {
-                return Err(refuse(format!(
-                    "the submitter's PASID comes from its IA32_PASID, which this KVM cannot \
-                     virtualize (no {name})"
-                )));
-            }
+        if let Err(e) = &v.ia32_pasid {
+            return Err(refuse(format!(
+                "the portal takes the submitter's PASID from its vCPU's IA32_PASID: {e}"
+            )));
         }
         let translate: Arc<dyn PasidTranslate> = v.pasid_table.clone();
         let soft = match v.soft_ram.as_ref() {

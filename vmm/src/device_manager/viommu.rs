@@ -85,6 +85,9 @@ pub struct ViommuState {
     /// every host bridge records into this one, so it outlives a bridge dropped with its
     /// backend.
     pub pasid_table: Arc<crate::enqcmd::VmPasidTable>,
+    /// Whether the VM's vCPUs virtualize IA32_PASID (KVM's MSR filter), or why not: a
+    /// shared-work-queue portal needs the submitting vCPU's value.
+    pub ia32_pasid: Result<(), crate::enqcmd::MsrFilterError>,
 }
 
 impl ViommuState {
@@ -142,6 +145,7 @@ impl ViommuState {
             soft_ram: None,
             pump: None,
             pasid_table: Arc::new(crate::enqcmd::VmPasidTable::new()),
+            ia32_pasid: vm.ia32_pasid().map(|_| ()),
         })
     }
 

@@ -14,13 +14,16 @@
 //! - a table is one 4 KiB page of 1024 entries indexed by PASID bits 9:0; 1024 entries in
 //!   4 KiB makes each entry 4 bytes: bit 31 *valid*, bits 19:0 the host PASID, the rest 0.
 //!
-//! **Unverified**: the bit numbers above (directory entry present bit and address field,
-//! table entry valid bit 31 and host PASID 19:0, the 4-byte entry) are from memory of the
-//! Intel ISE and from the research fork, not checked against the SDM; the split on bit 19,
-//! the two VMCS roots and 1024-entry 4 KiB tables are what the issue and ANCHORS §1.4
-//! state. (A "1024 8-byte entries" table would be 8 KiB, not 4 KiB.) A miss (directory
-//! entry not present, or entry not valid) is what the CPU reports as VM exit 72 (ENQCMD) or
-//! 73 (ENQCMDS) "PASID translation failure".
+//! **Unverified against the SDM**: the bit numbers above (directory entry bit 0 and its
+//! address field, table entry valid bit 31 and host PASID 19:0, the 4-byte entry) are from
+//! memory of the Intel ISE. They agree with the 2026 research fork's KVM
+//! (nalves599/linux-dsa-siov, `arch/x86/kvm/vmx/vmx.c`, the `VMX_PASID_TRANSLATION_*`
+//! macros: high directory `BIT(19)`, directory index `(pasid >> 10) & GENMASK(8, 0)`, 512
+//! `u64` directory entries with `BIT_ULL(0)` valid and a page address, 1024 `u32` table
+//! entries `host_pasid | BIT(31)`), which is one implementation, not a specification. (A
+//! "1024 8-byte entries" table would be 8 KiB, not 4 KiB.) A miss (directory entry not
+//! present, or entry not valid) is what the CPU reports as VM exit 72 (ENQCMD) or 73
+//! (ENQCMDS) "PASID translation failure".
 //!
 //! Addresses: this VMM writes the **user-space address** of each table page into the
 //! directory entry (page aligned, below 2^47 so it fits 51:12), and [`PasidTranslationTable::root`]
