@@ -95,6 +95,8 @@ enum BootEnd {
         exit: Duration,
         /// ioasid-vmm: milliseconds its IOAS map calls of guest RAM took (pinning).
         pin_ms: Option<u64>,
+        /// ioasid-vmm: when (from process start) its log reached each start-up step.
+        steps: Vec<(&'static str, f64)>,
     },
     /// Still running at the limit.
     Stalled {
@@ -125,6 +127,44 @@ fn pin_ms(log: &str) -> Option<u64> {
         })
         .collect();
     (!times.is_empty()).then(|| times.iter().sum())
+}
+
+/// The VMM's start-up steps, by the first log line (env_logger, millisecond UTC timestamps
+/// `[2026-12-04T21:25:00.123Z INFO ...]`) that contains each marker.
+const STEPS: [(&str, &str); 5] = [
+    ("first log line", ""),
+    ("device bound", " bound to the "),
+    ("RAM mapped", "mapped for DMA"),
+    ("device attached", ": attached to IOAS"),
+    ("vCPUs started", "VM booted"),
+];
+
+/// Seconds since midnight (UTC) of an env_logger line's timestamp.
+fn log_time_of_day(line: &str) -> Option<f64> {
+    let ts = line.strip_prefix('[')?.split_whitespace().next()?;
+    let time = ts.split_once('T')?.1.trim_end_matches('Z');
+    let mut it = time.split(':');
+    let h: f64 = it.next()?.parse().ok()?;
+    let m: f64 = it.next()?.parse().ok()?;
+    let s: f64 = it.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// When (seconds from `spawned_at`) the log reached each of [`STEPS`].
+fn log_steps(log: &str, spawned_at: std::time::SystemTime) -> Vec<(&'static str, f64)> {
+    let Ok(since_epoch) = spawned_at.duration_since(std::time::UNIX_EPOCH) else {
+        return Vec::new();
+    };
+    let t0 = since_epoch.as_secs_f64() % 86_400.0;
+    STEPS
+        .iter()
+        .filter_map(|(name, marker)| {
+            let line = log.lines().find(|l| l.contains(marker))?;
+            let t = log_time_of_day(line)?;
+            // Across midnight the time of day wraps.
+            Some((*name, (t - t0).rem_euclid(86_400.0)))
+        })
+        .collect()
 }
 
 /// The last non-empty line of a console log.
@@ -200,6 +240,7 @@ fn judge(
         uptime,
         exit,
         pin_ms: None,
+        steps: Vec::new(),
     })
 }
 
@@ -217,6 +258,7 @@ fn boot_ours(spec: &BootSpec) -> BootEnd {
         ),
     ];
     let start = Instant::now();
+    let spawned_at = std::time::SystemTime::now();
     let mut s = match L3Session::start("bench-smp", spec.tasks, &devices, &extra) {
         Ok(s) => s,
         Err(e) => return BootEnd::Failed(e),
@@ -272,6 +314,7 @@ fn boot_ours(spec: &BootSpec) -> BootEnd {
             uptime,
             exit,
             pin_ms: pin_ms(&out.vmm_log),
+            steps: log_steps(&out.vmm_log, spawned_at),
         },
         Ok(end) => end,
         Err(e) => BootEnd::Failed(format!("{e}; VMM log tail: {}", tail(&out.vmm_log, 3))),
@@ -556,9 +599,20 @@ fn bench_l3_boot_overhead() -> TestResult {
                             to_userspace,
                             uptime,
                             pin_ms,
+                            steps,
                             ..
                         } => {
                             let t = to_userspace.as_secs_f64();
+                            if !steps.is_empty() {
+                                let s: Vec<String> = steps
+                                    .iter()
+                                    .map(|(n, t)| format!("{n} +{t:.2} s"))
+                                    .collect();
+                                println!(
+                                    "LAB-BENCH overhead cpus {cpus} mem {mem_mib}M round {round} ioasid-vmm steps: {}",
+                                    s.join(", ")
+                                );
+                            }
                             println!(
                                 "LAB-BENCH overhead cpus {cpus} mem {mem_mib}M round {round} {}: userspace at {t:.2} s, kernel uptime {uptime:.2} s, VMM share {:.2} s{}",
                                 vmm.name(),
@@ -681,6 +735,10 @@ mod tests {
         let log = "[x INFO vmm] Guest RAM GPA 0x0+0x10000000 mapped for DMA at IOVA 0x0 in IOAS 1 (by memfd) in 812 ms\nother\n";
         assert_eq!(pin_ms(log), Some(812));
         assert_eq!(pin_ms("nothing"), None);
+        assert_eq!(
+            log_time_of_day("[2026-12-04T21:25:00.250Z INFO  vmm] VM booted"),
+            Some(21.0 * 3600.0 + 25.0 * 60.0 + 0.25)
+        );
     }
 
     #[test]
