@@ -22,6 +22,8 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("warn,vfio_ioctls=error"),
     )
+    // Milliseconds: the boot-overhead bench reads the VMM's start-up steps off the log.
+    .format_timestamp_millis()
     .init();
     let cli = Cli::parse();
     if cli.command.is_none() && cli.vm.kernel.is_none() && cli.vm.payload.is_none() {

@@ -4,7 +4,7 @@
 //! leaves each vCPU's state in the VMM's log.
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{KvmNestedStateBuffer, VcpuFd};
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
@@ -12,6 +12,7 @@ const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 const RFLAGS_IF: u64 = 1 << 9;
 
 /// LAPIC register offsets (each register is 32 bits at a 16-byte stride).
+const APIC_TPR: usize = 0x80;
 const APIC_ISR: usize = 0x100;
 const APIC_IRR: usize = 0x200;
 const APIC_LVTT: usize = 0x320;
@@ -47,7 +48,8 @@ fn highest_vector(regs: &[libc::c_char], base: usize) -> Option<u32> {
     })
 }
 
-/// `rip=.. if=.. mp=.. lvtt=.. tmict=.. tmcct=.. irr=.. isr=.. tscdl=..` for the vCPU `fd`;
+/// `rip=.. if=.. mp=.. tpr=.. lvtt=.. tmict=.. tmcct=.. irr=.. isr=.. shadow=.. injected=..
+/// gif=.. tscdl=..` for the vCPU `fd`;
 /// a part KVM refuses to read says so instead.
 pub fn state_line(fd: &VcpuFd) -> String {
     let mut parts = Vec::new();
@@ -67,7 +69,8 @@ pub fn state_line(fd: &VcpuFd) -> String {
         Ok(l) => {
             let fmt_vec = |v: Option<u32>| v.map_or("-".to_string(), |v| format!("{v:#x}"));
             parts.push(format!(
-                "lvtt={:#x} tmict={:#x} tmcct={:#x} irr={} isr={}",
+                "tpr={:#x} lvtt={:#x} tmict={:#x} tmcct={:#x} irr={} isr={}",
+                lapic_reg(&l.regs, APIC_TPR),
                 lapic_reg(&l.regs, APIC_LVTT),
                 lapic_reg(&l.regs, APIC_TMICT),
                 lapic_reg(&l.regs, APIC_TMCCT),
@@ -76,6 +79,29 @@ pub fn state_line(fd: &VcpuFd) -> String {
             ));
         }
         Err(e) => parts.push(format!("lapic=<{e}>")),
+    }
+    // What can hold off a pending interrupt besides RFLAGS.IF: the one-instruction interrupt
+    // shadow (after STI or MOV SS) and, on AMD, the global interrupt flag (GIF), which KVM
+    // reports only through the nested state.
+    match fd.get_vcpu_events() {
+        Ok(ev) => parts.push(format!(
+            "shadow={} injected={}",
+            ev.interrupt.shadow,
+            if ev.interrupt.injected != 0 {
+                format!("{:#x}", ev.interrupt.nr)
+            } else {
+                "-".to_string()
+            }
+        )),
+        Err(e) => parts.push(format!("events=<{e}>")),
+    }
+    let mut nested = KvmNestedStateBuffer::empty();
+    match fd.nested_state(&mut nested) {
+        Ok(_) => parts.push(format!(
+            "gif={}",
+            u8::from(u32::from(nested.flags) & kvm_bindings::KVM_STATE_NESTED_GIF_SET != 0)
+        )),
+        Err(e) => parts.push(format!("gif=<{e}>")),
     }
     let entries = [MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE].map(|index| kvm_msr_entry {
         index,

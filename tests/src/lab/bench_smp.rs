@@ -78,6 +78,8 @@ struct BootSpec {
     must_pass: &'static [&'static str],
     edu: PathBuf,
     limit: Duration,
+    /// ioasid-vmm only: guest RAM from hugetlbfs 2 MiB pages (`--memory ...,hugepages=on`).
+    hugepages: bool,
 }
 
 /// How a boot ended.
@@ -91,6 +93,10 @@ enum BootEnd {
         uptime: f64,
         /// Process start to exit.
         exit: Duration,
+        /// ioasid-vmm: milliseconds its IOAS map calls of guest RAM took (pinning).
+        pin_ms: Option<u64>,
+        /// ioasid-vmm: when (from process start) its log reached each start-up step.
+        steps: Vec<(&'static str, f64)>,
     },
     /// Still running at the limit.
     Stalled {
@@ -107,6 +113,58 @@ fn init_uptime(serial: &str) -> Option<f64> {
         let rest = l.split("L3-INIT uptime ").nth(1)?;
         rest.split_whitespace().next()?.parse().ok()
     })
+}
+
+/// The sum of the `... mapped for DMA ... in <n> ms` times of a VMM log (guest RAM pinned
+/// for the IOAS), if it has any.
+fn pin_ms(log: &str) -> Option<u64> {
+    let times: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("mapped for DMA"))
+        .filter_map(|l| {
+            let (_, t) = l.rsplit_once(" in ")?;
+            t.trim().strip_suffix(" ms")?.parse().ok()
+        })
+        .collect();
+    (!times.is_empty()).then(|| times.iter().sum())
+}
+
+/// The VMM's start-up steps, by the first log line (env_logger, millisecond UTC timestamps
+/// `[2026-12-04T21:25:00.123Z INFO ...]`) that contains each marker.
+const STEPS: [(&str, &str); 5] = [
+    ("first log line", ""),
+    ("device bound", " bound to the "),
+    ("RAM mapped", "mapped for DMA"),
+    ("device attached", ": attached to IOAS"),
+    ("vCPUs started", "VM booted"),
+];
+
+/// Seconds since midnight (UTC) of an env_logger line's timestamp.
+fn log_time_of_day(line: &str) -> Option<f64> {
+    let ts = line.strip_prefix('[')?.split_whitespace().next()?;
+    let time = ts.split_once('T')?.1.trim_end_matches('Z');
+    let mut it = time.split(':');
+    let h: f64 = it.next()?.parse().ok()?;
+    let m: f64 = it.next()?.parse().ok()?;
+    let s: f64 = it.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// When (seconds from `spawned_at`) the log reached each of [`STEPS`].
+fn log_steps(log: &str, spawned_at: std::time::SystemTime) -> Vec<(&'static str, f64)> {
+    let Ok(since_epoch) = spawned_at.duration_since(std::time::UNIX_EPOCH) else {
+        return Vec::new();
+    };
+    let t0 = since_epoch.as_secs_f64() % 86_400.0;
+    STEPS
+        .iter()
+        .filter_map(|(name, marker)| {
+            let line = log.lines().find(|l| l.contains(marker))?;
+            let t = log_time_of_day(line)?;
+            // Across midnight the time of day wraps.
+            Some((*name, (t - t0).rem_euclid(86_400.0)))
+        })
+        .collect()
 }
 
 /// The last non-empty line of a console log.
@@ -181,6 +239,8 @@ fn judge(
         to_userspace,
         uptime,
         exit,
+        pin_ms: None,
+        steps: Vec::new(),
     })
 }
 
@@ -191,9 +251,14 @@ fn boot_ours(spec: &BootSpec) -> BootEnd {
         "--cpus".to_string(),
         format!("boot={}", spec.cpus),
         "--memory".to_string(),
-        format!("size={}M", spec.mem_mib),
+        format!(
+            "size={}M{}",
+            spec.mem_mib,
+            if spec.hugepages { ",hugepages=on" } else { "" }
+        ),
     ];
     let start = Instant::now();
+    let spawned_at = std::time::SystemTime::now();
     let mut s = match L3Session::start("bench-smp", spec.tasks, &devices, &extra) {
         Ok(s) => s,
         Err(e) => return BootEnd::Failed(e),
@@ -239,6 +304,18 @@ fn boot_ours(spec: &BootSpec) -> BootEnd {
     }
     let out = s.finish(Duration::from_secs(5));
     match judge(spec, &out.serial, to_userspace, out.status, out.elapsed) {
+        Ok(BootEnd::Completed {
+            to_userspace,
+            uptime,
+            exit,
+            ..
+        }) => BootEnd::Completed {
+            to_userspace,
+            uptime,
+            exit,
+            pin_ms: pin_ms(&out.vmm_log),
+            steps: log_steps(&out.vmm_log, spawned_at),
+        },
         Ok(end) => end,
         Err(e) => BootEnd::Failed(format!("{e}; VMM log tail: {}", tail(&out.vmm_log, 3))),
     }
@@ -413,6 +490,7 @@ fn bench_l3_smp_stalls() -> TestResult {
             must_pass: &["up", "smp"],
             edu: edu.clone(),
             limit,
+            hugepages: false,
         };
         let mut tally = [Tally::default(); 2];
         for round in 0..rounds {
@@ -468,6 +546,23 @@ fn bench_l3_smp_stalls() -> TestResult {
     Ok(Outcome::Pass)
 }
 
+/// Reserves `pages` 2 MiB huge pages in L2 (0 frees them); Err when fewer were reserved.
+fn set_hugepages(pages: u64) -> Result<(), String> {
+    let knob = "/proc/sys/vm/nr_hugepages";
+    std::fs::write(knob, format!("{pages}\n")).map_err(|e| format!("{knob}: {e}"))?;
+    let got: u64 = std::fs::read_to_string(knob)
+        .map_err(|e| format!("{knob}: {e}"))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("{knob}: {e}"))?;
+    if got < pages {
+        return Err(format!(
+            "only {got} of {pages} huge pages could be reserved"
+        ));
+    }
+    Ok(())
+}
+
 fn median(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied()
@@ -488,9 +583,10 @@ fn bench_l3_boot_overhead() -> TestResult {
                 must_pass: &["up"],
                 edu: edu.clone(),
                 limit,
+                hugepages: false,
             };
-            // Per VMM: (share, to userspace, uptime) of each completed round.
-            let mut got: [Vec<(f64, f64, f64)>; 2] = [vec![], vec![]];
+            // Per VMM: (share, to userspace, uptime, pinning) of each completed round.
+            let mut got: [Vec<(f64, f64, f64, f64)>; 2] = [vec![], vec![]];
             for round in 0..rounds {
                 let order = if round % 2 == 0 {
                     [Vmm::Ours, Vmm::Qemu]
@@ -502,15 +598,29 @@ fn bench_l3_boot_overhead() -> TestResult {
                         BootEnd::Completed {
                             to_userspace,
                             uptime,
+                            pin_ms,
+                            steps,
                             ..
                         } => {
                             let t = to_userspace.as_secs_f64();
+                            if !steps.is_empty() {
+                                let s: Vec<String> = steps
+                                    .iter()
+                                    .map(|(n, t)| format!("{n} +{t:.2} s"))
+                                    .collect();
+                                println!(
+                                    "LAB-BENCH overhead cpus {cpus} mem {mem_mib}M round {round} ioasid-vmm steps: {}",
+                                    s.join(", ")
+                                );
+                            }
                             println!(
-                                "LAB-BENCH overhead cpus {cpus} mem {mem_mib}M round {round} {}: userspace at {t:.2} s, kernel uptime {uptime:.2} s, VMM share {:.2} s",
+                                "LAB-BENCH overhead cpus {cpus} mem {mem_mib}M round {round} {}: userspace at {t:.2} s, kernel uptime {uptime:.2} s, VMM share {:.2} s{}",
                                 vmm.name(),
-                                t - uptime
+                                t - uptime,
+                                pin_ms.map(|p| format!(" (of it pinning guest RAM for the IOAS: {:.2} s)", p as f64 / 1000.0)).unwrap_or_default()
                             );
-                            got[usize::from(vmm == Vmm::Qemu)].push((t - uptime, t, uptime));
+                            let pin = pin_ms.map_or(f64::NAN, |p| p as f64 / 1000.0);
+                            got[usize::from(vmm == Vmm::Qemu)].push((t - uptime, t, uptime, pin));
                         }
                         BootEnd::Stalled { last_line, .. } => println!(
                             "LAB-BENCH overhead cpus {cpus} mem {mem_mib}M round {round} {}: stalled ({last_line})",
@@ -523,8 +633,9 @@ fn bench_l3_boot_overhead() -> TestResult {
                     }
                 }
             }
-            let med = |v: &Vec<(f64, f64, f64)>, f: fn(&(f64, f64, f64)) -> f64| {
-                median(v.iter().map(f).collect())
+            type Row = (f64, f64, f64, f64);
+            let med = |v: &Vec<Row>, f: fn(&Row) -> f64| {
+                median(v.iter().map(f).filter(|x| !x.is_nan()).collect())
             };
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
             let (os, qs) = (med(&got[0], |x| x.0), med(&got[1], |x| x.0));
@@ -533,8 +644,9 @@ fn bench_l3_boot_overhead() -> TestResult {
                 _ => "-".to_string(),
             };
             let row = format!(
-                "| {cpus} | {mem_mib} MiB | {} | {} | {} | {} | {} | {} | {ratio} |",
+                "| {cpus} | {mem_mib} MiB | {} | {} | {} | {} | {} | {} | {} | {ratio} |",
                 fmt(os),
+                fmt(med(&got[0], |x| x.3)),
                 fmt(med(&got[0], |x| x.1)),
                 fmt(med(&got[0], |x| x.2)),
                 fmt(qs),
@@ -545,10 +657,63 @@ fn bench_l3_boot_overhead() -> TestResult {
             table.push(row);
         }
     }
+    // What the kernel offers against the pinning cost: guest RAM on 2 MiB hugetlbfs pages
+    // (the lab's L2 kernel has no transparent huge pages), reserved for these rounds only.
+    for mem_mib in [256u64, 2048] {
+        let pages = mem_mib / 2 + 8;
+        if let Err(e) = set_hugepages(pages) {
+            println!("LAB-BENCH overhead hugepages mem {mem_mib}M: not measured: {e}");
+            continue;
+        }
+        let spec = BootSpec {
+            cpus: 1,
+            mem_mib,
+            tasks: "up",
+            must_pass: &["up"],
+            edu: edu.clone(),
+            limit,
+            hugepages: true,
+        };
+        let mut shares = Vec::new();
+        let mut pins = Vec::new();
+        for round in 0..rounds {
+            match boot_ours(&spec) {
+                BootEnd::Completed {
+                    to_userspace,
+                    uptime,
+                    pin_ms,
+                    ..
+                } => {
+                    let share = to_userspace.as_secs_f64() - uptime;
+                    let pin = pin_ms.map_or(f64::NAN, |p| p as f64 / 1000.0);
+                    println!(
+                        "LAB-BENCH overhead hugepages cpus 1 mem {mem_mib}M round {round} ioasid-vmm: VMM share {share:.2} s, pinning {pin:.2} s"
+                    );
+                    shares.push(share);
+                    pins.push(pin);
+                }
+                BootEnd::Stalled { last_line, .. } => println!(
+                    "LAB-BENCH overhead hugepages mem {mem_mib}M round {round}: stalled ({last_line})"
+                ),
+                BootEnd::Failed(why) => println!(
+                    "LAB-BENCH overhead hugepages mem {mem_mib}M round {round}: failed: {why}"
+                ),
+            }
+        }
+        let _ = set_hugepages(0);
+        let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
+        let row = format!(
+            "| 1 | {mem_mib} MiB, hugepages=on | {} | {} | | | | | | |",
+            fmt(median(shares)),
+            fmt(median(pins.into_iter().filter(|x| !x.is_nan()).collect()))
+        );
+        println!("LAB-BENCH overhead row {row}");
+        table.push(row);
+    }
     println!(
         "LAB-BENCH overhead table (median of {rounds}; s; share = process start to first L3 userspace line minus the L3 kernel's uptime on it; edu assigned via iommufd):"
     );
-    println!("LAB-BENCH | vCPUs | RAM | ours share | ours to userspace | ours kernel uptime | qemu share | qemu to userspace | qemu kernel uptime | share ours/qemu |");
+    println!("LAB-BENCH | vCPUs | RAM | ours share | ours pinning | ours to userspace | ours kernel uptime | qemu share | qemu to userspace | qemu kernel uptime | share ours/qemu |");
     for row in table {
         println!("LAB-BENCH {row}");
     }
@@ -567,6 +732,13 @@ mod tests {
         assert_eq!(last_line(s), "L3-RESULT up PASS x");
         assert!(results_pass(s, &["up"]).is_ok());
         assert!(results_pass(s, &["smp"]).is_err());
+        let log = "[x INFO vmm] Guest RAM GPA 0x0+0x10000000 mapped for DMA at IOVA 0x0 in IOAS 1 (by memfd) in 812 ms\nother\n";
+        assert_eq!(pin_ms(log), Some(812));
+        assert_eq!(pin_ms("nothing"), None);
+        assert_eq!(
+            log_time_of_day("[2026-12-04T21:25:00.250Z INFO  vmm] VM booted"),
+            Some(21.0 * 3600.0 + 25.0 * 60.0 + 0.25)
+        );
     }
 
     #[test]
