@@ -638,6 +638,37 @@ mod tests {
     }
 
     #[test]
+    fn kernel_iova_windows_start_above_the_guest_physical_space() {
+        let ram = split_ram();
+        // 3 GiB + 8 MiB: RAM ends at 4 GiB + 8 MiB, the 64-bit PCI window starts at the next
+        // GiB (5 GiB) and is 64 GiB long.
+        let top = guest_physical_top(ram.regions());
+        assert_eq!(top, (5 << 30) + (64 << 30));
+        // VT-d's windows: below the MSI window, and above it up to 2^48.
+        let windows = [
+            IovaRange {
+                start: 0,
+                last: 0xfedf_ffff,
+            },
+            IovaRange {
+                start: 0xfef0_0000,
+                last: (1 << 48) - 1,
+            },
+        ];
+        assert_eq!(
+            above(&windows, top),
+            vec![IovaRange {
+                start: top,
+                last: (1 << 48) - 1
+            }]
+        );
+        // A window that ends below the floor goes; one that straddles it is clipped.
+        assert!(above(&windows[..1], top).is_empty());
+        assert_eq!(above(&windows, 0), windows.to_vec());
+        assert_eq!(guest_physical_top(&[]), (4 << 30) + (64 << 30));
+    }
+
+    #[test]
     fn mode_follows_backend() {
         assert_eq!(
             RamMapMode::for_kind(BackendKind::Iommufd),
