@@ -32,8 +32,13 @@ pub const KEYS: &[&str] = &[
 ];
 
 /// The devices `emulated=` names: the SVA copy engine (PASID, ATS, PRI; its DMA goes
-/// through the vIOMMU's soft path, so it needs `iommu=on`).
-pub const EMULATED_DEVICES: &[&str] = &["sva-copy"];
+/// through the vIOMMU's soft path, so it needs `iommu=on`) and the shared-work-queue
+/// device (a portal that takes each descriptor's PASID from the submitting vCPU's
+/// IA32_PASID; DMA through the vIOMMU as well).
+pub const EMULATED_DEVICES: &[&str] = &["sva-copy", "swq"];
+
+/// [`EMULATED_DEVICES`] as an error message's "expected".
+const EMULATED_EXPECTED: &str = "an emulated device: sva-copy or swq";
 
 /// Longest device id we accept.
 pub const MAX_ID_LEN: usize = 64;
@@ -204,7 +209,7 @@ impl fmt::Display for SysfsDevice {
 impl DeviceConfig {
     /// The `--device` / `ioasid-remote add-device` syntax.
     pub const SYNTAX: &'static str = "path=<sysfs device path>,fd=<VFIO cdev fd>,\
-        emulated=sva-copy,iommu=on|off,\
+        emulated=sva-copy|swq,iommu=on|off,\
         pasid=on|off,id=<device id>,pci_segment=<segment>,pci_device_id=<slot 0-31>,\
         x_nv_gpudirect_clique=<clique id> (unsupported),x_exclude_mmap_bars=[<bar>,...] \
         (unsupported),x_pasid_offset=<0x100-0xffc, with pasid=on>; path is /sys/bus/pci/devices/<DDDD:BB:DD.F>, \
@@ -267,7 +272,7 @@ impl DeviceConfig {
             }
             "emulated" => {
                 if !EMULATED_DEVICES.contains(&value) {
-                    return Err(invalid("an emulated device: sva-copy"));
+                    return Err(invalid(EMULATED_EXPECTED));
                 }
                 self.emulated = Some(value.to_string());
             }
@@ -344,7 +349,7 @@ impl DeviceConfig {
                 return Err(DeviceConfigError::InvalidValue {
                     key: "emulated".to_string(),
                     value: e.clone(),
-                    expected: "an emulated device: sva-copy",
+                    expected: EMULATED_EXPECTED,
                 });
             }
             if !self.iommu {
@@ -780,5 +785,22 @@ mod tests {
         assert_eq!(j, c);
         let bad: DeviceConfig = serde_json::from_str(r#"{"emulated":"x","iommu":true}"#).unwrap();
         assert!(bad.validate().unwrap_err().to_string().contains("sva-copy"));
+    }
+
+    #[test]
+    fn emulated_swq_parses_on_the_command_line_and_in_json() {
+        let c = DeviceConfig::parse("emulated=swq,id=swq0,iommu=on").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.emulated.as_deref(), Some("swq"));
+        let j: DeviceConfig =
+            serde_json::from_str(r#"{"emulated":"swq","iommu":true,"id":"swq0"}"#).unwrap();
+        assert_eq!(j, c);
+        assert_eq!(
+            DeviceConfig::parse("emulated=swq").unwrap().validate(),
+            Err(DeviceConfigError::EmulatedWithoutIommu("swq".into()))
+        );
+        let e = DeviceConfig::parse("emulated=dsa").unwrap_err().to_string();
+        assert!(e.contains("sva-copy or swq"), "{e}");
+        assert!(DeviceConfig::SYNTAX.contains("emulated=sva-copy|swq"));
     }
 }

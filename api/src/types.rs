@@ -103,7 +103,9 @@ pub struct DeviceIommuCaps {
     pub pasid_width: u8,
     /// Page Request Services (I/O page faults with PRI).
     pub prs: bool,
-    /// Deferrable Memory Write requests.
+    /// The device completes PCIe Deferrable Memory Writes (the writes ENQCMD produces):
+    /// DMWr Completer Supported in its own config space (`details.dmwr` has the decoded
+    /// bits and whether its shared work queues are exposed).
     pub dmwr: bool,
     /// The backend's full decoded capability record (e.g. the `ioasid` crate's struct).
     #[serde(default)]

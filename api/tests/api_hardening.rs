@@ -301,6 +301,15 @@ fn api_503_request_never_runs() {
     let r = read_reply(&mut s, &mut buf, Duration::from_secs(10));
     println!("  at stop: {r:?}");
     assert_eq!(r.map(|r| r.0), Some(503));
+    // A stop() that never ends fails here instead of hanging the test.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stopper.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "server.stop() still running after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     stopper.join().unwrap().unwrap();
     rig.busy.store(false, Ordering::SeqCst);
     // The fake VMM drains every 20 ms; give it a few rounds.

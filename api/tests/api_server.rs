@@ -808,8 +808,16 @@ fn api_stop_while_vmm_stuck() {
     // SAFETY: one valid pollfd that outlives the call.
     let ready = unsafe { libc::poll(&mut pfd, 1, 30_000) };
     assert_eq!(ready, 1, "the request never reached the VMM channel");
-    server.stop().unwrap();
-    let r = pending.join().unwrap().unwrap();
+    // With the bug this test names, stop() or the request would wait forever: both are
+    // joined with a deadline, so the test fails instead of hanging.
+    let stopper = std::thread::spawn(move || server.stop());
+    join_within(stopper, std::time::Duration::from_secs(30), "server.stop()").unwrap();
+    let r = join_within(
+        pending,
+        std::time::Duration::from_secs(30),
+        "the pending request",
+    )
+    .unwrap();
     assert_eq!(r.status, 503);
     assert!(
         r.error_message().contains("stopping"),
@@ -817,4 +825,18 @@ fn api_stop_while_vmm_stuck() {
         r.error_message()
     );
     drop(receiver);
+}
+
+/// Joins `t`, failing the test (instead of hanging it) when `what` has not finished within
+/// `limit`.
+fn join_within<T>(t: std::thread::JoinHandle<T>, limit: std::time::Duration, what: &str) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    while !t.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} still running after {limit:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    t.join().unwrap()
 }

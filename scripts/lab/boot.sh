@@ -14,7 +14,9 @@
 # for DMA, in vm_memory_mapped_by_region), IOASID_LAB_SMP (default 1: with 2 vCPUs, L2's
 # CPU 1 intermittently loses its timer under TCG (RCU stall "timer wakeup didn't happen ...
 # cpu=1", L2 frozen); seen again in 1 of 3 full suites on 2026-12-04, at the end of
-# api_hotplug_churn_no_leaks. With 1 vCPU the full suite took 2m30s, as fast as with 2).
+# api_hotplug_churn_no_leaks. With 1 vCPU the full suite took 2m30s, as fast as with 2),
+# IOASID_LAB_APPEND (extra words for L2's kernel command line, e.g. scripts/bench's
+# lab.rounds=N; the lab binary reads them from /proc/cmdline).
 # Exit status: QEMU's (0 after the guest powers off), 124 on timeout.
 set -euo pipefail
 
@@ -97,6 +99,8 @@ else
 fi
 append+=" lab.mode=$mode"
 [ -n "$filter" ] && append+=" lab.filter=$filter"
+# Extra words for L2's command line, e.g. the bench's knobs (lab.rounds=10).
+[ -n "${IOASID_LAB_APPEND:-}" ] && append+=" $IOASID_LAB_APPEND"
 
 if [ -z "$log" ]; then
     log=$(mktemp "${TMPDIR:-/tmp}/ioasid-lab-serial.XXXXXX.log")

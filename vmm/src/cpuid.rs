@@ -4,7 +4,9 @@
 //!   in-kernel LAPIC supports it, APIC bit only with an irqchip;
 //! - leaves 0x4, 0xb, 0x1f: a one-socket topology of `vcpu_count` cores, one thread each;
 //! - leaf 0xa (architectural PMU): cleared, we do not promise a PMU;
-//! - leaf 0x6 (thermal/power): cleared.
+//! - leaf 0x6 (thermal/power): cleared;
+//! - leaf 0x7.0 ECX[29] (ENQCMD): cleared unless the CPU side of ENQCMD can translate
+//!   guest PASIDs ([`crate::enqcmd::cpu`]; upstream KVM cannot, so it stays hidden).
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
@@ -18,6 +20,8 @@ const ECX_MONITOR: u32 = 1 << 3;
 const EDX_APIC: u32 = 1 << 9;
 /// Leaf 1 EDX: hyper-threading / multi-core package.
 const EDX_HTT: u32 = 1 << 28;
+/// Leaf 7 subleaf 0 ECX: ENQCMD/ENQCMDS.
+pub const ECX7_ENQCMD: u32 = 1 << 29;
 
 /// What the policy needs to know about the VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +34,9 @@ pub struct CpuidParams {
     pub has_lapic: bool,
     /// Whether KVM can emulate the TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`).
     pub tsc_deadline: bool,
+    /// Whether ENQCMD may be offered ([`crate::enqcmd::cpu::check_policy`]); when false the
+    /// bit is cleared, when true KVM's own answer is kept.
+    pub enqcmd: bool,
 }
 
 /// Bits needed to number `count` items (the x2APIC ID shift for a topology level).
@@ -103,6 +110,7 @@ pub fn apply_policy(cpuid: &mut CpuId, p: &CpuidParams) {
                 e.ecx = 0;
                 e.edx = 0;
             }
+            0x7 if e.index == 0 && !p.enqcmd => e.ecx &= !ECX7_ENQCMD,
             0xb | 0x1f => topology_leaf(e, p),
             _ => {}
         }
@@ -159,6 +167,7 @@ mod tests {
                 vcpu_count: 4,
                 has_lapic: true,
                 tsc_deadline: true,
+                enqcmd: false,
             },
         );
         let e = c.as_slice()[0];
@@ -192,12 +201,85 @@ mod tests {
                 vcpu_count: 1,
                 has_lapic: false,
                 tsc_deadline: true,
+                enqcmd: false,
             },
         );
         let e = c.as_slice()[0];
         assert_eq!(e.edx & EDX_APIC, 0);
         assert_eq!(e.ecx & ECX_TSC_DEADLINE, 0);
         assert_eq!(e.edx & EDX_HTT, 0);
+    }
+
+    #[test]
+    fn cpuid_enqcmd_policy() {
+        use crate::config::OnOffAuto;
+        use crate::enqcmd::cpu::{
+            check_policy, host_cpu_side, CpuPasidSupport, CpuPasidTranslation, EnqcmdError,
+        };
+
+        /// A CPU side that translates (what a kernel with PASID translation would give).
+        #[derive(Debug)]
+        struct Translating;
+        impl CpuPasidTranslation for Translating {
+            fn support(&self) -> CpuPasidSupport {
+                CpuPasidSupport::Available
+            }
+            fn map(&self, _: u32, _: u32) -> Result<(), EnqcmdError> {
+                Ok(())
+            }
+            fn unmap(&self, _: u32) -> Result<(), EnqcmdError> {
+                Ok(())
+            }
+        }
+
+        // KVM's supported set as if it reported ENQCMD (and a neighbour bit that stays).
+        let leaf7 = |ecx| kvm_cpuid_entry2 {
+            function: 7,
+            index: 0,
+            ecx,
+            ..Default::default()
+        };
+        let enqcmd_seen = |policy, cpu: &dyn CpuPasidTranslation| {
+            let expose = check_policy(policy, cpu)?;
+            let mut c = CpuId::from_entries(&[leaf7(ECX7_ENQCMD | 1 << 27), leaf7_sub1()]).unwrap();
+            apply_policy(
+                &mut c,
+                &CpuidParams {
+                    vcpu_id: 0,
+                    vcpu_count: 1,
+                    has_lapic: true,
+                    tsc_deadline: true,
+                    enqcmd: expose,
+                },
+            );
+            let e = c.as_slice()[0];
+            assert_ne!(e.ecx & (1 << 27), 0, "MOVDIR64B is not ENQCMD's to clear");
+            // Subleaf 1 is a different leaf: untouched.
+            assert_eq!(c.as_slice()[1].ecx, ECX7_ENQCMD);
+            Ok::<bool, EnqcmdError>(e.ecx & ECX7_ENQCMD != 0)
+        };
+        fn leaf7_sub1() -> kvm_cpuid_entry2 {
+            kvm_cpuid_entry2 {
+                function: 7,
+                index: 1,
+                ecx: ECX7_ENQCMD,
+                ..Default::default()
+            }
+        }
+        // Upstream KVM: auto and off hide it; on fails, saying why.
+        let upstream = host_cpu_side();
+        assert_eq!(enqcmd_seen(OnOffAuto::Auto, upstream), Ok(false));
+        assert_eq!(enqcmd_seen(OnOffAuto::Off, upstream), Ok(false));
+        let e = enqcmd_seen(OnOffAuto::On, upstream).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("no kernel offers KVM PASID translation"),
+            "{e}"
+        );
+        // A CPU side that translates: auto and on keep KVM's bit, off hides it.
+        assert_eq!(enqcmd_seen(OnOffAuto::Auto, &Translating), Ok(true));
+        assert_eq!(enqcmd_seen(OnOffAuto::On, &Translating), Ok(true));
+        assert_eq!(enqcmd_seen(OnOffAuto::Off, &Translating), Ok(false));
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! The ioasid-vmm virtual machine monitor core.
 //!
 //! Owns: the KVM VM ([`vm`]), guest RAM ([`memory`], memfd-backed so it can be mapped for DMA
-//! by file), vCPUs and their run loop ([`vcpu`], [`cpuid`]), interrupt routing ([`irq`]),
+//! by file), vCPUs and their run loop ([`vcpu`], [`cpuid`], [`vcpu_dump`] for a stall diagnosis), interrupt routing ([`irq`]),
 //! Linux and payload boot ([`boot`]), ACPI tables ([`acpi`]), the 16550 console ([`serial`]),
 //! the guest address map ([`layout`]), the command line ([`config`]), building and booting
 //! a VM ([`runner`]), the VMM process around it ([`control`]: REST API, life cycle,
 //! signals), and the PCI bus with its assigned VFIO devices ([`device_manager`]:
 //! backend choice, the VM's IOAS with RAM mapped once per region, bind/attach, KVM-VFIO, MSI
-//! routes through irqfds, BAR windows as KVM memory slots, introspection).
+//! routes through irqfds, BAR windows as KVM memory slots, introspection), ENQCMD's CPU side
+//! ([`enqcmd`]: IA32_PASID virtualization, the VM's PASID translation table, the CPUID
+//! policy), and the one probe of KVM capabilities ([`kvm_caps`]).
 //!
 //! Must not touch: device internals beyond the `devices` traits (bus, PCI device, interrupt
 //! sink, BAR mapper), and the kernel IOMMU uAPI (no iommufd or VFIO ioctls here: the device
@@ -43,12 +45,15 @@ pub mod config;
 pub mod control;
 pub mod cpuid;
 pub mod device_manager;
+pub mod enqcmd;
 pub mod hotplug;
 pub mod irq;
+pub mod kvm_caps;
 pub mod layout;
 pub mod memory;
 pub mod runner;
 pub mod serial;
 pub mod vcpu;
+pub mod vcpu_dump;
 pub mod viommu;
 pub mod vm;

@@ -35,6 +35,9 @@ pub enum RunError {
     /// VM creation or start failed.
     #[error("VM setup failed")]
     Vm(#[from] VmError),
+    /// `--cpus enqcmd=on` on a host that cannot translate guest PASIDs in the CPU.
+    #[error("CPU setup failed")]
+    Enqcmd(#[from] crate::enqcmd::cpu::EnqcmdError),
     /// The serial interrupt could not be wired.
     #[error("Cannot wire the serial interrupt to GSI {SERIAL_IRQ}")]
     SerialIrq(#[source] IrqError),
@@ -306,6 +309,7 @@ pub fn boot(
             &cfg.boot,
         ),
     };
+    crate::enqcmd::cpu::check_policy(cfg.cpus.enqcmd, crate::enqcmd::cpu::host_cpu_side())?;
     let mut vm = Vm::new(VmOptions {
         vcpus: cfg.cpus.boot,
         ram: RamConfig {
@@ -314,6 +318,11 @@ pub fn boot(
         },
         irqchip,
     })?;
+    // A guest IA32_PASID write is checked against the PASIDs the vIOMMU can name.
+    vm.set_guest_pasid_bits(match cfg.platform.viommu {
+        crate::config::ViommuKind::Vtd => cfg.platform.vtd.pasid_bits,
+        crate::config::ViommuKind::Off => 0,
+    });
     let devices: SharedDeviceManager = Arc::new(Mutex::new(DeviceManager::new(
         &vm,
         DeviceManagerConfig {

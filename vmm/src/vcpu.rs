@@ -26,6 +26,7 @@ use thiserror::Error;
 use crate::boot::regs;
 use crate::boot::{BootEntry, EntryMode};
 use crate::cpuid::{apply_policy, CpuidParams};
+use crate::enqcmd::Ia32Pasid;
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -172,6 +173,10 @@ pub struct ExitCounts {
     pub unclaimed: u64,
     /// `EINTR` returns of `KVM_RUN`.
     pub interrupted: u64,
+    /// RDMSR exits (IA32_PASID, through the MSR filter).
+    pub msr_read: u64,
+    /// WRMSR exits (IA32_PASID, through the MSR filter).
+    pub msr_write: u64,
 }
 
 /// The outcome of a vCPU thread.
@@ -363,6 +368,8 @@ pub struct VcpuConfig {
     pub tsc_deadline: bool,
     /// MSR indices KVM can save/restore (others are skipped).
     pub msr_index_list: Vec<u32>,
+    /// Whether the guest may see ENQCMD ([`crate::enqcmd::cpu::check_policy`]).
+    pub enqcmd: bool,
 }
 
 /// One vCPU.
@@ -370,6 +377,8 @@ pub struct VcpuConfig {
 pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
+    /// The VM's IA32_PASID state, when KVM sends IA32_PASID accesses to user space.
+    ia32_pasid: Option<Arc<Ia32Pasid>>,
 }
 
 impl Vcpu {
@@ -378,7 +387,16 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(|source| VcpuError::Create { id, source })?;
-        Ok(Self { id, fd })
+        Ok(Self {
+            id,
+            fd,
+            ia32_pasid: None,
+        })
+    }
+
+    /// Answers this vCPU's IA32_PASID exits from `state` (the VM installed the MSR filter).
+    pub fn set_ia32_pasid(&mut self, state: Arc<Ia32Pasid>) {
+        self.ia32_pasid = Some(state);
     }
 
     /// The vCPU index.
@@ -406,6 +424,7 @@ impl Vcpu {
                 vcpu_count: cfg.vcpu_count,
                 has_lapic: cfg.has_lapic,
                 tsc_deadline: cfg.tsc_deadline,
+                enqcmd: cfg.enqcmd,
             },
         );
         self.fd
@@ -519,7 +538,18 @@ impl Vcpu {
         let p: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|c| c.set(p));
         kicker.attach_current_thread();
+        if let Some(s) = &self.ia32_pasid {
+            s.publish(self.id);
+        }
         let result = self.run_loop(buses, kicker, &mut exits);
+        if matches!(result, Ok(VcpuStop::Kicked)) {
+            // Where each vCPU was when the VMM stopped it (a stalled guest killed at a deadline).
+            log::info!(
+                "vCPU {} at stop: {}",
+                self.id,
+                crate::vcpu_dump::state_line(&self.fd)
+            );
+        }
         kicker.detach();
         KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
         VcpuReport {
@@ -583,6 +613,22 @@ impl Vcpu {
                     }
                     Next::Continue
                 }
+                Ok(VcpuExit::X86Rdmsr(exit)) => {
+                    exits.msr_read += 1;
+                    match &self.ia32_pasid {
+                        Some(s) => s.on_rdmsr(id, exit),
+                        None => unfiltered_msr(id, exit.index, exit.error),
+                    }
+                    Next::Continue
+                }
+                Ok(VcpuExit::X86Wrmsr(exit)) => {
+                    exits.msr_write += 1;
+                    match &self.ia32_pasid {
+                        Some(s) => s.on_wrmsr(id, exit),
+                        None => unfiltered_msr(id, exit.index, exit.error),
+                    }
+                    Next::Continue
+                }
                 Ok(VcpuExit::Hlt) => Next::Stop(VcpuStop::Halted),
                 Ok(VcpuExit::Shutdown) => Next::Stop(VcpuStop::Shutdown),
                 Ok(VcpuExit::SystemEvent(kind, _)) => Next::Stop(match kind {
@@ -627,6 +673,13 @@ impl Vcpu {
             }
         }
     }
+}
+
+/// An MSR exit with no IA32_PASID state to answer it (KVM only sends the filtered MSR, and
+/// the filter is installed together with the state): #GP, as for an MSR that does not exist.
+fn unfiltered_msr(id: u8, index: u32, error: &mut u8) {
+    log::warn!("vCPU {id}: MSR {index:#x} exit without an MSR filter of ours; #GP");
+    *error = 1;
 }
 
 #[cfg(test)]

@@ -13,7 +13,11 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
 
 use crate::boot::BootEntry;
+use crate::config::OnOffAuto;
+use crate::enqcmd::cpu::{check_policy, host_cpu_side};
+use crate::enqcmd::{install_msr_filter, Ia32Pasid, MsrFilterError};
 use crate::irq::{GsiRouter, IrqError};
+use crate::kvm_caps::has_cap;
 use crate::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::memory::{GuestRam, MemoryError, RamConfig, RamRegion};
 use crate::vcpu::{
@@ -362,6 +366,8 @@ pub struct Vm {
     stopper: Arc<VmStopper>,
     irqchip: IrqchipMode,
     slots: Arc<MemorySlots>,
+    /// The vCPUs' IA32_PASID, or why KVM cannot send its accesses to user space.
+    ia32_pasid: Result<Arc<Ia32Pasid>, MsrFilterError>,
 }
 
 fn setup<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
@@ -405,7 +411,7 @@ impl Vm {
                 "stopping vCPUs reliably needs",
             ),
         ] {
-            if !kvm.check_extension(cap) {
+            if !has_cap(&kvm, cap) {
                 return Err(VmError::MissingCap { cap: name, why });
             }
         }
@@ -417,6 +423,15 @@ impl Vm {
             });
         }
         let fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
+        // IA32_PASID is virtualized when this KVM can filter MSRs; otherwise the VM runs as
+        // before and whatever needs IA32_PASID says why it cannot ([`Vm::ia32_pasid`]).
+        let ia32_pasid = match install_msr_filter(&kvm, &fd) {
+            Ok(()) => Ok(Arc::new(Ia32Pasid::new(opts.vcpus))),
+            Err(e) => {
+                log::info!("{e}");
+                Err(e)
+            }
+        };
         setup(
             "KVM_SET_IDENTITY_MAP_ADDR",
             fd.set_identity_map_address(KVM_IDENTITY_MAP_START),
@@ -432,7 +447,7 @@ impl Vm {
                     (Cap::Irqfd, "KVM_CAP_IRQFD"),
                     (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"),
                 ] {
-                    if !kvm.check_extension(cap) {
+                    if !has_cap(&kvm, cap) {
                         return Err(VmError::MissingCap {
                             cap: name,
                             why: "the in-kernel irqchip mode needs",
@@ -486,8 +501,11 @@ impl Vm {
             supported_cpuid,
             vcpu_count: opts.vcpus,
             has_lapic: router.is_some(),
-            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+            tsc_deadline: has_cap(&kvm, Cap::TscDeadlineTimer),
             msr_index_list,
+            // `auto`: shown only when the host's CPU side translates guest PASIDs (upstream
+            // KVM does not); `--cpus enqcmd=on` was refused before the VM was made.
+            enqcmd: check_policy(OnOffAuto::Auto, host_cpu_side()).unwrap_or(false),
         };
         let ram_slots = ram.regions().len() as u32;
         let slot_limit = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX);
@@ -495,8 +513,11 @@ impl Vm {
         let mut vcpus = Vec::new();
         let mut kickers = Vec::new();
         for id in 0..opts.vcpus {
-            let v = Vcpu::new(&fd, id)?;
+            let mut v = Vcpu::new(&fd, id)?;
             v.configure(&vcfg)?;
+            if let Ok(s) = &ia32_pasid {
+                v.set_ia32_pasid(s.clone());
+            }
             vcpus.push(v);
             kickers.push(Arc::new(VcpuKicker::new()));
         }
@@ -516,7 +537,24 @@ impl Vm {
             }),
             irqchip: opts.irqchip,
             slots,
+            ia32_pasid,
         })
+    }
+
+    /// The vCPUs' IA32_PASID (MSR 0xD93) values and the VM's guest PASID width, or why this
+    /// KVM cannot virtualize IA32_PASID (no user-space MSR exits or no MSR filter). A device
+    /// that needs the submitting vCPU's PASID (a shared-work-queue portal) fails with this
+    /// error; nothing else needs it.
+    pub fn ia32_pasid(&self) -> Result<&Arc<Ia32Pasid>, MsrFilterError> {
+        self.ia32_pasid.as_ref().map_err(Clone::clone)
+    }
+
+    /// Sets the VM's guest PASID width, what a guest IA32_PASID write is checked against:
+    /// the vIOMMU's `pasid-bits` (0 without a vIOMMU or without PASIDs). Default: 20.
+    pub fn set_guest_pasid_bits(&self, bits: u8) {
+        if let Ok(s) = &self.ia32_pasid {
+            s.set_pasid_bits(bits);
+        }
     }
 
     /// The allocator of KVM memory slot numbers above the RAM slots (device memory).

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use api::DeviceConfig;
 use devices::pci::{InterruptSink, MsiKind, MsiMessage, MsiVector};
 use vmm::boot::payload::{PayloadMode, DEFAULT_LONG_GPA};
+use vmm::device_manager::add::{arm_add_faults, disarm_add_faults, AddStep};
 use vmm::device_manager::interrupts::KvmInterruptSink;
 use vmm::device_manager::{DeviceManager, DeviceManagerConfig, DeviceManagerError};
 use vmm::layout::{PCI_ECAM_START, PCI_MMIO32_START};
@@ -592,5 +593,133 @@ fn device_manager_refuses_slot_32() {
     assert_eq!(ecam_read32(&vm, 31, 0), EDU_ID);
     dm.remove_device("edu31").unwrap();
     assert!(dm.device_ids().is_empty());
+    assert_eq!(fd_count(), fds, "an fd was left open");
+}
+
+/// The literal `step` of every `DeviceManagerError::step(device, "step", ...)` call in
+/// add.rs, the source of the add path.
+fn add_rs_error_steps() -> Vec<String> {
+    include_str!("../src/device_manager/add.rs")
+        .split("DeviceManagerError::step(")
+        .skip(1)
+        .filter_map(|call| {
+            let after_device = call.split_once(',')?.1.trim_start();
+            let literal = after_device.strip_prefix('"')?;
+            Some(literal.split_once('"')?.0.to_string())
+        })
+        .collect()
+}
+
+/// The position of `s` in [`AddStep::ALL`]; a match without wildcard, so a new step does not
+/// compile here until this test knows it.
+fn add_step_order(s: AddStep) -> usize {
+    match s {
+        AddStep::ChooseSlot => 0,
+        AddStep::Resolve => 1,
+        AddStep::OpenBackend => 2,
+        AddStep::AllocIoas => 3,
+        AddStep::Bind => 4,
+        AddStep::KvmVfio => 5,
+        AddStep::Caps => 6,
+        AddStep::MapRam => 7,
+        AddStep::Attach => 8,
+        AddStep::BuildModel => 9,
+        AddStep::PlaceOnBus => 10,
+        AddStep::AttachViommu => 11,
+    }
+}
+
+/// A failure injected right after each step of adding a device leaves nothing behind (bus
+/// slot, model, fds, KVM memory slots, ids, backend and mappings), with another device
+/// staying. On this host (no /dev/iommu, no VFIO device) the steps an unbacked device takes
+/// run here; the backend steps (bind, KVM-VFIO, RAM map, attach) run in the lab test of the
+/// same name against a real edu.
+#[test]
+fn add_device_rollback_at_every_step() {
+    let name = "add_device_rollback_at_every_step";
+    // Every step error add.rs can return belongs to an AddStep, which has a fault point.
+    let literal = add_rs_error_steps();
+    assert!(
+        literal.len() >= 12,
+        "too few step errors found: {literal:?}"
+    );
+    for s in &literal {
+        assert!(
+            AddStep::ALL
+                .iter()
+                .any(|a| a.error_steps().contains(&s.as_str())),
+            "add.rs fails with step {s:?}, which no AddStep (and so no fault point) covers"
+        );
+    }
+    for (i, s) in AddStep::ALL.iter().enumerate() {
+        assert_eq!(add_step_order(*s), i, "AddStep::ALL out of order at {s:?}");
+    }
+    let Some((vm, mut dm)) = vm_with_manager(name) else {
+        return;
+    };
+    let fds = fd_count();
+    // Another device stays throughout: a rollback must leave it alone.
+    let stays = FakeVfio::edu_msi();
+    dm.add_unbacked_device(Some("stays"), "fake-stays", stays.clone(), Some(4))
+        .unwrap();
+
+    // The fault points an unbacked add passes, in order.
+    arm_add_faults(None);
+    dm.add_unbacked_device(Some("probe"), "fake-probe", FakeVfio::edu_msi(), Some(3))
+        .unwrap();
+    let passed = disarm_add_faults();
+    assert_eq!(
+        passed,
+        [
+            AddStep::ChooseSlot,
+            AddStep::BuildModel,
+            AddStep::PlaceOnBus
+        ]
+    );
+    dm.remove_device("probe").unwrap();
+
+    for step in passed {
+        let fake = FakeVfio::edu_msi();
+        let before = snapshot(&vm, &dm);
+        arm_add_faults(Some(step));
+        let e = dm
+            .add_unbacked_device(Some("faulty"), "fake-faulty", fake.clone(), Some(3))
+            .unwrap_err();
+        let reached = disarm_add_faults();
+        let msg = e.message();
+        println!("{name}: fault after {step:?}: {msg}");
+        assert!(
+            msg.contains("fake-faulty") && msg.contains(step.name()) && msg.contains("injected"),
+            "{step:?}: {msg}"
+        );
+        assert_eq!(reached.last(), Some(&step), "{step:?}: {reached:?}");
+        assert_eq!(snapshot(&vm, &dm), before, "{step:?} left state behind");
+        assert_eq!(ecam_read32(&vm, 3, 0), u32::MAX, "{step:?}: slot 3 kept");
+        assert_eq!(Arc::strong_count(&fake), 1, "{step:?}: the model was kept");
+        // The slot is free again: the same add now works.
+        dm.add_unbacked_device(Some("faulty"), "fake-faulty", fake.clone(), Some(3))
+            .unwrap();
+        dm.remove_device("faulty").unwrap();
+    }
+
+    // add_device's own first step (the slot) on a device this host does not have; the fault
+    // fires before the path is resolved.
+    let before = snapshot(&vm, &dm);
+    arm_add_faults(Some(AddStep::ChooseSlot));
+    let e = dm
+        .add_device(&cfg("path=/sys/bus/pci/devices/0000:00:03.0,id=edu3"), None)
+        .unwrap_err();
+    assert_eq!(disarm_add_faults(), [AddStep::ChooseSlot]);
+    assert!(e.message().contains("injected"), "{}", e.message());
+    assert_eq!(snapshot(&vm, &dm), before);
+    println!(
+        "{name}: steps {:?} need /dev/iommu and a VFIO device: the lab test \
+         add_device_rollback_at_every_step covers them",
+        &AddStep::ALL[1..AddStep::ALL.len() - 3]
+    );
+
+    assert_eq!(ecam_read32(&vm, 4, 0), EDU_ID, "the staying device left");
+    dm.remove_device("stays").unwrap();
+    assert_eq!(Arc::strong_count(&stays), 1);
     assert_eq!(fd_count(), fds, "an fd was left open");
 }

@@ -303,6 +303,8 @@ impl Sva {
         let tail = r64(&mut *v, PQT);
         let mut out = Vec::new();
         while self.prq_head != tail {
+            // A ring of 128 descriptors: a tail the head never reaches fails, not hangs.
+            assert!(out.len() < 128, "PQT {tail:#x} is not a descriptor offset");
             let a = self.prq + self.prq_head;
             out.push(decode(self.r64g(a), self.r64g(a + 8)));
             self.prq_head = (self.prq_head + 32) % 4096;

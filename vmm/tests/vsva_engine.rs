@@ -207,6 +207,12 @@ impl Guest {
             if tail == self.prq_head {
                 return out;
             }
+            // A device that keeps requesting (or a tail the head never reaches) fails the
+            // test instead of hanging it.
+            assert!(
+                out.len() < 4096,
+                "still serving page requests after 4096 (PQT {tail:#x})"
+            );
             let a = self.prq + self.prq_head;
             let (q0, q1) = (self.r64g(a), self.r64g(a + 8));
             self.prq_head = (self.prq_head + 32) % 4096;

@@ -203,3 +203,80 @@ impl CapState {
         }
     }
 }
+
+/// A guest config write of `data` at dword `reg_idx` + `offset` (at most 4 bytes; other
+/// accesses are ignored) into a config space built by [`build`]: the write masks, the PRI
+/// side effects ([`after_write`]), and MSI-X enable/mask changes through `sink`. `who`
+/// names the device in warnings. Shared by every model with this config space (the SVA
+/// engine, the shared-work-queue device).
+pub fn config_write(
+    cfg: &mut ConfigSpace,
+    msix: &std::sync::Mutex<crate::pci::msix::MsixState>,
+    sink: &dyn crate::pci::interrupt::InterruptSink,
+    (reg_idx, offset): (usize, u64),
+    data: &[u8],
+    who: &str,
+) {
+    let Some(off) = reg_idx
+        .checked_mul(4)
+        .and_then(|o| o.checked_add(usize::try_from(offset).ok()?))
+    else {
+        return;
+    };
+    if data.len() > 4 {
+        return;
+    }
+    cfg.write(off, data);
+    after_write(cfg);
+    let mut m = msix.lock().unwrap_or_else(|e| e.into_inner());
+    if m.cap().touches_control(off, data.len()) {
+        if let Err(e) = m.control_written(cfg, sink) {
+            log::warn!("{who}: MSI-X: {e}");
+        }
+    }
+}
+
+/// A BAR0 access inside the MSI-X table or PBA of [`msix_cap`]: served (reads fill
+/// `data`, table writes go through `sink`) and `true`; `false` when `offset` is elsewhere.
+pub fn msix_bar_access(
+    msix: &std::sync::Mutex<crate::pci::msix::MsixState>,
+    sink: &dyn crate::pci::interrupt::InterruptSink,
+    offset: u64,
+    access: BarAccess<'_>,
+    who: &str,
+) -> bool {
+    let layout = msix_cap();
+    let (table, pba) = (layout.table_range(), layout.pba_range());
+    let mut m = msix.lock().unwrap_or_else(|e| e.into_inner());
+    match access {
+        BarAccess::Read(data) if table.contains(&offset) => {
+            m.table_read(offset - table.start, data)
+        }
+        BarAccess::Read(data) if pba.contains(&offset) => m.pba_read(offset - pba.start, data),
+        BarAccess::Write(data) if table.contains(&offset) => {
+            if let Err(e) = m.table_write(offset - table.start, data, sink) {
+                log::warn!("{who}: MSI-X table: {e}");
+            }
+        }
+        BarAccess::Write(_) if pba.contains(&offset) => {}
+        _ => return false,
+    }
+    true
+}
+
+/// One BAR access, for [`msix_bar_access`].
+pub enum BarAccess<'a> {
+    /// A read into the buffer.
+    Read(&'a mut [u8]),
+    /// A write of the bytes.
+    Write(&'a [u8]),
+}
+
+/// Serves a read of `data.len()` bytes at `offset` from 32-bit registers (`reg` gives the
+/// dword at an aligned offset), byte by byte.
+pub fn read_dwords(offset: u64, data: &mut [u8], mut reg: impl FnMut(u64) -> u32) {
+    for (i, b) in data.iter_mut().enumerate() {
+        let o = offset.saturating_add(i as u64);
+        *b = reg(o & !3).to_le_bytes()[(o & 3) as usize];
+    }
+}

@@ -16,7 +16,7 @@ use crate::pci::msix::MsixState;
 use crate::viommu::DmaView;
 
 use super::abi::{self, ctrl, reg, status};
-use super::caps::{self, CapState};
+use super::caps::{self, BarAccess, CapState};
 use super::dma::{DeviceDma, ViewDma};
 use super::worker::{self, lock, Counters, Regs, Shared, SvaCounters};
 use super::{SvaError, SvaOptions};
@@ -220,14 +220,6 @@ impl SvaEngine {
         self.shared.wake.notify_all();
     }
 
-    fn in_table(off: u64) -> bool {
-        caps::msix_cap().table_range().contains(&off)
-    }
-
-    fn in_pba(off: u64) -> bool {
-        caps::msix_cap().pba_range().contains(&off)
-    }
-
     fn stop_worker(&mut self) {
         lock(&self.shared.regs).shutdown = true;
         self.shared.wake.notify_all();
@@ -245,24 +237,14 @@ impl PciDevice for SvaEngine {
     }
 
     fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
-        let Some(off) = reg_idx
-            .checked_mul(4)
-            .and_then(|o| o.checked_add(usize::try_from(offset).ok()?))
-        else {
-            return;
-        };
-        if data.len() > 4 {
-            return;
-        }
-        self.cfg.write(off, data);
-        caps::after_write(&mut self.cfg);
-        let mut msix = lock(&self.shared.msix);
-        if msix.cap().touches_control(off, data.len()) {
-            if let Err(e) = msix.control_written(&self.cfg, self.sink.as_ref()) {
-                log::warn!("SVA engine: MSI-X: {e}");
-            }
-        }
-        drop(msix);
+        caps::config_write(
+            &mut self.cfg,
+            &self.shared.msix,
+            self.sink.as_ref(),
+            (reg_idx, offset),
+            data,
+            "SVA engine",
+        );
         self.sync_caps();
     }
 
@@ -275,32 +257,19 @@ impl PciDevice for SvaEngine {
         if bar != 0 || data.len() > 8 {
             return;
         }
-        let base = abi::MSIX_TABLE_OFFSET;
-        if Self::in_table(offset) {
-            lock(&self.shared.msix).table_read(offset - base, data);
+        let (msix, sink) = (&self.shared.msix, self.sink.as_ref());
+        if caps::msix_bar_access(msix, sink, offset, BarAccess::Read(data), "SVA engine") {
             return;
         }
-        if Self::in_pba(offset) {
-            lock(&self.shared.msix).pba_read(offset - abi::MSIX_PBA_OFFSET, data);
-            return;
-        }
-        for (i, b) in data.iter_mut().enumerate() {
-            let o = offset.saturating_add(i as u64);
-            let dw = self.read_reg(o & !3);
-            *b = dw.to_le_bytes()[(o & 3) as usize];
-        }
+        caps::read_dwords(offset, data, |o| self.read_reg(o));
     }
 
     fn write_bar(&mut self, bar: u8, offset: u64, data: &[u8]) {
         if bar != 0 {
             return;
         }
-        if Self::in_table(offset) {
-            let mut m = lock(&self.shared.msix);
-            if let Err(e) = m.table_write(offset - abi::MSIX_TABLE_OFFSET, data, self.sink.as_ref())
-            {
-                log::warn!("SVA engine: MSI-X table: {e}");
-            }
+        let (msix, sink) = (&self.shared.msix, self.sink.as_ref());
+        if caps::msix_bar_access(msix, sink, offset, BarAccess::Write(data), "SVA engine") {
             return;
         }
         let dword = |b: &[u8]| -> u32 {

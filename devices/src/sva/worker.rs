@@ -34,6 +34,21 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Raises MSI-X vector `v` of `msix` if MSI-X is enabled (the sink's route holds it while
+/// masked), counting it in `sent`; `who` names the device in warnings.
+pub(crate) fn fire_vector(msix: &Mutex<MsixState>, v: u16, sent: &AtomicU64, who: &str) {
+    let m = lock(msix);
+    if !m.enabled() {
+        return;
+    }
+    if let Some(fd) = m.eventfds().get(usize::from(v)) {
+        match fd.write(1) {
+            Ok(()) => bump(sent, 1),
+            Err(e) => log::warn!("{who}: MSI-X vector {v}: {e}"),
+        }
+    }
+}
+
 /// The BAR0 register state (and what the worker needs from config space).
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Regs {
@@ -158,16 +173,7 @@ enum Fail {
 impl Shared {
     /// Raises MSI-X vector `v` if MSI-X is enabled (the sink's route holds it while masked).
     pub(crate) fn fire(&self, v: u16) {
-        let m = lock(&self.msix);
-        if !m.enabled() {
-            return;
-        }
-        if let Some(fd) = m.eventfds().get(usize::from(v)) {
-            match fd.write(1) {
-                Ok(()) => bump(&self.counters.interrupts, 1),
-                Err(e) => log::warn!("SVA engine: MSI-X vector {v}: {e}"),
-            }
-        }
+        fire_vector(&self.msix, v, &self.counters.interrupts, "SVA engine");
     }
 
     /// Whether the descriptor in flight must be abandoned: shutdown, RESET, disable, Bus

@@ -73,8 +73,8 @@ pub use backend::{IrqInfo, MmapArea, MmapWindow, RegionInfo, VfioRegions};
 pub use bar::{BarMapper, BarPlan, DirectMapping};
 pub use caps::{CapDecision, CapPolicy};
 pub use device::{
-    AtsControl, AtsListener, PasidControl, PasidListener, PriControl, PriListener, VfioDeviceId,
-    VfioPciDevice, VfioPciError, VfioPciOptions, VpasidConfig, VPRI_DEFAULT_CAPACITY,
+    AtsControl, AtsListener, DmwrInfo, PasidControl, PasidListener, PriControl, PriListener,
+    VfioDeviceId, VfioPciDevice, VfioPciError, VfioPciOptions, VpasidConfig, VPRI_DEFAULT_CAPACITY,
 };
 pub use intx::IntxUnmask;
 

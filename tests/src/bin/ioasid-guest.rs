@@ -1,24 +1,25 @@
 //! `ioasid-guest`: the checks run inside the lab's L3 Linux guest (booted by `ioasid-vmm`
-//! in L2). `ioasid-guest TASK...` with tasks `up`, `edu`, `mtty`, `hotplug`, `lifecycle`, and with the
+//! in L2). `ioasid-guest TASK...` with tasks `up`, `smp`, `edu`, `mtty`, `hotplug`, `lifecycle`, and with the
 //! vIOMMU `viommu`, `edu-viommu`, `viommu-unplug`, with the SVA copy engine `sva-copy`,
 //! `sva-iopf`, `sva-two-procs`, `sva-ready` (`sva-child TAG` is internal); each prints
 //! `L3-RESULT <name> PASS|FAIL <detail>` lines, and the run ends with `L3-DONE`.
 
 use std::process::ExitCode;
 
-use ioasid_tests::guest::{lifecycle, report, sva, tasks, viommu};
+use ioasid_tests::guest::{lifecycle, report, smp, sva, tasks, viommu};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() {
         eprintln!(
-            "ioasid-guest: expected tasks: up, edu, mtty, hotplug, lifecycle, viommu, edu-viommu, viommu-unplug, sva-copy, sva-iopf, sva-two-procs, sva-ready"
+            "ioasid-guest: expected tasks: up, smp, edu, mtty, hotplug, lifecycle, viommu, edu-viommu, viommu-unplug, sva-copy, sva-iopf, sva-two-procs, sva-ready"
         );
         return ExitCode::from(2);
     }
     for task in &args {
         match task.as_str() {
             "up" => report("up", &tasks::up()),
+            "smp" => report("smp", &smp::smp()),
             "edu" => tasks::edu_all(""),
             "mtty" => report("mtty_echo", &tasks::mtty_echo()),
             "hotplug" => tasks::hotplug(),

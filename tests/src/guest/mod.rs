@@ -3,7 +3,7 @@
 //! serial console, which the L2 lab tests read back.
 //!
 //! Owns: the guest-side checks (edu seen, MSI, DMA with guest-physical addresses, mtty echo,
-//! waiting for hotplug; with the vIOMMU: intel-iommu bound to ioasid-vmm's VT-d, DMA at
+//! waiting for hotplug, a task pinned to every CPU (`smp`); with the vIOMMU: intel-iommu bound to ioasid-vmm's VT-d, DMA at
 //! IOVAs through L3's own VFIO, unplug behind the unit; with the SVA copy engine: Linux SVA
 //! through the test module sva_copy.ko, copies by virtual address, I/O page faults). Must not touch: anything of L2.
 //! Without a vIOMMU the L3 guest has no IOMMU, and edu is used through vfio-pci in no-IOMMU
@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod noiommu;
 pub mod pagemap;
 pub mod pci;
+pub mod smp;
 pub mod sva;
 pub mod tasks;
 pub mod viommu;

@@ -149,7 +149,8 @@ pub fn l3_cmdline(tasks: &str, more: &str) -> String {
 
 /// The VMM command line for an L3 guest with kernel command line `cmdline` (see
 /// [`l3_cmdline`]), with `devices` (--device values) and `extra` arguments (one vCPU unless
-/// `extra` has `--cpus`); the serial console goes to `serial`.
+/// `extra` has `--cpus`, [`L3_MEMORY`] unless it has `--memory`); the serial console goes
+/// to `serial`.
 pub fn vmm_command(cmdline: &str, devices: &[String], extra: &[String], serial: &Path) -> Command {
     let mut c = Command::new(VMM_BIN);
     c.arg("--kernel")
@@ -158,8 +159,6 @@ pub fn vmm_command(cmdline: &str, devices: &[String], extra: &[String], serial: 
         .arg(L3_INITRD)
         .arg("--cmdline")
         .arg(cmdline)
-        .arg("--memory")
-        .arg(L3_MEMORY)
         .arg("--serial")
         .arg(format!("file={}", serial.display()));
     for d in devices {
@@ -167,6 +166,9 @@ pub fn vmm_command(cmdline: &str, devices: &[String], extra: &[String], serial: 
     }
     if !extra.iter().any(|a| a == "--cpus") {
         c.args(["--cpus", "boot=1"]);
+    }
+    if !extra.iter().any(|a| a == "--memory") {
+        c.args(["--memory", L3_MEMORY]);
     }
     c.args(extra);
     c.env("RUST_LOG", "info");
@@ -244,6 +246,16 @@ impl L3Session {
         })
     }
 
+    /// The VMM's process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the VMM still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// The guest's serial output so far.
     pub fn serial(&self) -> String {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
@@ -303,10 +315,8 @@ pub fn run_l3(
     Ok(L3Session::start(name, tasks, devices, &[])?.finish(limit))
 }
 
-/// vCPUs of the shared boot. A 2-vCPU L3 guest boots (both CPUs online), but under QEMU TCG's
-/// nested SVM it sometimes stalls L2 itself (an RCU stall with a lost timer on L2's second
-/// CPU, QEMU idle), which would hang the whole suite; so the suite boots one.
-const MAIN_CPUS: u32 = 1;
+/// vCPUs of the L3 guests of the suite (the shared boot and the hotplug run).
+pub const MAIN_CPUS: u32 = 1;
 
 /// The shared boot of the boot/edu/mtty tests: edu and mtty assigned, tasks up, edu, mtty.
 fn main_run() -> &'static Result<L3Outcome, String> {
@@ -389,15 +399,27 @@ pub fn remote(sock: &Path, args: &[&str]) -> Result<String, String> {
 }
 
 fn linux_guest_hotplug_via_rest() -> TestResult {
+    hotplug_via_rest("hotplug", MAIN_CPUS)
+}
+
+/// The REST hotplug flow with a `cpus`-vCPU guest: edu added through the API, the guest sees
+/// it, takes its MSI and does a DMA round trip, then the API removes it. `name` names the
+/// run (its serial file and API socket).
+pub fn hotplug_via_rest(name: &str, cpus: u32) -> TestResult {
     ensure!(
         Path::new(REMOTE_BIN).exists(),
         "{REMOTE_BIN} is missing from the L2 initramfs"
     );
     let edu = env::edu_path()?;
-    let sock = PathBuf::from("/tmp/l3-hotplug.sock");
+    let sock = PathBuf::from(format!("/tmp/l3-{name}.sock"));
     let _ = std::fs::remove_file(&sock);
-    let extra = vec!["--api-socket".to_string(), sock.display().to_string()];
-    let mut vm = L3Session::start("hotplug", "hotplug", &[], &extra)?;
+    let extra = vec![
+        "--api-socket".to_string(),
+        sock.display().to_string(),
+        "--cpus".to_string(),
+        format!("boot={cpus}"),
+    ];
+    let mut vm = L3Session::start(name, "hotplug", &[], &extra)?;
     if !vm.wait_serial("L3-READY hotplug", Duration::from_secs(120)) {
         let out = vm.finish(Duration::from_secs(1));
         return Err(format!(

@@ -3,10 +3,13 @@
 pub mod api_bench;
 pub mod api_tests;
 pub mod bench;
+pub mod bench_smp;
 pub mod demo;
+pub mod dm_tests;
 pub mod env;
 pub mod ioasid_tests;
 pub mod kvm;
+pub mod l3_smp_tests;
 pub mod l3_sva_tests;
 pub mod l3_tests;
 pub mod l3_viommu_tests;
@@ -34,9 +37,11 @@ pub fn all() -> Vec<LabTest> {
     v.extend(vsva_mock_tests::tests());
     v.extend(kvm::tests());
     v.extend(l3_tests::tests());
+    v.extend(l3_smp_tests::tests());
     v.extend(l3_viommu_tests::tests());
     v.extend(l3_sva_tests::tests());
     v.extend(vmm_tests::tests());
+    v.extend(dm_tests::tests());
     v.extend(api_tests::tests());
     v.extend(lifecycle_tests::tests());
     v.extend(type1_tests::tests());
@@ -46,6 +51,7 @@ pub fn all() -> Vec<LabTest> {
 /// The benchmarks (`ioasid-lab bench`).
 pub fn bench() -> Vec<LabTest> {
     let mut v = bench::tests();
+    v.extend(bench_smp::tests());
     v.extend(api_bench::tests());
     v.extend(l3_viommu_tests::peer_tests());
     v

@@ -44,8 +44,13 @@ pub struct VmArgs {
     /// Initramfs image.
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
-    /// vCPUs: boot=N.
-    #[arg(long, value_name = "boot=<count>")]
+    /// vCPUs: boot=N, enqcmd=on|off|auto (offer ENQCMD, CPUID.7.0:ECX[29]; default auto).
+    /// ENQCMD in a guest needs a CPU with ENQCMD and VT-x PASID translation, and a KVM that
+    /// maps guest PASIDs to host PASIDs in it (a map/unmap ioctl) and reports a missing
+    /// translation (an exit). No kernel offers that, so auto and off keep ENQCMD hidden and
+    /// on fails at start. IA32_PASID (MSR 0xD93) is still virtualized (MSR filter) for
+    /// shared work queue portals. See docs/ENQCMD.md.
+    #[arg(long, value_name = "boot=<count>,enqcmd=on|off|auto")]
     pub cpus: Option<String>,
     /// Guest RAM: size=SIZE[,hugepages=on|off] (sizes like 512M, 2G).
     #[arg(long, value_name = "size=<size>,hugepages=on|off")]
@@ -53,7 +58,10 @@ pub struct VmArgs {
     /// A device (repeatable, or several values after one flag): path=PATH (sysfs device or
     /// VFIO cdev) or fd=FD (a VFIO cdev fd) for passthrough, or emulated=sva-copy (the SVA
     /// copy engine: PASID, ATS and PRI, DMA through the vIOMMU; needs iommu=on and
-    /// --platform viommu=vtd,fsts=on,pasid-bits=20,svm=on), iommu=on|off (put it
+    /// --platform viommu=vtd,fsts=on,pasid-bits=20,svm=on) or emulated=swq (a shared work
+    /// queue portal: each descriptor's PASID is the submitting vCPU's IA32_PASID translated
+    /// to the host PASID, as ENQCMD would; needs iommu=on and --platform
+    /// viommu=vtd,pasid-bits=20), iommu=on|off (put it
     /// behind the vIOMMU: the guest programs its DMA translation; needs --platform
     /// viommu=vtd), pasid=on|off (let the guest use PASIDs with it; needs iommu=on and
     /// pasid-bits; x_pasid_offset=OFF places the synthesized PASID/ATS/PRI capabilities),

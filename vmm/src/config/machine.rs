@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use super::kv::{parse_size, KeyValues};
-use super::ConfigError;
+use super::{ConfigError, OnOffAuto};
 
 /// Default guest RAM.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
@@ -13,6 +13,20 @@ pub const DEFAULT_MEMORY: u64 = 512 << 20;
 pub struct CpusConfig {
     /// vCPUs at boot.
     pub boot: u8,
+    /// `enqcmd=`: offer ENQCMD (CPUID.(EAX=7,ECX=0):ECX[29]) to the guest. `auto` and
+    /// `off` keep it hidden on every kernel today; `on` fails at start, saying why
+    /// ([`crate::enqcmd::cpu::check_policy`]).
+    pub enqcmd: OnOffAuto,
+}
+
+impl CpusConfig {
+    /// `boot` vCPUs, every option at its default.
+    pub fn with_boot(boot: u8) -> Self {
+        CpusConfig {
+            boot,
+            enqcmd: OnOffAuto::Auto,
+        }
+    }
 }
 
 /// `--memory`.
@@ -42,8 +56,8 @@ pub enum SerialConfig {
 }
 
 pub(super) fn parse_cpus(s: &str) -> Result<CpusConfig, ConfigError> {
-    const ACCEPTED: &str = "boot=<count>";
-    let kv = KeyValues::parse("--cpus", s, &["boot"], ACCEPTED)?;
+    const ACCEPTED: &str = "boot=<count>,enqcmd=on|off|auto";
+    let kv = KeyValues::parse("--cpus", s, &["boot", "enqcmd"], ACCEPTED)?;
     let boot = match kv.get("boot") {
         None => {
             return Err(ConfigError::Invalid {
@@ -56,7 +70,13 @@ pub(super) fn parse_cpus(s: &str) -> Result<CpusConfig, ConfigError> {
             _ => return Err(kv.invalid("boot", v, "an integer from 1 to 255")),
         },
     };
-    Ok(CpusConfig { boot })
+    let enqcmd = match kv.get("enqcmd") {
+        None | Some("auto") => OnOffAuto::Auto,
+        Some("on") => OnOffAuto::On,
+        Some("off") => OnOffAuto::Off,
+        Some(v) => return Err(kv.invalid("enqcmd", v, "on, off or auto")),
+    };
+    Ok(CpusConfig { boot, enqcmd })
 }
 
 pub(super) fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {

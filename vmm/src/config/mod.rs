@@ -106,7 +106,7 @@ impl VmConfig {
         };
         let cpus = match &a.cpus {
             Some(s) => parse_cpus(s)?,
-            None => CpusConfig { boot: 1 },
+            None => CpusConfig::with_boot(1),
         };
         if let BootConfig::Payload(p) = &boot {
             if cpus.boot > 1 && !p.irqchip {

@@ -147,6 +147,30 @@ fn bad_cpus() {
 }
 
 #[test]
+fn cpus_enqcmd_policy_parses() {
+    assert_eq!(vm(&["--kernel", "/k"]).cpus.enqcmd, OnOffAuto::Auto);
+    for (v, want) in [
+        ("auto", OnOffAuto::Auto),
+        ("off", OnOffAuto::Off),
+        // Accepted here; refused at start with the reason (runner, enqcmd::cpu).
+        ("on", OnOffAuto::On),
+    ] {
+        let c = vm(&["--kernel", "/k", "--cpus", &format!("boot=2,enqcmd={v}")]);
+        assert_eq!((c.cpus.boot, c.cpus.enqcmd), (2, want));
+    }
+    rejects(
+        &["--kernel", "/k", "--cpus", "boot=1,enqcmd=yes"],
+        "--cpus",
+        "on, off or auto",
+    );
+    rejects(
+        &["--kernel", "/k", "--cpus", "enqcmd=on"],
+        "--cpus",
+        "boot=<count> is required",
+    );
+}
+
+#[test]
 fn bad_memory() {
     rejects(
         &["--kernel", "/k", "--memory", "size=abc"],

@@ -1,7 +1,9 @@
 //! Adding a device: resolve, choose the backend (first device), bind, register with
 //! KVM-VFIO, map guest RAM (first device), attach, build the model, put it on the bus; and
-//! undoing those steps in reverse when one fails.
+//! undoing those steps in reverse when one fails. Each step has a fault point
+//! ([`AddStep`]) a test can fire to check that undoing it leaves nothing behind.
 
+use std::cell::RefCell;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
@@ -24,6 +26,138 @@ use super::{
     check_device_config, lock, AddedDevice, Assigned, DeviceManager, DeviceManagerError, Model,
     Placed, Progress, Reason, PCI_SEGMENT,
 };
+
+/// The steps of adding a device, in the order [`DeviceManager::add_device`] takes them. Each
+/// has a fault point right after the step succeeded: a test arms one
+/// ([`arm_add_faults`]) and the add fails there, so its rollback must undo that step and
+/// every one before it. [`AddStep::error_steps`] names the `step` of every error the step
+/// can return; `add_device_rollback_at_every_step` checks that every step error of this file
+/// belongs to an `AddStep`, so a new step cannot come without its fault point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddStep {
+    /// The PCI slot chosen (nothing held yet).
+    ChooseSlot,
+    /// The device resolved (an fd given by the caller is held).
+    Resolve,
+    /// The backend (`/dev/iommu` or a VFIO container) opened, first device only.
+    OpenBackend,
+    /// The VM's IOAS allocated, first device only.
+    AllocIoas,
+    /// The device bound to the backend.
+    Bind,
+    /// Its VFIO file registered with the KVM-VFIO device.
+    KvmVfio,
+    /// Its IOMMU capabilities read and the PASID options decided.
+    Caps,
+    /// Guest RAM mapped into the IOAS, first device only.
+    MapRam,
+    /// The device attached to the IOAS (iommufd).
+    Attach,
+    /// The PCI model built, with its interrupt sink and BAR mapper.
+    BuildModel,
+    /// The model put on the PCI bus.
+    PlaceOnBus,
+    /// The device put behind the vIOMMU (`iommu=on` only).
+    AttachViommu,
+}
+
+impl AddStep {
+    /// Every step, in order.
+    pub const ALL: [AddStep; 12] = [
+        AddStep::ChooseSlot,
+        AddStep::Resolve,
+        AddStep::OpenBackend,
+        AddStep::AllocIoas,
+        AddStep::Bind,
+        AddStep::KvmVfio,
+        AddStep::Caps,
+        AddStep::MapRam,
+        AddStep::Attach,
+        AddStep::BuildModel,
+        AddStep::PlaceOnBus,
+        AddStep::AttachViommu,
+    ];
+
+    /// The `step` of each [`DeviceManagerError::Step`] this step can fail with; the first
+    /// one names an injected fault.
+    pub fn error_steps(self) -> &'static [&'static str] {
+        match self {
+            AddStep::ChooseSlot => &["choosing the PCI slot"],
+            AddStep::Resolve => &["resolving the device", "identifying the device"],
+            AddStep::OpenBackend => &[
+                "opening the IOMMU backend",
+                "choosing the IOMMU backend",
+                "opening /dev/iommu",
+                "opening the VFIO container",
+            ],
+            AddStep::AllocIoas => &["allocating the VM's IOAS"],
+            AddStep::Bind => &["binding to iommufd", "opening it through its VFIO group"],
+            AddStep::KvmVfio => &["creating the KVM-VFIO device", "KVM_DEV_VFIO_FILE_ADD"],
+            AddStep::Caps => &["checking PASID support"],
+            AddStep::MapRam => &["mapping guest RAM for DMA"],
+            AddStep::Attach => &["attaching to the VM's IOAS"],
+            AddStep::BuildModel => &["building the PCI model"],
+            AddStep::PlaceOnBus => &["placing it on the PCI bus"],
+            AddStep::AttachViommu => &["putting it behind the vIOMMU"],
+        }
+    }
+
+    /// The step's name in errors.
+    pub fn name(self) -> &'static str {
+        self.error_steps()
+            .first()
+            .copied()
+            .unwrap_or("adding the device")
+    }
+}
+
+/// This thread's armed fault points: the step to fail at (if any) and the steps passed.
+struct Armed {
+    fail_at: Option<AddStep>,
+    passed: Vec<AddStep>,
+}
+
+thread_local! {
+    static ARMED: RefCell<Option<Armed>> = const { RefCell::new(None) };
+}
+
+/// Test-only: arms the fault points for adds made by this thread: each records that it was
+/// passed, and the add fails at `fail_at` (once). Disarmed by [`disarm_add_faults`].
+#[doc(hidden)]
+pub fn arm_add_faults(fail_at: Option<AddStep>) {
+    ARMED.with(|a| {
+        *a.borrow_mut() = Some(Armed {
+            fail_at,
+            passed: Vec::new(),
+        })
+    });
+}
+
+/// Test-only: disarms this thread's fault points; returns the steps passed since
+/// [`arm_add_faults`], in order.
+#[doc(hidden)]
+pub fn disarm_add_faults() -> Vec<AddStep> {
+    ARMED.with(|a| a.borrow_mut().take().map(|a| a.passed).unwrap_or_default())
+}
+
+/// The fault point after `step`: fails there when a test armed it (see [`AddStep`]).
+fn fault_point(step: AddStep, device: &str) -> Result<(), DeviceManagerError> {
+    let fire = ARMED.with(|a| match a.borrow_mut().as_mut() {
+        Some(armed) => {
+            armed.passed.push(step);
+            armed.fail_at.take_if(|s| *s == step).is_some()
+        }
+        None => false,
+    });
+    if fire {
+        return Err(DeviceManagerError::step(
+            device,
+            step.name(),
+            Reason("fault injected by a test".to_string()),
+        ));
+    }
+    Ok(())
+}
 
 /// Refuses a requested slot above [`MAX_SLOT`]: a device number has five bits, so slot 32
 /// would otherwise wrap to `0000:00:00.0` wherever it is turned into a BDF.
@@ -95,7 +229,9 @@ impl DeviceManager {
             }
         }
         let slot = self.choose_slot(cfg.iommu, cfg.pci_device_id, &given)?;
+        fault_point(AddStep::ChooseSlot, &given)?;
         let source = self.resolve(cfg, fd, &given)?;
+        fault_point(AddStep::Resolve, &source.given)?;
         if !matches!(source.name, DeviceName::Fd(_)) {
             if let Some(d) = self.devices.iter().find(|d| d.host == source.name) {
                 return Err(DeviceManagerError::AlreadyAssigned {
@@ -106,7 +242,13 @@ impl DeviceManager {
         }
         let device = source.given.clone();
         let fresh_backend = self.dma.is_none();
-        self.ensure_backend(&source)?;
+        if let Err(e) = self.ensure_backend(&source) {
+            // The backend may have been opened and its IOAS allocated before the failure.
+            if fresh_backend {
+                self.teardown_dma();
+            }
+            return Err(e);
+        }
         let (id, auto) = match &cfg.id {
             Some(id) => (id.clone(), None),
             None => {
@@ -131,7 +273,10 @@ impl DeviceManager {
                     self.ram.len()
                 );
                 if cfg.iommu {
-                    if let Err(e) = self.attach_viommu(&assigned) {
+                    let attached = self
+                        .attach_viommu(&assigned)
+                        .and_then(|()| fault_point(AddStep::AttachViommu, &assigned.given));
+                    if let Err(e) = attached {
                         warn!("{id}: {}; undoing", e.message());
                         self.devices.push(assigned);
                         if let Err(r) = self.remove_device(&id) {
@@ -269,6 +414,7 @@ impl DeviceManager {
                 e,
             )
         })?;
+        fault_point(AddStep::OpenBackend, device)?;
         let state = DmaState::new(backend, self.config.dma, &self.ram)
             .map_err(|e| DeviceManagerError::step(device, "allocating the VM's IOAS", e))?;
         info!(
@@ -276,7 +422,7 @@ impl DeviceManager {
             self.config.backend, state.ioas.0
         );
         self.dma = Some(state);
-        Ok(())
+        fault_point(AddStep::AllocIoas, device)
     }
 
     /// The steps after the backend exists; records what it did in `p`.
@@ -341,6 +487,7 @@ impl DeviceManager {
             };
         p.dev = Some(dev);
         p.vfio = Some(vfio.clone());
+        fault_point(AddStep::Bind, dev_str)?;
         if let Some(raw) = kvm_raw {
             self.register_kvm(dev_str, raw, p)?;
         }
@@ -407,6 +554,8 @@ impl DeviceManager {
             }
         }
 
+        fault_point(AddStep::Caps, dev_str)?;
+
         // RAM, once per VM (type1 needs a group in the container first, hence after bind).
         if need_ram {
             let mode = RamMapMode::for_kind(backend.kind());
@@ -418,6 +567,7 @@ impl DeviceManager {
                         d.ram = maps;
                     }
                     p.ram_mapped = true;
+                    fault_point(AddStep::MapRam, dev_str)?;
                     info!(
                         "Guest RAM mapped into IOAS {} with {calls} map calls for {} RAM regions \
                          (total RAM map calls: {})",
@@ -445,6 +595,7 @@ impl DeviceManager {
                 .attach_device(dev)
                 .map_err(|e| DeviceManagerError::step(dev_str, "attaching to the VM's IOAS", e))?;
             p.attached = true;
+            fault_point(AddStep::Attach, dev_str)?;
         } else {
             info!("{id}: in container (IOAS) {} since it was bound", ioas.0);
         }
@@ -536,11 +687,13 @@ impl DeviceManager {
             );
         }
         p.model = Some(model.clone());
+        fault_point(AddStep::BuildModel, device)?;
         let shared: SharedPciDevice = model.clone();
         let bdf = lock(&self.pci)
             .add_device(shared, slot)
             .map_err(|e| DeviceManagerError::step(device, "placing it on the PCI bus", e))?;
         p.bdf = Some(bdf);
+        fault_point(AddStep::PlaceOnBus, device)?;
         if let Some(states) = lock(&self.pci).bar_states(bdf) {
             for s in states {
                 info!(
@@ -569,6 +722,7 @@ impl DeviceManager {
                 .map_err(|e| DeviceManagerError::step(device, "KVM_DEV_VFIO_FILE_ADD", e))?;
         }
         p.kvm_file = Some(raw);
+        fault_point(AddStep::KvmVfio, device)?;
         info!("{device}: VFIO file (fd {raw}) registered with the KVM-VFIO device");
         Ok(())
     }
@@ -641,6 +795,7 @@ impl DeviceManager {
         };
         let host = DeviceName::Emulated(name.to_string());
         let slot = self.choose_slot(false, slot, name)?;
+        fault_point(AddStep::ChooseSlot, name)?;
         let mut p = Progress::default();
         let placed = self.place(
             &id,

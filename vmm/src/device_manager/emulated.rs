@@ -38,8 +38,12 @@ pub struct EmulatedParts {
     pub bdf: PciBdf,
     /// Its interrupts (MSI routes through KVM irqfds).
     pub sink: Arc<KvmInterruptSink>,
-    /// Its DMA through the vIOMMU ([`EmulatedDma::Soft`]).
+    /// Its DMA through the vIOMMU ([`EmulatedDma::Soft`]), addressed by guest PASID.
     pub dma: Option<Arc<dyn DmaView>>,
+    /// Its soft-backend registration ([`EmulatedDma::Soft`]), for a model that issues DMA
+    /// with host PASIDs itself (the shared-work-queue device: the CPU side gives it the
+    /// host PASID, as ENQCMD does).
+    pub soft: Option<(Arc<SoftIommu>, DevId)>,
 }
 
 /// The soft-backend registration of an emulated device behind the vIOMMU.
@@ -128,6 +132,7 @@ impl DeviceManager {
             bdf,
             sink: sink.clone(),
             dma: view,
+            soft: soft_dev.as_ref().map(|s| (s.soft.clone(), s.dev)),
         }) {
             Ok(m) => m,
             Err(why) => {

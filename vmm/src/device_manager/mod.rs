@@ -31,6 +31,7 @@ pub mod interrupts;
 pub mod remove;
 pub mod state;
 pub mod sva;
+pub mod swq;
 pub mod viommu;
 
 use std::os::fd::RawFd;
@@ -535,9 +536,22 @@ pub fn host_iommu_info(path: &Path) -> Result<api::types::DeviceIommuCaps, ioasi
     let caps = backend.hw_info(dev);
     backend.unbind(dev);
     let caps = caps?;
-    Ok(state::caps_entry(
-        &spec.name.to_string(),
-        Some(spec.name.to_string()),
-        &caps,
-    ))
+    let mut e = state::caps_entry(&spec.name.to_string(), Some(spec.name.to_string()), &caps);
+    if !spec.is_mdev {
+        // The function's own config space, as sysfs gives it to root (4 KiB with the
+        // extended capabilities); an unreadable file is reported, not fatal.
+        let cfg = spec.sysfs.join("config");
+        let report = match std::fs::read(&cfg) {
+            Ok(image) => {
+                let info = devices::vfio::DmwrInfo::detect(&image);
+                (info.completer, serde_json::json!(info))
+            }
+            Err(e) => (
+                false,
+                serde_json::json!({ "unknown": format!("{}: {e}", cfg.display()) }),
+            ),
+        };
+        state::add_dmwr(&mut e, report.0, report.1);
+    }
+    Ok(e)
 }

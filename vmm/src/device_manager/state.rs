@@ -31,6 +31,17 @@ pub fn caps_entry(id: &str, host: Option<String>, caps: &HwCaps) -> DeviceIommuC
     }
 }
 
+/// Puts an assigned device's DMWr report (decoded from its own config space:
+/// `devices::vfio::VfioPciDevice::dmwr`) into its entry: `dmwr` is DMWr Completer
+/// Supported, `details.dmwr` the decoded bits and whether its shared work queues are
+/// exposed (never while the CPU cannot translate ENQCMD's PASID).
+pub fn add_dmwr(e: &mut DeviceIommuCaps, completer: bool, report: serde_json::Value) {
+    e.dmwr = e.dmwr || completer;
+    if let Some(obj) = e.details.as_object_mut() {
+        obj.insert("dmwr".to_string(), report);
+    }
+}
+
 /// Each distinct HWPT of `hwpts` once, in first-seen order, as a paging HWPT over `ioas`.
 fn paging_hwpts(ioas: u32, hwpts: impl IntoIterator<Item = HwptId>) -> Vec<HwptInfo> {
     let mut out: Vec<HwptInfo> = Vec::new();
@@ -65,14 +76,21 @@ impl DeviceManager {
             devices: self
                 .devices
                 .iter()
-                .map(|d| match &d.caps {
-                    Ok(c) => caps_entry(&d.id, Some(d.host.to_string()), c),
-                    Err(reason) => DeviceIommuCaps {
-                        id: d.id.clone(),
-                        host: Some(d.host.to_string()),
-                        details: json!({ "unknown": reason }),
-                        ..Default::default()
-                    },
+                .map(|d| {
+                    let mut e = match &d.caps {
+                        Ok(c) => caps_entry(&d.id, Some(d.host.to_string()), c),
+                        Err(reason) => DeviceIommuCaps {
+                            id: d.id.clone(),
+                            host: Some(d.host.to_string()),
+                            details: json!({ "unknown": reason }),
+                            ..Default::default()
+                        },
+                    };
+                    if let Model::Vfio(m) = &d.model {
+                        let info = lock(m).dmwr();
+                        add_dmwr(&mut e, info.completer, json!(info));
+                    }
+                    e
                 })
                 .collect(),
         }

@@ -36,6 +36,7 @@ pub(super) fn new_host_bridge(
     let h = Arc::new(
         VtdBridge::new(backend, ioas, ram)
             .with_pasid_space(pasids.clone())
+            .with_pasid_table(v.pasid_table.clone())
             .with_page_requests(v.setup.vtd.svm),
     );
     v.pump = None;
@@ -90,6 +91,15 @@ impl DeviceManager {
     ) -> Result<AddedDevice, DeviceManagerError> {
         match name {
             "sva-copy" => self.add_sva_engine(cfg),
+            "swq" => {
+                // The VM's guest-to-host PASID table, fed by the vIOMMU bridge. Without a
+                // vIOMMU there is nothing to translate and `add_swq_device` refuses the device.
+                let table: Arc<dyn devices::cpu_pasid::PasidTranslate> = match &self.viommu {
+                    Some(v) => v.pasid_table.clone(),
+                    None => Arc::new(crate::enqcmd::VmPasidTable::new()),
+                };
+                self.add_swq_device(cfg, table)
+            }
             other => Err(DeviceManagerError::Unsupported {
                 device: other.to_string(),
                 reason: format!(
@@ -156,7 +166,7 @@ impl DeviceManager {
     }
 
     /// A soft IOMMU whose DMA reaches exactly the VM's RAM.
-    fn soft_over_ram(&self) -> ioasid::Result<SoftIommu> {
+    pub(super) fn soft_over_ram(&self) -> ioasid::Result<SoftIommu> {
         let regions: Vec<HostRegion> = self
             .ram
             .iter()

@@ -81,6 +81,10 @@ pub struct ViommuState {
     /// The thread that moves page requests between the host bridge's fault queues and the
     /// unit's PRQ (with `svm=on`, while there is a host bridge).
     pub pump: Option<crate::viommu::FaultPump>,
+    /// The VM's guest-to-host PASID translation (ENQCMD's, a shared-work-queue portal's):
+    /// every host bridge records into this one, so it outlives a bridge dropped with its
+    /// backend.
+    pub pasid_table: Arc<crate::enqcmd::VmPasidTable>,
 }
 
 impl ViommuState {
@@ -137,6 +141,7 @@ impl ViommuState {
             host_backend: None,
             soft_ram: None,
             pump: None,
+            pasid_table: Arc::new(crate::enqcmd::VmPasidTable::new()),
         })
     }
 

@@ -12,7 +12,9 @@
 //! the device to it, and only then releases the old one, so the device never sees a gap.
 //!
 //! This file holds the state and the VMM's API; `bind` makes and releases the host objects of
-//! one (device, PASID); `guest` answers the guest's calls (the trait).
+//! one (device, PASID); `guest` answers the guest's calls (the trait); `shared` keeps one
+//! host PASID per guest PASID across the VM's devices (the VM's [`VmPasidTable`], which
+//! ENQCMD's translation and a shared-work-queue portal read).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,10 +35,12 @@ use super::prq::PrqState;
 use super::shadow::ShadowDomain;
 use super::soft_path::{map_ram_ioas, HostPasids, SoftDma};
 use super::view::{BridgeCounters, DevicePath, DeviceView, Released};
+use crate::enqcmd::VmPasidTable;
 use crate::memory::RamRegion;
 
 mod bind;
 mod guest;
+mod shared;
 
 /// Tunables of the bridge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,8 +143,9 @@ pub(super) struct Device {
     /// The device's PASID width (its PASID capability): wider guest PASIDs are refused.
     pasid_bits: u8,
     /// Guest PASID -> host PASID of the bound PASIDs other than 0 (shared with the device's
-    /// [`SoftDma`], which issues DMA with the host PASID). The VM's [`PasidSpace`] holds
-    /// the same bindings.
+    /// [`SoftDma`], which issues DMA with the host PASID). The VM's [`VmPasidTable`] holds
+    /// the same translations (one host PASID per guest PASID, shared by its devices); the
+    /// VM's [`PasidSpace`] holds the allocation, under the key of one of them.
     pub(super) host_pasids: HostPasids,
     /// The host fault queue of the device's HWPTs (allocated with the first translated
     /// binding that can fault to the guest), with group tracking and timeouts.
@@ -247,8 +252,11 @@ pub struct VtdBridge {
     /// Whether host fault queues are made (the guest's unit takes page requests).
     page_requests: bool,
     state: Mutex<State>,
-    /// The VM's guest-to-host PASID table (lock order: after `state`).
+    /// The VM's host PASID allocator, with the bindings `vm.pasids` shows (lock order:
+    /// after `state`).
     pasids: Arc<Mutex<PasidSpace>>,
+    /// The VM's guest-to-host PASID translation (lock order: after `pasids`).
+    pasid_table: Arc<VmPasidTable>,
 }
 
 fn host_err(bdf: PciBdf) -> impl FnOnce(ioasid::Error) -> BridgeError {
@@ -284,7 +292,22 @@ impl VtdBridge {
             page_requests: true,
             state: Mutex::new(State::default()),
             pasids: Arc::new(Mutex::new(default_pasid_space())),
+            pasid_table: Arc::new(VmPasidTable::new()),
         }
+    }
+
+    /// Records the guest-to-host PASID translations in `table` (the VM's, which a
+    /// shared-work-queue portal and ENQCMD translate through) instead of the bridge's own.
+    /// Call before any device is added.
+    pub fn with_pasid_table(mut self, table: Arc<VmPasidTable>) -> Self {
+        self.pasid_table = table;
+        self
+    }
+
+    /// The VM's guest-to-host PASID translation (implements
+    /// [`PasidTranslate`](devices::cpu_pasid::PasidTranslate)).
+    pub fn pasid_table(&self) -> &Arc<VmPasidTable> {
+        &self.pasid_table
     }
 
     /// Records the bridge's PASID bindings in `space` (the device manager's, which
@@ -480,11 +503,8 @@ impl VtdBridge {
         for (pasid, b) in &d.bindings {
             self.release(&mut st, backend, bdf, *pasid, *b, Some(&mut rel));
         }
-        {
-            let mut space = self.lock_pasids();
-            for (g, _) in d.host_pasids.drain() {
-                let _ = space.unbind(d.space_id(), g);
-            }
+        for (g, _) in d.host_pasids.drain() {
+            self.release_host_pasid(&mut st, d.space_id(), g);
         }
         // Dropping the handler closes the host fault queue (the soft backend answers what
         // is still pending Invalid, as the kernel does).

@@ -1,9 +1,12 @@
 //! What the KVM integration tests share: the skip helper, VMs with an in-kernel irqchip, the
 //! "ready" port, IDT gates, the MSI payload and its checks, a runner for payloads that wait
-//! for an interrupt, and a fake VFIO device (edu-like with MSI, or mtty-like with INTx).
+//! for an interrupt, a fake VFIO device (edu-like with MSI, or mtty-like with INTx), and
+//! IA32_PASID snippets ([`ia32_pasid`]).
 //!
 //! Each test binary uses part of this, hence `dead_code` is allowed here.
 #![allow(dead_code, clippy::unwrap_used, clippy::panic)]
+
+pub mod ia32_pasid;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,13 +30,34 @@ pub const MEM: u64 = 16 << 20;
 /// A guard against a guest that never stops: not a timing assertion, a hang breaker.
 pub const HANG_GUARD: Duration = Duration::from_secs(20);
 
-/// Whether /dev/kvm exists; prints `<test>: skipped: <reason>` when it does not.
+/// Reports that `test` skips, and why: prints `SKIP <test>: <reason>` (and to stderr, which
+/// the harness shows even for a passing test only with --nocapture), and appends
+/// `<test>\t<reason>` to the file `IOASID_TEST_SKIPS` names, if set. `scripts/test` sets it
+/// and counts the skips in its summary (`N passed, N failed, N skipped`), so a skipped test
+/// is not reported as passed.
+pub fn skip(test: &str, reason: &str) {
+    println!("SKIP {test}: {reason}");
+    if let Some(path) = std::env::var_os("IOASID_TEST_SKIPS") {
+        use std::io::Write;
+        let line = format!("{test}\t{}\n", reason.replace(['\t', '\n'], " "));
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            eprintln!("SKIP {test}: cannot record the skip in {path:?}: {e}");
+        }
+    }
+}
+
+/// Whether /dev/kvm exists; reports the skip ([`skip`]) when it does not.
 pub fn kvm_available(test: &str) -> bool {
     if std::path::Path::new("/dev/kvm").exists() {
         println!("{test}: running on /dev/kvm");
         true
     } else {
-        println!("{test}: skipped: no /dev/kvm");
+        skip(test, "no /dev/kvm");
         false
     }
 }
@@ -44,7 +68,10 @@ pub fn irqchip_vm(test: &str) -> Option<PayloadVm> {
     match PayloadVm::new(MEM, IrqchipMode::InKernel) {
         Ok(p) => Some(p),
         Err(e) => {
-            println!("{test}: skipped: this KVM cannot create an in-kernel irqchip VM: {e:?}");
+            skip(
+                test,
+                &format!("this KVM cannot create an in-kernel irqchip VM: {e:?}"),
+            );
             None
         }
     }

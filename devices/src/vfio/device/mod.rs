@@ -9,11 +9,13 @@
 mod ats;
 mod bars;
 mod config;
+mod dmwr;
 mod interrupts;
 mod pasid;
 mod pri;
 
 pub use ats::{AtsControl, AtsListener};
+pub use dmwr::{DmwrInfo, SWQ_NOT_EXPOSED};
 pub use pasid::{PasidControl, PasidListener, VpasidConfig, VPRI_DEFAULT_CAPACITY};
 use pasid::{VPASID_FALLBACK_OFFSET, VPASID_LEN};
 pub use pri::{PriControl, PriListener};

@@ -57,23 +57,13 @@ impl ViommuBridge for VtdBridge {
             return Err(BridgeError::NoDevice { bdf });
         };
         let old = d.bindings.get(&pasid).copied().unwrap_or(Binding::Blocked);
-        let (dev, bits) = (d.space_id(), d.pasid_bits);
         let mut hp = d.host_pasid(pasid);
         let mut fresh = false;
         if pasid.0 != 0 && hp.is_none() && t != Translation::Blocked {
-            // A new guest PASID: bind it to a host PASID first (refuses one wider than the
-            // device's PASID capability).
-            let h = self.lock_pasids().bind(dev, pasid, bits).map_err(|e| {
-                BridgeError::Unsupported {
-                    bdf,
-                    pasid,
-                    reason: e.to_string(),
-                }
-            })?;
-            if let Some(d) = st.devices.get(&bdf) {
-                d.host_pasids.insert(pasid, h);
-            }
-            hp = Some(h);
+            // A new guest PASID for this device: the VM's host PASID for it, shared with the
+            // other devices that have it, or a new one (refuses one wider than the device's
+            // PASID capability).
+            hp = Some(self.acquire_host_pasid(&st, bdf, pasid)?);
             fresh = true;
         }
         if t == Translation::Blocked {
@@ -90,7 +80,7 @@ impl ViommuBridge for VtdBridge {
             Ok(b) => b,
             Err(e) => {
                 if fresh {
-                    self.unbind_pasid(&st, bdf, pasid);
+                    self.unbind_pasid(&mut st, bdf, pasid);
                 }
                 return Err(e);
             }
@@ -108,7 +98,7 @@ impl ViommuBridge for VtdBridge {
         }
         if new == Binding::Blocked && pasid.0 != 0 {
             // A PASID other than 0 gives its host PASID back.
-            self.unbind_pasid(&st, bdf, pasid);
+            self.unbind_pasid(&mut st, bdf, pasid);
         }
         if let Some(d) = st.devices.get_mut(&bdf) {
             d.bindings.insert(pasid, new);
@@ -232,15 +222,15 @@ impl ViommuBridge for VtdBridge {
 }
 
 impl VtdBridge {
-    /// Gives guest `pasid` of `bdf` back to the PASID space.
-    fn unbind_pasid(&self, st: &super::State, bdf: PciBdf, pasid: Pasid) {
+    /// `bdf` lets go of guest `pasid`: out of its map, and out of the VM's translation when
+    /// it was the last device with it.
+    fn unbind_pasid(&self, st: &mut super::State, bdf: PciBdf, pasid: Pasid) {
         let Some(d) = st.devices.get(&bdf) else {
             return;
         };
+        let user = d.space_id();
         if d.host_pasids.remove(pasid).is_some() {
-            if let Err(e) = self.lock_pasids().unbind(d.space_id(), pasid) {
-                warn!("vIOMMU {bdf}: {e}");
-            }
+            self.release_host_pasid(st, user, pasid);
         }
     }
 }
