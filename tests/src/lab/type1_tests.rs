@@ -352,6 +352,27 @@ fn iommufd_rlimit_mode_lab() -> TestResult {
         "per-user accounting moved this process's VmLck by {} kB",
         deltas[1].1
     );
+    // The VMM with `--platform rlimit_mode=process`: set on open, read back, and an L3 guest's
+    // edu DMA through that iommufd.
+    let edu_dev = format!("path={},id=edu0", edu_path()?.display());
+    let out = L3::start(
+        "rlimit-process",
+        &l3_cmdline("up,edu", ""),
+        &[edu_dev],
+        &["--platform", "iommufd=on,rlimit_mode=process"],
+        super::l3_tests::L3_MEMORY,
+        false,
+    )?
+    .finish(Duration::from_secs(240));
+    let dma = out.result("edu_dma")?;
+    ensure!(
+        out.vmm_log
+            .contains("(IOMMU_OPTION_RLIMIT_MODE reads back Process)"),
+        "the VMM did not set per-process accounting: {}",
+        tail(&out.vmm_log, 12)
+    );
+    ensure!(out.status == Some(0), "{}", out.describe_exit());
+    println!("LAB-INFO L3 with rlimit_mode=process: edu DMA {dma}");
     Ok(Outcome::Pass)
 }
 
