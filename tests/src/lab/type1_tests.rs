@@ -614,7 +614,7 @@ fn ioas_kernel_chosen_iova_lab() -> TestResult {
 /// An explicit paging HWPT (`IOMMU_HWPT_ALLOC`, no flags) on an IOAS with edu attached to
 /// its id: DMA through it, an unmap in the IOAS blocks DMA through it, it and its IOAS are
 /// busy while in use; then the VMM with `--platform hwpt=explicit` under an L3 guest whose
-/// edu DMA must read back its bytes.
+/// edu DMA must read back its bytes, with the mtty mdev (no HWPT possible) beside it.
 fn explicit_paging_hwpt_attach_lab() -> TestResult {
     let f = EduFd::open(PinAccounting::User)?;
     let b = &f.backend;
@@ -670,12 +670,15 @@ fn explicit_paging_hwpt_attach_lab() -> TestResult {
         hwpt.0, ioas.0, auto
     );
     drop(edu);
-    let edu_dev = format!("path={},id=edu0", edu_path()?.display());
+    let devices = [
+        format!("path={},id=edu0", edu_path()?.display()),
+        format!("path={},id=mtty0", super::env::mtty_path()?.display()),
+    ];
     drop(f);
     let out = L3::start(
         "hwpt-explicit",
-        &l3_cmdline("up,edu", ""),
-        &[edu_dev],
+        &l3_cmdline("up,edu,mtty", ""),
+        &devices,
         &["--platform", "iommufd=on,hwpt=explicit"],
         super::l3_tests::L3_MEMORY,
         false,
@@ -683,6 +686,8 @@ fn explicit_paging_hwpt_attach_lab() -> TestResult {
     .finish(Duration::from_secs(240));
     let dma = out.result("edu_dma")?;
     let msi = out.result("edu_msi")?;
+    // The mdev has no IOMMU, so no HWPT: it reaches the IOAS through an access either way.
+    let mtty = out.result("mtty_echo")?;
     for want in [
         "(IOMMU_HWPT_ALLOC, hwpt=explicit)",
         "(IOMMU_IOAS_ALLOW_IOVAS)",
@@ -695,7 +700,7 @@ fn explicit_paging_hwpt_attach_lab() -> TestResult {
         );
     }
     ensure!(out.status == Some(0), "{}", out.describe_exit());
-    println!("LAB-INFO L3 with hwpt=explicit: edu DMA {dma}; MSI {msi}");
+    println!("LAB-INFO L3 with hwpt=explicit: edu DMA {dma}; MSI {msi}; mtty {mtty}");
     Ok(Outcome::Pass)
 }
 

@@ -167,16 +167,18 @@ impl DmaState {
     /// returns the paging HWPT it reaches the IOAS through (`None`: the kernel reported the
     /// IOAS itself, as for an mdev). The kernel-chosen-IOVA restriction is lifted for the
     /// attach (a device's reserved regions may not intersect the allowed windows) and
-    /// recomputed from the windows after it. type1 has nothing to attach: `Ok(None)`.
-    pub fn attach_device(&mut self, dev: DevId) -> ioasid::Result<Option<HwptId>> {
+    /// recomputed from the windows after it. An `emulated` device (an mdev: no IOMMU, no
+    /// HWPT possible) is attached to the IOAS in either mode. type1 has nothing to attach:
+    /// `Ok(None)`.
+    pub fn attach_device(&mut self, dev: DevId, emulated: bool) -> ioasid::Result<Option<HwptId>> {
         let Backend::Iommufd(b) = self.backend.clone() else {
             return Ok(None);
         };
         if self.allowed.take().is_some() {
             b.allow_iovas(self.ioas, &[])?;
         }
-        let hwpt = match self.options.hwpt {
-            HwptMode::Auto => {
+        let hwpt = match (self.options.hwpt, emulated) {
+            (HwptMode::Auto, _) | (HwptMode::Explicit, true) => {
                 let h = b.attach_ioas_reporting_hwpt(dev, self.ioas)?;
                 match h {
                     Some(h) => info!(
@@ -192,7 +194,7 @@ impl DmaState {
                 }
                 h
             }
-            HwptMode::Explicit => Some(self.attach_explicit(&b, dev)?),
+            (HwptMode::Explicit, false) => Some(self.attach_explicit(&b, dev)?),
         };
         self.restrict_kernel_iovas(&b);
         Ok(hwpt)
