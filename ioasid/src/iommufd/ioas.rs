@@ -240,6 +240,7 @@ fn option_arg(option_id: u32, op: u32, object_id: u32, val64: u64) -> iommu_opti
 }
 
 /// How an iommufd charges the pages it pins against RLIMIT_MEMLOCK (`IOMMU_OPTION_RLIMIT_MODE`).
+/// A task with CAP_IPC_LOCK that maps is charged nothing in either mode.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum PinAccounting {
     /// Per user (`user->locked_vm`), the iommufd default: all processes of the user share

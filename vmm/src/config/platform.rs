@@ -41,7 +41,8 @@ pub enum RlimitMode {
     /// Per user, the iommufd default.
     #[default]
     User,
-    /// Per process, as the VFIO type1 container charges; needs CAP_SYS_RESOURCE.
+    /// Per process, as the VFIO type1 container charges; needs CAP_SYS_RESOURCE. (A VMM with
+    /// CAP_IPC_LOCK is charged nothing in either mode.)
     Process,
 }
 

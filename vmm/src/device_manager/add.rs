@@ -591,8 +591,11 @@ impl DeviceManager {
         // paging HWPT the device reaches the IOAS through (`--platform hwpt=`).
         let mut hwpt = None;
         if let (Backend::Iommufd(_), Some(d)) = (&backend, self.dma.as_mut()) {
+            // An emulated device (mdev) has no IOMMU of its own: no HWPT can be allocated
+            // for it, the kernel reaches the IOAS through an access.
+            let emulated = caps.as_ref().is_ok_and(|c| !c.has_hw_info());
             hwpt = d
-                .attach_device(dev)
+                .attach_device(dev, emulated)
                 .map_err(|e| DeviceManagerError::step(dev_str, "attaching to the VM's IOAS", e))?;
             p.attached = true;
             fault_point(AddStep::Attach, dev_str)?;

@@ -4,7 +4,8 @@
 //! iommufd maps each region by file (`IOMMU_IOAS_MAP_FILE` on the RAM memfd, at the region's
 //! file offset), so the kernel pins pages of the file, not of a process mapping. type1 maps each
 //! region by its host address (`VFIO_IOMMU_MAP_DMA`). Either way: one call per region, never
-//! per page.
+//! per page. An iommufd without `IOMMU_IOAS_MAP_FILE` (Linux < 6.13 answers ENOTTY) gets guest
+//! RAM by host address (`IOMMU_IOAS_MAP`).
 //!
 //! On iommufd, `--platform` adds: `rlimit_mode=process` (`IOMMU_OPTION_RLIMIT_MODE`, set when
 //! the iommufd is opened), `hwpt=explicit` (a paging HWPT the VMM allocates on the IOAS with
@@ -166,16 +167,18 @@ impl DmaState {
     /// returns the paging HWPT it reaches the IOAS through (`None`: the kernel reported the
     /// IOAS itself, as for an mdev). The kernel-chosen-IOVA restriction is lifted for the
     /// attach (a device's reserved regions may not intersect the allowed windows) and
-    /// recomputed from the windows after it. type1 has nothing to attach: `Ok(None)`.
-    pub fn attach_device(&mut self, dev: DevId) -> ioasid::Result<Option<HwptId>> {
+    /// recomputed from the windows after it. An `emulated` device (an mdev: no IOMMU, no
+    /// HWPT possible) is attached to the IOAS in either mode. type1 has nothing to attach:
+    /// `Ok(None)`.
+    pub fn attach_device(&mut self, dev: DevId, emulated: bool) -> ioasid::Result<Option<HwptId>> {
         let Backend::Iommufd(b) = self.backend.clone() else {
             return Ok(None);
         };
         if self.allowed.take().is_some() {
             b.allow_iovas(self.ioas, &[])?;
         }
-        let hwpt = match self.options.hwpt {
-            HwptMode::Auto => {
+        let hwpt = match (self.options.hwpt, emulated) {
+            (HwptMode::Auto, _) | (HwptMode::Explicit, true) => {
                 let h = b.attach_ioas_reporting_hwpt(dev, self.ioas)?;
                 match h {
                     Some(h) => info!(
@@ -191,7 +194,7 @@ impl DmaState {
                 }
                 h
             }
-            HwptMode::Explicit => Some(self.attach_explicit(&b, dev)?),
+            (HwptMode::Explicit, false) => Some(self.attach_explicit(&b, dev)?),
         };
         self.restrict_kernel_iovas(&b);
         Ok(hwpt)
@@ -391,39 +394,27 @@ pub fn map_ram(
 ) -> Result<(Vec<RamMapping>, u64), RamMapFailure> {
     let mut done: Vec<RamMapping> = Vec::with_capacity(regions.len());
     let mut calls = 0u64;
+    let mut mode = mode;
     for r in regions {
         calls += 1;
         // The kernel pins (and so allocates and zeroes) the region's pages in this call: the
         // largest part of a VM's start with an assigned device (the boot-overhead bench).
         let started = std::time::Instant::now();
-        let result = match mode {
-            RamMapMode::ByFile => backend.ioas_map_file(
-                ioas,
-                &MapFile {
-                    iova: Some(r.gpa),
-                    fd: r.memfd.as_raw_fd(),
-                    start: r.file_offset,
-                    len: r.size,
-                    perm: Perm::RW,
-                },
-            ),
-            // SAFETY: `host_addr..+size` is the VM's shared RAM mapping, which lives as long as
-            // the VM; guest RAM is only ever accessed through vm-memory's volatile accessors and
-            // raw pointers, never through Rust references, so device DMA into it aliases no
-            // reference. The kernel pins the pages, so even a later munmap cannot hand them to
-            // another user while they are mapped for DMA.
-            RamMapMode::ByAddress => unsafe {
-                backend.ioas_map(
-                    ioas,
-                    &MapUser {
-                        iova: Some(r.gpa),
-                        user_va: r.host_addr,
-                        len: r.size,
-                        perm: Perm::RW,
-                    },
-                )
-            },
-        };
+        let mut result = map_region(backend, ioas, r, mode);
+        // IOMMU_IOAS_MAP_FILE came with Linux 6.13; an older iommufd answers ENOTTY. The
+        // first region tells: map everything by host address (IOMMU_IOAS_MAP) instead.
+        if mode == RamMapMode::ByFile
+            && done.is_empty()
+            && matches!(&result, Err(e) if e.errno() == Some(libc::ENOTTY))
+        {
+            info!(
+                "IOMMU_IOAS_MAP_FILE is unknown to this kernel (Linux < 6.13): guest RAM is \
+                 mapped by host address (IOMMU_IOAS_MAP)"
+            );
+            mode = RamMapMode::ByAddress;
+            calls += 1;
+            result = map_region(backend, ioas, r, mode);
+        }
         match result {
             Ok(iova) => {
                 info!(
@@ -451,6 +442,43 @@ pub fn map_ram(
         }
     }
     Ok((done, calls))
+}
+
+/// Maps one region at IOVA = GPA, by file or by address.
+fn map_region(
+    backend: &dyn IommuBackend,
+    ioas: IoasId,
+    r: &RamRegion,
+    mode: RamMapMode,
+) -> ioasid::Result<u64> {
+    match mode {
+        RamMapMode::ByFile => backend.ioas_map_file(
+            ioas,
+            &MapFile {
+                iova: Some(r.gpa),
+                fd: r.memfd.as_raw_fd(),
+                start: r.file_offset,
+                len: r.size,
+                perm: Perm::RW,
+            },
+        ),
+        // SAFETY: `host_addr..+size` is the VM's shared RAM mapping, which lives as long as
+        // the VM; guest RAM is only ever accessed through vm-memory's volatile accessors and
+        // raw pointers, never through Rust references, so device DMA into it aliases no
+        // reference. The kernel pins the pages, so even a later munmap cannot hand them to
+        // another user while they are mapped for DMA.
+        RamMapMode::ByAddress => unsafe {
+            backend.ioas_map(
+                ioas,
+                &MapUser {
+                    iova: Some(r.gpa),
+                    user_va: r.host_addr,
+                    len: r.size,
+                    perm: Perm::RW,
+                },
+            )
+        },
+    }
 }
 
 /// Unmaps `mappings` from `ioas`, logging (not failing on) errors.
@@ -484,6 +512,8 @@ mod tests {
     struct Recorder {
         calls: Mutex<Vec<String>>,
         fail_at: Option<u64>,
+        /// Every IOAS_MAP_FILE fails with this errno (a kernel without it: ENOTTY).
+        file_errno: Option<i32>,
     }
 
     impl Recorder {
@@ -526,8 +556,15 @@ mod tests {
             ));
             Ok(iova)
         }
-        fn ioas_map_file(&self, _ioas: IoasId, req: &MapFile) -> ioasid::Result<u64> {
+        fn ioas_map_file(&self, ioas: IoasId, req: &MapFile) -> ioasid::Result<u64> {
             let iova = req.iova.unwrap_or(0);
+            if let Some(e) = self.file_errno {
+                return Err(Error::kernel(
+                    Op::IoasMapFile,
+                    ioasid::Ctx::object(ioas.0).range(iova, req.len),
+                    ioasid::Errno(e),
+                ));
+            }
             self.log(format!(
                 "map_file off {:#x} iova {iova:#x} len {:#x}",
                 req.start, req.len
@@ -639,6 +676,66 @@ mod tests {
                 "unmap iova 0x0 len 0xc0000000".to_string(),
             ]
         );
+    }
+
+    #[test]
+    fn a_kernel_without_map_file_gets_ram_by_address() {
+        let ram = split_ram();
+        let r = ram.regions();
+        let old = Recorder {
+            file_errno: Some(libc::ENOTTY),
+            ..Default::default()
+        };
+        let (maps, calls) = map_ram(&old, IoasId(1), r, RamMapMode::ByFile).unwrap();
+        // One refused MAP_FILE, then every region by address.
+        assert_eq!(calls, 3);
+        assert_eq!(maps.len(), 2);
+        assert_eq!(
+            old.calls(),
+            vec![
+                format!("map va {:#x} iova 0x0 len 0xc0000000", r[0].host_addr),
+                format!("map va {:#x} iova 0x100000000 len 0x800000", r[1].host_addr),
+            ]
+        );
+        // Any other MAP_FILE error is the error, with nothing left mapped.
+        let broken = Recorder {
+            file_errno: Some(libc::ENOMEM),
+            ..Default::default()
+        };
+        let e = map_ram(&broken, IoasId(1), r, RamMapMode::ByFile).unwrap_err();
+        assert_eq!((e.gpa, e.calls), (0, 1));
+        assert!(broken.calls().is_empty());
+    }
+
+    #[test]
+    fn kernel_iova_windows_start_above_the_guest_physical_space() {
+        let ram = split_ram();
+        // 3 GiB + 8 MiB: RAM ends at 4 GiB + 8 MiB, the 64-bit PCI window starts at the next
+        // GiB (5 GiB) and is 64 GiB long.
+        let top = guest_physical_top(ram.regions());
+        assert_eq!(top, (5 << 30) + (64 << 30));
+        // VT-d's windows: below the MSI window, and above it up to 2^48.
+        let windows = [
+            IovaRange {
+                start: 0,
+                last: 0xfedf_ffff,
+            },
+            IovaRange {
+                start: 0xfef0_0000,
+                last: (1 << 48) - 1,
+            },
+        ];
+        assert_eq!(
+            above(&windows, top),
+            vec![IovaRange {
+                start: top,
+                last: (1 << 48) - 1
+            }]
+        );
+        // A window that ends below the floor goes; one that straddles it is clipped.
+        assert!(above(&windows[..1], top).is_empty());
+        assert_eq!(above(&windows, 0), windows.to_vec());
+        assert_eq!(guest_physical_top(&[]), (4 << 30) + (64 << 30));
     }
 
     #[test]
