@@ -461,6 +461,59 @@ mod tests {
         assert!(!HwCaps::none("no IOMMU").supports_nesting());
     }
 
+    /// Each bit of `out_capabilities` sets its own flag and no other, and `supports_prs()`
+    /// is true only for a VT-d unit with ECAP.PRS and for the selftest mock (scripts/mutants
+    /// found both decisions untested).
+    #[test]
+    fn caps_flags_and_prs_each_on_their_own() {
+        let flags = |c: &HwCaps| {
+            (
+                c.dirty_tracking,
+                c.pasid_exec,
+                c.pasid_priv,
+                c.ats_not_supported,
+            )
+        };
+        let blob = vtd_blob(0, 0, 0);
+        assert_eq!(
+            flags(&HwCaps::decode(1, &blob, 0, 0)),
+            (false, false, false, false)
+        );
+        assert_eq!(
+            flags(&HwCaps::decode(1, &blob, 1, 0)),
+            (true, false, false, false)
+        );
+        assert_eq!(
+            flags(&HwCaps::decode(1, &blob, 2, 0)),
+            (false, true, false, false)
+        );
+        assert_eq!(
+            flags(&HwCaps::decode(1, &blob, 4, 0)),
+            (false, false, true, false)
+        );
+        assert_eq!(
+            flags(&HwCaps::decode(1, &blob, 8, 0)),
+            (false, false, false, true)
+        );
+        assert_eq!(
+            flags(&HwCaps::decode(1, &blob, !0xf, 0)),
+            (false, false, false, false)
+        );
+
+        const PRS: u64 = 1 << 29;
+        assert!(HwCaps::decode(1, &vtd_blob(0, 0, PRS), 0, 20).supports_prs());
+        assert!(!HwCaps::decode(1, &vtd_blob(0, 0, !PRS), 0, 20).supports_prs());
+        let mut selftest = 0u32.to_le_bytes().to_vec();
+        selftest.extend_from_slice(&0u32.to_le_bytes());
+        assert!(HwCaps::decode(HW_INFO_TYPE_SELFTEST, &selftest, 0, 20).supports_prs());
+        assert!(
+            !HwCaps::decode(2, &[0u8; 40], 0, 20).supports_prs(),
+            "SMMUv3"
+        );
+        assert!(!HwCaps::decode(4, &[0u8; 16], 0, 20).supports_prs(), "AMD");
+        assert!(!HwCaps::none("mdev").supports_prs());
+    }
+
     #[test]
     fn selftest_and_none() {
         let mut blob = 0u32.to_le_bytes().to_vec();

@@ -289,6 +289,79 @@ mod tests {
         }
     }
 
+    /// A queue whose answers all fail, with a given fd.
+    #[derive(Debug)]
+    struct Refusing {
+        fd: RawFd,
+        batches: VecDeque<Vec<FaultRecord>>,
+    }
+
+    impl FaultQueue for Refusing {
+        fn id(&self) -> FaultId {
+            FaultId(8)
+        }
+        fn as_raw_fd(&self) -> RawFd {
+            self.fd
+        }
+        fn read_records(&mut self) -> Result<Vec<FaultRecord>> {
+            Ok(self.batches.pop_front().unwrap_or_default())
+        }
+        fn respond(&mut self, _: PageResponse) -> Result<()> {
+            Err(Error::kernel(
+                Op::PageResponse,
+                Ctx::object(8),
+                Errno(libc::ENODEV),
+            ))
+        }
+    }
+
+    /// What the handler tells its owner: the queue's fd, the unrecoverable faults (each
+    /// handed over once), the groups outstanding and incomplete, and a counter for each kind
+    /// of record and answer (scripts/mutants found these untested).
+    #[test]
+    fn fault_handler_reports_fd_faults_and_counts() {
+        let unrecoverable = |addr| UnrecoverableFault {
+            dev: DevId(1),
+            pasid: None,
+            addr,
+            perm: FaultPerm::default(),
+            reason: crate::FaultReason::NotPresent,
+        };
+        let q = Refusing {
+            fd: 42,
+            batches: [vec![
+                FaultRecord::Unrecoverable(unrecoverable(0x1000)),
+                FaultRecord::PageRequest(pf(1, 10, true, 0x2000)),
+                FaultRecord::PageRequest(pf(2, 11, false, 0x3000)),
+                FaultRecord::Unrecoverable(unrecoverable(0x4000)),
+            ]]
+            .into(),
+        };
+        let mut h = FaultHandler::new(Box::new(q), Duration::from_secs(60));
+        assert_eq!(h.as_raw_fd(), 42);
+        let t = Instant::now();
+        let groups = h.poll(t).unwrap();
+        assert_eq!(groups.len(), 1);
+        assert_eq!(h.outstanding(), 1);
+        assert_eq!(h.assembler.pending(), 1, "group 2 is incomplete");
+        let c = h.counters();
+        assert_eq!((c.page_requests, c.groups, c.unrecoverable), (2, 1, 2));
+        let faults = h.take_unrecoverable();
+        assert_eq!(
+            faults.iter().map(|f| f.addr).collect::<Vec<_>>(),
+            vec![0x1000, 0x4000]
+        );
+        assert!(h.take_unrecoverable().is_empty(), "handed over twice");
+        assert!(h.respond(10, PageResponseCode::Success).is_err());
+        let c = h.counters();
+        assert_eq!((c.responses, c.failed_responses), (0, 1));
+        assert_eq!(
+            h.outstanding(),
+            0,
+            "a refused answer is not tracked any more"
+        );
+    }
+
     #[test]
     fn groups_assemble_across_partial_reads() {
         let mut a = GroupAssembler::default();

@@ -929,6 +929,41 @@ fn read_u64_dma(
     Ok(u64::from_le_bytes(b))
 }
 
+/// The walk counters count what the walk did: a first-stage miss reads one entry per level
+/// and sets A on each (and D on the leaf for a write); a hit reads nothing (scripts/mutants
+/// found the counters untested).
+#[test]
+fn soft_walk_counters_count_reads_and_updates() {
+    let ram = Ram::new(1 << 20);
+    let iommu = ram.iommu();
+    let pasid = Some(Pasid(7));
+    let n = nested(&iommu, s1(0x1000, 48, false, false), pasid, None);
+    ram.map(&iommu, n.ioas, 0, 1 << 20, Perm::RW);
+    let va = 0x4000_0000u64;
+    map_4k(&ram, va, 0x10_000);
+    let before = iommu.stats();
+    let buf = [7u8; 8];
+    iommu
+        .dma_write(n.dev, pasid, va, &buf, DmaRequest::default())
+        .unwrap();
+    let after = iommu.stats();
+    assert_eq!(after.walks - before.walks, 1, "{after:?}");
+    assert_eq!(after.table_reads - before.table_reads, 4, "{after:?}");
+    assert_eq!(
+        after.table_updates - before.table_updates,
+        4,
+        "A on 4 levels, D on the leaf in one update: {after:?}"
+    );
+    iommu
+        .dma_write(n.dev, pasid, va, &buf, DmaRequest::default())
+        .unwrap();
+    assert_eq!(
+        iommu.stats().table_reads,
+        after.table_reads,
+        "an IOTLB hit walked"
+    );
+}
+
 #[test]
 fn soft_iotlb_stale_until_invalidated() {
     let ram = Ram::new(1 << 20);

@@ -23,7 +23,7 @@ use crate::types::VtdStage1;
 use super::descent::{descend, EntryFormat};
 use super::table::{TableMemory, WalkFault, ADDR_MASK};
 
-const P: u64 = 1 << 0;
+const P: u64 = 1;
 const RW: u64 = 1 << 1;
 const US: u64 = 1 << 2;
 const A: u64 = 1 << 5;
@@ -252,6 +252,29 @@ mod tests {
         exec: false,
         privileged: false,
     };
+
+    /// With EAFE the walk sets EA (bit 10) next to A on every entry it uses, and only bit 10;
+    /// without it, never (scripts/mutants found the EA bit untested).
+    #[test]
+    fn eafe_sets_extended_accessed_on_every_level() {
+        for eafe in [false, true] {
+            let mut m = Mem::default();
+            m.0.insert(0x1000, 0x2000 | P | RW | US);
+            m.0.insert(0x2000, 0x3000 | P | RW | US);
+            m.0.insert(0x3000, 0x4000 | P | RW | US);
+            m.0.insert(0x4000 + 8, 0x9000 | P | RW | US);
+            let c = S1Config { eafe, ..cfg() };
+            walk_first_stage(&mut m, &c, 0x1234, R).unwrap();
+            for gpa in [0x1000, 0x2000, 0x3000, 0x4000 + 8] {
+                let want = if eafe { A | (1 << 10) } else { A };
+                assert_eq!(
+                    m.0[&gpa] & (A | (1 << 10)),
+                    want,
+                    "eafe {eafe}, entry {gpa:#x}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn four_level_4k_walk_sets_a_and_d() {

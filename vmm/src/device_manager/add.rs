@@ -92,7 +92,7 @@ impl AddStep {
             ],
             AddStep::AllocIoas => &["allocating the VM's IOAS"],
             AddStep::Bind => &["binding to iommufd", "opening it through its VFIO group"],
-            AddStep::KvmVfio => &["creating the KVM-VFIO device", "KVM_DEV_VFIO_FILE_ADD"],
+            AddStep::KvmVfio => &["KVM_DEV_VFIO_FILE_ADD", "creating the KVM-VFIO device"],
             AddStep::Caps => &["checking PASID support"],
             AddStep::MapRam => &["mapping guest RAM for DMA"],
             AddStep::Attach => &["attaching to the VM's IOAS"],
