@@ -328,9 +328,6 @@ impl devices::vfio::VfioRegions for Pcie6Fake {
     fn set_intx_resample(&self, _fd: &vmm_sys_util::eventfd::EventFd) -> std::io::Result<()> {
         Err(std::io::Error::from_raw_os_error(libc::EINVAL))
     }
-    fn reset(&self) -> std::io::Result<()> {
-        Ok(())
-    }
     fn mmap_region(
         &self,
         _index: u32,

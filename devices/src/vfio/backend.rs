@@ -88,8 +88,6 @@ pub trait VfioRegions: Send + Sync {
             "INTx unmask is not implemented for this device",
         ))
     }
-    /// Resets the device (`ErrorKind::Unsupported` if it cannot be reset).
-    fn reset(&self) -> io::Result<()>;
     /// Maps `len` bytes at `offset` of region `index` into this process.
     fn mmap_region(
         &self,

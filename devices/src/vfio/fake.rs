@@ -27,7 +27,6 @@ pub struct FakeVfio {
     pub irqs: BTreeMap<u32, IrqInfo>,
     pub irq_log: Mutex<Vec<IrqCall>>,
     pub resample_supported: bool,
-    pub resets: Mutex<u32>,
     pub mmaps: Mutex<Vec<(u32, u64, u64)>>,
 }
 
@@ -234,7 +233,6 @@ impl FakeVfio {
             irqs,
             irq_log: Mutex::new(Vec::new()),
             resample_supported,
-            resets: Mutex::new(0),
             mmaps: Mutex::new(Vec::new()),
         }
     }
@@ -337,11 +335,6 @@ impl VfioRegions for FakeVfio {
 
     fn unmask_intx(&self) -> io::Result<()> {
         self.irq_log.lock().unwrap().push(IrqCall::Unmask);
-        Ok(())
-    }
-
-    fn reset(&self) -> io::Result<()> {
-        *self.resets.lock().unwrap() += 1;
         Ok(())
     }
 

@@ -3,8 +3,9 @@
 //!
 //! Region reads and writes use `pread`/`pwrite` on the device fd at the region offset
 //! rather than `VfioDevice::region_read/write`, which log and swallow errors: a failed
-//! config access here is an error the model can see. Reset is the `VFIO_DEVICE_RESET`
-//! ioctl for the same reason (`VfioDevice::reset` returns nothing).
+//! config access here is an error the model can see. There is no device reset here: a guest's
+//! FLR is a config write that vfio-pci itself turns into a reset, and a device is reset by
+//! the kernel when the VMM opens and closes it, so `VFIO_DEVICE_RESET` had no caller.
 
 use std::io;
 use std::os::unix::io::AsRawFd;
@@ -16,14 +17,13 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_ioctls::{VfioDevice, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::ioctl::{ioctl, ioctl_with_ref};
+use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_io_nr;
 
 use super::backend::{
     IrqInfo, MmapArea, MmapWindow, RegionInfo, VfioRegions, CONFIG_REGION, INTX_IRQ,
 };
 
-ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE as u32, VFIO_BASE + 11);
 ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE as u32, VFIO_BASE + 10);
 
 /// `struct vfio_irq_set` for one vector, with room for one eventfd.
@@ -180,21 +180,6 @@ impl VfioRegions for VfioDevice {
 
     fn unmask_intx(&self) -> io::Result<()> {
         set_irqs_one(self, INTX_IRQ, VFIO_IRQ_SET_ACTION_UNMASK, None)
-    }
-
-    fn reset(&self) -> io::Result<()> {
-        // SAFETY: VFIO_DEVICE_RESET takes no argument; the fd is this device's.
-        let ret = unsafe { ioctl(self, VFIO_DEVICE_RESET()) };
-        if ret < 0 {
-            let e = io::Error::last_os_error();
-            return Err(match e.raw_os_error() {
-                Some(libc::EINVAL) | Some(libc::ENOTTY) => {
-                    io::Error::new(io::ErrorKind::Unsupported, "Device has no reset method")
-                }
-                _ => e,
-            });
-        }
-        Ok(())
     }
 
     fn mmap_region(

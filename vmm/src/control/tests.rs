@@ -69,9 +69,6 @@ impl VfioRegions for ConfigOnly {
     fn set_intx_resample(&self, _fd: &EventFd) -> io::Result<()> {
         Ok(())
     }
-    fn reset(&self) -> io::Result<()> {
-        Ok(())
-    }
     fn mmap_region(&self, _i: u32, _o: u64, len: u64, _w: bool) -> io::Result<MmapArea> {
         MmapArea::anonymous(len)
     }

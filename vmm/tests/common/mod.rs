@@ -467,9 +467,6 @@ impl VfioRegions for FakeVfio {
         self.masked.store(false, Ordering::Release);
         Ok(())
     }
-    fn reset(&self) -> io::Result<()> {
-        Ok(())
-    }
     fn mmap_region(&self, _index: u32, offset: u64, len: u64, _w: bool) -> io::Result<MmapArea> {
         if !self.bar0_mmap {
             return Err(io::Error::from(io::ErrorKind::Unsupported));

@@ -276,11 +276,9 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn reset(&mut self) {
+        // The virtual state only: the physical function is reset by vfio-pci (on open and
+        // close, and on the guest's FLR, which is forwarded as a config write).
         self.release_interrupts();
-        if let Err(e) = self.regions.reset() {
-            self.warn
-                .warn(format_args!("{}: device reset failed: {e}", self.id));
-        }
         self.virt.set_u16(reg::COMMAND, 0);
         self.command_written();
         if let Some(m) = self.msi.as_ref().map(|m| *m.cap()) {
