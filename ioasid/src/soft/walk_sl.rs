@@ -246,8 +246,8 @@ mod tests {
 
     /// The scan's edges: an empty or inverted range and a bad depth scan nothing; a one-page
     /// range scans that page; the range is clipped to the input width, so a scan that ends
-    /// exactly at the top is complete; only bad entries (not absent ones) are counted as
-    /// faults.
+    /// exactly at the top is complete; the step budget stops a scan where it says; only bad
+    /// entries (not absent ones) are counted as faults.
     #[test]
     fn scan_edges() {
         let cfg = SlConfig {
@@ -290,6 +290,10 @@ mod tests {
         assert_eq!(faults.faults.len(), 1);
         assert_eq!(faults.faults[0].0, gib);
         assert_eq!(faults.faults[0].1.reason, FaultReason::ReservedBit);
+        // The step budget: three descents, then the scan says where it stopped.
+        let cut = scan_second_level(&mut m, &cfg, 0, u64::MAX, 3);
+        assert!(cut.truncated, "{cut:?}");
+        assert_eq!(cut.resume_at, Some(0x3000), "{cut:?}");
         let whole = scan_second_level(&mut m, &cfg, 0, u64::MAX, 10_000);
         assert_eq!(
             whole.leaves.iter().map(|l| l.addr).collect::<Vec<_>>(),
