@@ -290,6 +290,15 @@ mod tests {
         assert_eq!(faults.faults.len(), 1);
         assert_eq!(faults.faults[0].0, gib);
         assert_eq!(faults.faults[0].1.reason, FaultReason::ReservedBit);
+        // Twenty bad entries: all counted, the first SCAN_FAULTS_KEPT kept.
+        let mut bad = Mem(m.0.clone());
+        for slot in 2..21u64 {
+            bad.0.insert(0x1000 + slot * 8, R | SP | (1 << 20));
+        }
+        let many = scan_second_level(&mut bad, &cfg, 0, 21 * gib - 1, 10_000);
+        assert_eq!(many.fault_count, 20, "{many:?}");
+        assert_eq!(many.faults.len(), SCAN_FAULTS_KEPT);
+        assert_eq!(many.faults.last().map(|f| f.0), Some(16 * gib));
         // The step budget: three descents, then the scan says where it stopped.
         let cut = scan_second_level(&mut m, &cfg, 0, u64::MAX, 3);
         assert!(cut.truncated, "{cut:?}");
