@@ -416,3 +416,18 @@ fn msi_control_fields_each_on_their_own() {
     assert_eq!(fields(cap(others)), (false, false, 0, 0x0a));
     assert_eq!(cap(others).offset, 0x50);
 }
+
+/// A config access touches the capability exactly when it overlaps `[offset, offset + len)`:
+/// the byte before and the byte after do not (scripts/mutants found the ends untested).
+#[test]
+fn msi_cap_overlaps_exactly_its_bytes() {
+    let cap = MsiCap::from_control(0x50, 1 << 7); // 64-bit: 0x0e bytes, 0x50..0x5e
+    assert_eq!(cap.len(), 0x0e);
+    assert!(!cap.overlaps(0x4c, 4), "ends right before it");
+    assert!(cap.overlaps(0x4d, 4), "last byte is its first");
+    assert!(cap.overlaps(0x50, 1));
+    assert!(cap.overlaps(0x5d, 1), "its last byte");
+    assert!(!cap.overlaps(0x5e, 2), "starts right after it");
+    assert!(cap.overlaps(0x40, 0x40), "covers it");
+    assert!(!cap.overlaps(0x10, 2));
+}
