@@ -396,3 +396,38 @@ fn msi_mask_bits_hold_vectors() {
 
     assert_eq!(sink.stray(), Vec::<String>::new());
 }
+
+/// Message Control decodes each field on its own: 64-bit address (bit 7), per-vector
+/// masking (bit 8), Multiple Message Capable (bits 3:1, at most 32 vectors), and the layout
+/// length follows (scripts/mutants found the decode untested beyond one value).
+#[test]
+fn msi_control_fields_each_on_their_own() {
+    let cap = |control: u16| MsiCap::from_control(0x50, control);
+    let fields = |c: MsiCap| (c.is_64, c.per_vector_mask, c.mmc_log2, c.len());
+    assert_eq!(fields(cap(0)), (false, false, 0, 0x0a));
+    assert_eq!(fields(cap(1 << 7)), (true, false, 0, 0x0e));
+    assert_eq!(fields(cap(1 << 8)), (false, true, 0, 0x14));
+    assert_eq!(fields(cap((1 << 7) | (1 << 8))), (true, true, 0, 0x18));
+    for mmc in 0..8u16 {
+        assert_eq!(cap(mmc << 1).mmc_log2, (mmc as u8).min(5), "MMC {mmc}");
+    }
+    // Other bits (enable, MME, extended data, reserved) change none of these.
+    let others: u16 = !((1 << 7) | (1 << 8) | (0x7 << 1));
+    assert_eq!(fields(cap(others)), (false, false, 0, 0x0a));
+    assert_eq!(cap(others).offset, 0x50);
+}
+
+/// A config access touches the capability exactly when it overlaps `[offset, offset + len)`:
+/// the byte before and the byte after do not (scripts/mutants found the ends untested).
+#[test]
+fn msi_cap_overlaps_exactly_its_bytes() {
+    let cap = MsiCap::from_control(0x50, 1 << 7); // 64-bit: 0x0e bytes, 0x50..0x5e
+    assert_eq!(cap.len(), 0x0e);
+    assert!(!cap.overlaps(0x4c, 4), "ends right before it");
+    assert!(cap.overlaps(0x4d, 4), "last byte is its first");
+    assert!(cap.overlaps(0x50, 1));
+    assert!(cap.overlaps(0x5d, 1), "its last byte");
+    assert!(!cap.overlaps(0x5e, 2), "starts right after it");
+    assert!(cap.overlaps(0x40, 0x40), "covers it");
+    assert!(!cap.overlaps(0x10, 2));
+}

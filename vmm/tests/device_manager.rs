@@ -657,6 +657,8 @@ fn add_device_rollback_at_every_step() {
     }
     for (i, s) in AddStep::ALL.iter().enumerate() {
         assert_eq!(add_step_order(*s), i, "AddStep::ALL out of order at {s:?}");
+        // An injected fault is named like the step's own errors.
+        assert_eq!(s.error_steps().first(), Some(&s.name()), "{s:?}");
     }
     let Some((vm, mut dm)) = vm_with_manager(name) else {
         return;

@@ -7,7 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::config::ConfigSpace;
 use super::interrupt::{InterruptError, InterruptSink, MsiKind, MsiMessage, MsiVector, RouteBatch};
 
-const CTRL_ENABLE: u16 = 1 << 0;
+const CTRL_ENABLE: u16 = 1;
 const CTRL_MME_SHIFT: u16 = 4;
 const CTRL_64BIT: u16 = 1 << 7;
 const CTRL_PVM: u16 = 1 << 8;
