@@ -593,3 +593,96 @@ fn enqcmd_unmapped_gpasid_rejected() {
     // Nothing was queued, so nothing can still be running: memory is as it was.
     assert_eq!((g.read(BUFS, 0x4000), g.read(BUFS7, 0x4000)), before);
 }
+
+/// Waits (up to [`DEADLINE`]) until `vm.counters` entry `dev`'s counter `key` reaches `want`,
+/// and returns the last value seen.
+fn counter_reaches(dm: &DeviceManager, dev: &str, key: &str, want: u64) -> u64 {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let got = dm
+            .counters()
+            .devices
+            .get(dev)
+            .and_then(|c| c.get(key).copied())
+            .unwrap_or(0);
+        if got >= want || Instant::now() > end {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn vm_counters_count_swq_and_ia32_pasid_exits() {
+    let name = "vm_counters_count_swq_and_ia32_pasid_exits";
+    let Some((mut pvm, dm, g, dev)) = portal_vm(name) else {
+        return;
+    };
+    let c = dm.counters();
+    println!("before: {:?}", c.devices);
+    let swq = &c.devices["swq0"];
+    for k in [
+        "submitted",
+        "completed",
+        "bytes",
+        "retries",
+        "malformed",
+        "untranslated",
+    ] {
+        assert_eq!(
+            swq.get(k),
+            Some(&0),
+            "swq0 {k} before any submission: {swq:?}"
+        );
+    }
+    let vmc = &c.devices["_vm"];
+    for k in [
+        "ia32_pasid_reads",
+        "ia32_pasid_writes",
+        "ia32_pasid_rejected",
+    ] {
+        assert_eq!(vmc.get(k), Some(&0), "_vm {k} before the payload: {vmc:?}");
+    }
+
+    // The payload: one WRMSR and one RDMSR of IA32_PASID, two descriptors to the portal.
+    let src: Vec<u8> = (0..0x800u32).map(|i| (i * 3 + 1) as u8).collect();
+    g.write(BUFS + 0x100, &src);
+    let ia32 = IA32_PASID_VALID | u64::from(GPASID);
+    let (s1, s2, back) = run_portal_payload(&mut pvm, &g, ia32);
+    let ok = SubmitStatus::Accepted.code();
+    assert_eq!(
+        (s1, s2, back),
+        (ok, ok, ia32),
+        "statuses, IA32_PASID read back"
+    );
+    for i in 1..=2u64 {
+        let rec = g.record(BUFS + 0x3000 + (i - 1) * 16);
+        assert_eq!(rec, Some((CompletionStatus::Success as u32, 0x800)), "{i}");
+    }
+    assert_eq!(counter_reaches(&dm, "swq0", "completed", 2), 2);
+    // A submission the table cannot translate, from this thread.
+    set_current_ia32_pasid(IA32_PASID_VALID | 9);
+    let st = submit(&dev, &portal_desc(1));
+    set_current_ia32_pasid(0);
+    assert_eq!(st, SubmitStatus::Untranslated.code());
+
+    let c = dm.counters();
+    println!("after: {:?}", c.devices);
+    let swq = &c.devices["swq0"];
+    let got = |k: &str| swq.get(k).copied();
+    assert_eq!(got("submitted"), Some(2), "{swq:?}");
+    assert_eq!(got("completed"), Some(2), "{swq:?}");
+    assert_eq!(got("errors"), Some(0), "{swq:?}");
+    assert_eq!(got("bytes"), Some(0x1000), "{swq:?}");
+    assert_eq!(got("untranslated"), Some(1), "{swq:?}");
+    assert_eq!(got("retries"), Some(0), "{swq:?}");
+    assert_eq!(got("malformed"), Some(0), "{swq:?}");
+    // The device-register view agrees with the host counters.
+    assert_eq!(u64::from(reg_r(&dev, reg::SUBMITTED)), 2);
+    let vmc = &c.devices["_vm"];
+    let msr = pvm.vm().ia32_pasid().unwrap().counters();
+    assert_eq!(vmc.get("ia32_pasid_writes"), Some(&1), "{vmc:?}");
+    assert_eq!(vmc.get("ia32_pasid_reads"), Some(&msr.reads), "{vmc:?}");
+    assert!(msr.reads >= 1, "{msr:?}");
+    assert_eq!(vmc.get("ia32_pasid_rejected"), Some(&0), "{vmc:?}");
+}

@@ -341,9 +341,25 @@ fn vsva_engine_in_vm_faults_through_prq() {
         (2, 2),
         "{bridge:?}"
     );
+    // The engine's own counters under its id (the record is written before the count).
+    let end = Instant::now() + DEADLINE;
+    let sva = loop {
+        let c = dm.counters().devices["sva0"].clone();
+        if c.get("descriptors") == Some(&1) || Instant::now() > end {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let got = |k: &str| sva.get(k).copied();
+    assert_eq!(got("descriptors"), Some(1), "{sva:?}");
+    assert_eq!(got("errors"), Some(0), "{sva:?}");
+    assert_eq!(got("bytes"), Some(0x1800), "{sva:?}");
+    assert_eq!(got("page_requests"), Some(2), "{sva:?}");
+    assert_eq!(got("responses_success"), Some(2), "{sva:?}");
     // Hot-unplug: the engine goes, and with it its PASID binding.
     dm.remove_device("sva0").unwrap();
     assert!(dm.pasids().entries.is_empty());
+    assert!(!dm.counters().devices.contains_key("sva0"));
 }
 
 #[test]

@@ -7,10 +7,13 @@
 //! registered it: it receives its BDF, an interrupt sink, and the `DmaView` its DMA goes
 //! through (guest IOVAs translated by the guest's own tables on each access).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use api::DeviceConfig;
 use devices::pci::{PciBdf, SharedPciDevice};
+use devices::sva::SvaHandle;
+use devices::swq::SwqHandle;
 use devices::viommu::DmaView;
 use ioasid::{DevId, DeviceName, IommuBackend, SoftIommu};
 use log::info;
@@ -44,6 +47,35 @@ pub struct EmulatedParts {
     /// with host PASIDs itself (the shared-work-queue device: the CPU side gives it the
     /// host PASID, as ENQCMD does).
     pub soft: Option<(Arc<SoftIommu>, DevId)>,
+}
+
+/// A handle on an emulated device's counters, read for `vm.counters` without the device's
+/// lock.
+#[derive(Clone)]
+pub(super) enum CounterHandle {
+    /// The SVA copy engine (`emulated=sva-copy`).
+    Sva(SvaHandle),
+    /// The shared-work-queue device (`emulated=swq`).
+    Swq(SwqHandle),
+}
+
+impl CounterHandle {
+    /// The device's counters by name (the fields of its counters struct).
+    pub(super) fn snapshot(&self) -> BTreeMap<String, u64> {
+        let v = match self {
+            CounterHandle::Sva(h) => serde_json::to_value(h.counters()),
+            CounterHandle::Swq(h) => serde_json::to_value(h.counters()),
+        };
+        v.ok()
+            .as_ref()
+            .and_then(serde_json::Value::as_object)
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// The soft-backend registration of an emulated device behind the vIOMMU.

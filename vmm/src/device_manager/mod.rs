@@ -345,6 +345,11 @@ pub struct DeviceManager {
     ram_map_calls: u64,
     /// The emulated VT-d and its slots (`--platform viommu=vtd`).
     viommu: Option<viommu::ViommuState>,
+    /// The VM's IA32_PASID state (`None` when KVM cannot virtualize the MSR), for the exit
+    /// counters in `vm.counters`.
+    ia32_pasid: Option<Arc<crate::enqcmd::Ia32Pasid>>,
+    /// The counter handles of the emulated devices that have them, by device id.
+    emulated_counters: std::collections::BTreeMap<String, emulated::CounterHandle>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -442,6 +447,8 @@ impl DeviceManager {
             pasids: Arc::new(Mutex::new(pasids)),
             ram_map_calls: 0,
             viommu: None,
+            ia32_pasid: vm.ia32_pasid().ok().cloned(),
+            emulated_counters: std::collections::BTreeMap::new(),
         })
         .and_then(|mut dm: Self| {
             if let Some(setup) = config.viommu {

@@ -34,6 +34,7 @@ impl DeviceManager {
             .position(|d| d.id == id)
             .ok_or_else(|| DeviceManagerError::UnknownId { id: id.to_string() })?;
         let a = self.devices.remove(idx);
+        self.emulated_counters.remove(id);
         let (mut warnings, rid_released) = self.detach_viommu(&a);
         let mut note = |w: String| {
             warn!("{id}: {w}");

@@ -184,7 +184,11 @@ impl DeviceManager {
     /// count its calls; they restart when the backend is reopened after the last device
     /// left). Fault and page-request counters are 0: no fault queue is wired yet. Per device:
     /// `dev_id` (devices bound to a backend), `msi_vectors`, `msi_vectors_masked`,
-    /// `bar_windows_mapped`; the VM-wide `ram_map_calls` and `ram_regions` are under `_vm`.
+    /// `bar_windows_mapped`, and for the emulated SVA copy engine and shared-work-queue
+    /// device every field of their counters (`SvaCounters`, `SwqCounters`: `descriptors`,
+    /// `submitted`, `completed`, `retries`, `malformed`, ...); the VM-wide `ram_map_calls`
+    /// and `ram_regions` are under `_vm`, with the IA32_PASID MSR exits of all vCPUs
+    /// (`ia32_pasid_reads`, `_writes`, `_rejected`, `_other_msrs`) when KVM virtualizes it.
     pub fn counters(&self) -> VmCounters {
         let (host_ioctls, invalidations) = match self.dma.as_ref().map(|d| &d.backend) {
             Some(Backend::Iommufd(b)) => (
@@ -201,6 +205,15 @@ impl DeviceManager {
                 ("ram_regions".to_string(), self.ram.len() as u64),
             ]),
         );
+        if let (Some(msr), Some(vm)) = (&self.ia32_pasid, devices.get_mut("_vm")) {
+            let c = msr.counters();
+            vm.extend([
+                ("ia32_pasid_reads".to_string(), c.reads),
+                ("ia32_pasid_writes".to_string(), c.writes),
+                ("ia32_pasid_rejected".to_string(), c.rejected),
+                ("ia32_pasid_other_msrs".to_string(), c.other_msrs),
+            ]);
+        }
         for d in &self.devices {
             let routes = d.sink.routes();
             let mut c = BTreeMap::from([
@@ -216,6 +229,11 @@ impl DeviceManager {
             ]);
             if let Some(dev) = d.dev {
                 c.insert("dev_id".to_string(), u64::from(dev.0));
+            }
+            if matches!(d.model, Model::Emulated(_)) {
+                if let Some(h) = self.emulated_counters.get(&d.id) {
+                    c.extend(h.snapshot());
+                }
             }
             devices.insert(d.id.clone(), c);
         }

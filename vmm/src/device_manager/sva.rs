@@ -18,7 +18,7 @@ use devices::sva::{SvaEngine, SvaHandle, SvaOptions};
 use ioasid::{HostRegion, IoasId, IommuBackend, Pasid, PasidSpace, SoftIommu};
 use log::{info, warn};
 
-use super::emulated::EmulatedDma;
+use super::emulated::{CounterHandle, EmulatedDma};
 use super::viommu::ViommuState;
 use super::{AddedDevice, DeviceManager, DeviceManagerError};
 use crate::memory::RamRegion;
@@ -148,6 +148,10 @@ impl DeviceManager {
                 Ok(m)
             },
         )?;
+        if let Some(handle) = &handle {
+            self.emulated_counters
+                .insert(added.id.clone(), CounterHandle::Sva(handle.clone()));
+        }
         let host = self.viommu.as_ref().and_then(|v| v.host.clone());
         if let (Some(h), Some(handle)) = (host, handle) {
             if let Err(e) = h.set_devtlb_hook(added.bdf, Arc::new(EngineDevTlb(handle))) {

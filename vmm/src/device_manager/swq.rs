@@ -25,10 +25,10 @@ use api::DeviceConfig;
 use devices::cpu_pasid::PasidTranslate;
 use devices::pci::SharedPciDevice;
 use devices::sva::{AccessError, DeviceDma};
-use devices::swq::SwqDevice;
+use devices::swq::{SwqDevice, SwqHandle};
 use ioasid::{DevId, DmaRequest, Pasid, SoftIommu};
 
-use super::emulated::EmulatedDma;
+use super::emulated::{CounterHandle, EmulatedDma};
 use super::{AddedDevice, DeviceManager, DeviceManagerError};
 
 /// What `--platform` must say for the SWQ device.
@@ -116,7 +116,8 @@ impl DeviceManager {
                 DeviceManagerError::step(NAME, "making a soft IOMMU over guest RAM", e)
             })?),
         };
-        self.add_emulated_device(
+        let mut handle: Option<SwqHandle> = None;
+        let added = self.add_emulated_device(
             cfg.id.as_deref(),
             NAME,
             cfg.pci_device_id,
@@ -127,9 +128,15 @@ impl DeviceManager {
                     .ok_or_else(|| "no soft-backend registration".to_string())?;
                 let dma = Arc::new(HostPasidDma::new(soft, dev));
                 let d = SwqDevice::new(dma, parts.sink, translate).map_err(|e| e.to_string())?;
+                handle = Some(d.handle());
                 let m: SharedPciDevice = Arc::new(Mutex::new(d));
                 Ok(m)
             },
-        )
+        )?;
+        if let Some(h) = handle {
+            self.emulated_counters
+                .insert(added.id.clone(), CounterHandle::Swq(h));
+        }
+        Ok(added)
     }
 }
