@@ -17,6 +17,7 @@ pub mod lifecycle_tests;
 pub mod mock_tests;
 pub mod pdev_dma_tests;
 pub mod pdev_fixture;
+pub mod pdev_intx_tests;
 pub mod pdev_tests;
 pub mod type1_tests;
 pub mod viommu_mock_tests;
@@ -31,6 +32,7 @@ pub fn all() -> Vec<LabTest> {
     let mut v = ioasid_tests::tests();
     v.extend(pdev_tests::tests());
     v.extend(pdev_dma_tests::tests());
+    v.extend(pdev_intx_tests::tests());
     v.extend(viommu_shadow_tests::tests());
     v.extend(mock_tests::tests());
     v.extend(viommu_mock_tests::tests());
