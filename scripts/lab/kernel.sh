@@ -25,6 +25,11 @@
 #       the L3 kernel's object tree and print the path of its .ko, cached beside the bzImage
 #       as <cache>/kernel/<config sha256>/modules/<sha256 of DIR's files>/NAME.ko. The object
 #       tree is (re)built first when it holds another config or no Module.symvers.
+#   scripts/lab/kernel.sh --flavor l3 --vmlinux
+#       Print the path of the uncompressed ELF vmlinux of the same build (PVH entry), cached
+#       beside the bzImage as <cache>/kernel/<config sha256>/vmlinux (debug info stripped),
+#       for the boot-overhead bench; taken from the object tree when it holds exactly this
+#       config, else the tree is rebuilt first.
 #   scripts/lab/kernel.sh [--flavor l2|l3] --regen-config [--dry-run]
 #       Regenerate the flavor's config from its fragment: l2: defconfig + kvm_guest.config +
 #       kernel/lab.fragment; l3: tinyconfig + kernel/l3.fragment; merged with
@@ -40,6 +45,7 @@ flavor=l2
 dry_run=0
 regen=0
 module_dir=""
+want_vmlinux=0
 while [ $# -gt 0 ]; do
     case "$1" in
     --flavor)
@@ -54,13 +60,14 @@ while [ $# -gt 0 ]; do
         ;;
     --dry-run) dry_run=1 ;;
     --regen-config) regen=1 ;;
+    --vmlinux) want_vmlinux=1 ;;
     --module)
         [ $# -ge 2 ] || lab_die "kernel: --module needs a directory"
         module_dir=$2
         shift
         ;;
     -h | --help)
-        sed -n '2,31p' "$0"
+        sed -n '2,36p' "$0"
         exit 0
         ;;
     *) lab_die "kernel: unknown argument '$1'" ;;
@@ -335,7 +342,14 @@ build_kernel() {
     mkdir -p "$(dirname "$out")"
     cp "$obj/arch/x86/boot/bzImage" "$out.tmp.$$"
     cp "$obj/.config" "$(dirname "$out")/config"
+    save_vmlinux "$obj" "$(dirname "$out")/vmlinux"
     mv -f "$out.tmp.$$" "$out"
+}
+
+# save_vmlinux OBJ OUT: the object tree's vmlinux without debug info (the PVH note stays).
+save_vmlinux() {
+    strip --strip-debug -o "$2.tmp.$$" "$1/vmlinux" 2>/dev/null || cp "$1/vmlinux" "$2.tmp.$$"
+    mv -f "$2.tmp.$$" "$2"
 }
 
 # --- an external module against the flavor's object tree ---------------------------------
@@ -404,6 +418,23 @@ fi
 if [ -n "$module_dir" ]; then
     [ "$flavor" = l3 ] || lab_die "kernel: --module needs --flavor l3"
     build_module "$module_dir" "$sha"
+    exit 0
+fi
+if [ "$want_vmlinux" = 1 ]; then
+    vmlinux=$cache/$sha/vmlinux
+    if [ ! -s "$vmlinux" ] && [ "$dry_run" = 0 ]; then
+        series=$(config_series "$config")
+        tree=$cache/build/obj-$series$obj_suffix
+        if cmp -s "$tree/.config" "$config" && [ -s "$tree/vmlinux" ]; then
+            mkdir -p "$cache/$sha"
+            save_vmlinux "$tree" "$vmlinux"
+        else
+            lab_say "kernel: the $flavor object tree holds another config; rebuilding it for vmlinux"
+            build_kernel "$out"
+        fi
+    fi
+    printf '%s
+' "$vmlinux"
     exit 0
 fi
 if [ -s "$out" ]; then

@@ -18,7 +18,8 @@
 # ioasid-guest, ioasid-vmm and ioasid-remote (CARGO_TARGET_DIR is honoured), kernel.sh
 # --flavor l3, kernel.sh --flavor l3 --module tests/l3-module (sva_copy.ko) and the L3
 # initramfs (l3-init + ioasid-guest + /lib/modules/sva_copy.ko), initramfs.sh for L2 carrying
-# /bin/ioasid-vmm, /bin/ioasid-remote, /l3/bzImage and /l3/initramfs.cpio.gz, boot.sh,
+# /bin/ioasid-vmm, /bin/ioasid-remote, /l3/bzImage and /l3/initramfs.cpio.gz (bench mode also
+# QEMU, its firmware, and /l3/vmlinux from kernel.sh --flavor l3 --vmlinux), boot.sh,
 # parse.py.
 # Work files (initramfs, serial log) go to $IOASID_LAB_WORK, default <cargo target dir>/lab.
 # Exit status: 0 when every test passed (demo: LAB-DONE and no FAIL); 1 otherwise.
@@ -134,6 +135,13 @@ if [ "$mode" = bench ]; then
     qemu=$(command -v qemu-system-x86_64) || lab_die "run: qemu-system-x86_64 not found"
     adds+=(--add "$qemu:/usr/bin/qemu-system-x86_64" --add /usr/share/qemu:/usr/share/qemu
         --add /usr/share/seabios:/usr/share/seabios)
+    # The same L3 kernel uncompressed (ELF with a PVH note), for the boot-overhead rows that
+    # leave out the decompressor.
+    if [ "$l3" = 1 ] && l3_vmlinux=$("$here/kernel.sh" --flavor l3 --vmlinux) && [ -s "$l3_vmlinux" ]; then
+        adds+=(--add "$l3_vmlinux:/l3/vmlinux")
+    else
+        lab_warn "run: no L3 vmlinux; the bench's PVH rows are skipped"
+    fi
 fi
 
 # 4. The initramfs.

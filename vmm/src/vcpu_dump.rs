@@ -97,10 +97,13 @@ pub fn state_line(fd: &VcpuFd) -> String {
     }
     let mut nested = KvmNestedStateBuffer::empty();
     match fd.nested_state(&mut nested) {
-        Ok(_) => parts.push(format!(
-            "gif={}",
-            u8::from(u32::from(nested.flags) & kvm_bindings::KVM_STATE_NESTED_GIF_SET != 0)
-        )),
+        // Only SVM's format carries GIF; VMX has none.
+        Ok(_) if u32::from(nested.format) == kvm_bindings::KVM_STATE_NESTED_FORMAT_SVM => parts
+            .push(format!(
+                "gif={}",
+                u8::from(u32::from(nested.flags) & kvm_bindings::KVM_STATE_NESTED_GIF_SET != 0)
+            )),
+        Ok(_) => {}
         Err(e) => parts.push(format!("gif=<{e}>")),
     }
     let entries = [MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE].map(|index| kvm_msr_entry {

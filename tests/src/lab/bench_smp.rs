@@ -80,7 +80,13 @@ struct BootSpec {
     limit: Duration,
     /// ioasid-vmm only: guest RAM from hugetlbfs 2 MiB pages (`--memory ...,hugepages=on`).
     hugepages: bool,
+    /// The L3 kernel: [`L3_KERNEL`] (bzImage) or [`L3_VMLINUX`] (PVH entry, no decompressor).
+    kernel: &'static str,
 }
+
+/// The same L3 kernel as an uncompressed ELF with a PVH note (run.sh carries it in bench
+/// mode).
+const L3_VMLINUX: &str = "/l3/vmlinux";
 
 /// How a boot ended.
 #[derive(Debug)]
@@ -93,7 +99,7 @@ enum BootEnd {
         uptime: f64,
         /// Process start to exit.
         exit: Duration,
-        /// ioasid-vmm: milliseconds its IOAS map calls of guest RAM took (pinning).
+        /// ioasid-vmm: milliseconds it spent pinning guest RAM for the IOAS ([`pin_ms`]).
         pin_ms: Option<u64>,
         /// ioasid-vmm: when (from process start) its log reached each start-up step.
         steps: Vec<(&'static str, f64)>,
@@ -115,9 +121,11 @@ fn init_uptime(serial: &str) -> Option<f64> {
     })
 }
 
-/// The sum of the `... mapped for DMA ... in <n> ms` times of a VMM log (guest RAM pinned
-/// for the IOAS), if it has any.
-fn pin_ms(log: &str) -> Option<u64> {
+/// Milliseconds the VMM spent pinning guest RAM for the IOAS: its `... mapped for DMA ...
+/// in <n> ms` times (the map calls), plus, from `steps`, the time from the map to the
+/// device's attach, where iommufd pins the pages of a map made before any domain existed
+/// (it fills the new domain from the IOAS).
+fn pin_ms(log: &str, steps: &[(&str, f64)]) -> Option<u64> {
     let times: Vec<u64> = log
         .lines()
         .filter(|l| l.contains("mapped for DMA"))
@@ -126,7 +134,15 @@ fn pin_ms(log: &str) -> Option<u64> {
             t.trim().strip_suffix(" ms")?.parse().ok()
         })
         .collect();
-    (!times.is_empty()).then(|| times.iter().sum())
+    if times.is_empty() {
+        return None;
+    }
+    let step = |name: &str| steps.iter().find(|(n, _)| *n == name).map(|(_, t)| *t);
+    let attach = match (step("RAM mapped"), step("device attached")) {
+        (Some(m), Some(a)) if a >= m => ((a - m) * 1000.0) as u64,
+        _ => 0,
+    };
+    Some(times.iter().sum::<u64>() + attach)
 }
 
 /// The VMM's start-up steps, by the first log line (env_logger, millisecond UTC timestamps
@@ -248,6 +264,8 @@ fn judge(
 fn boot_ours(spec: &BootSpec) -> BootEnd {
     let devices = vec![format!("path={},id=edu0", spec.edu.display())];
     let extra = vec![
+        "--kernel".to_string(),
+        spec.kernel.to_string(),
         "--cpus".to_string(),
         format!("boot={}", spec.cpus),
         "--memory".to_string(),
@@ -313,7 +331,7 @@ fn boot_ours(spec: &BootSpec) -> BootEnd {
             to_userspace,
             uptime,
             exit,
-            pin_ms: pin_ms(&out.vmm_log),
+            pin_ms: pin_ms(&out.vmm_log, &log_steps(&out.vmm_log, spawned_at)),
             steps: log_steps(&out.vmm_log, spawned_at),
         },
         Ok(end) => end,
@@ -406,7 +424,7 @@ fn boot_qemu(spec: &BootSpec) -> BootEnd {
         .arg(format!("file:{}", serial.display()))
         .arg("-monitor")
         .arg(format!("unix:{},server=on,wait=off", mon.display()))
-        .args(["-kernel", L3_KERNEL, "-initrd", L3_INITRD])
+        .args(["-kernel", spec.kernel, "-initrd", L3_INITRD])
         .args(["-append", &l3_cmdline(spec.tasks, "")])
         .args(["-object", "iommufd,id=iofd0"])
         .arg("-device")
@@ -491,6 +509,7 @@ fn bench_l3_smp_stalls() -> TestResult {
             edu: edu.clone(),
             limit,
             hugepages: false,
+            kernel: L3_KERNEL,
         };
         let mut tally = [Tally::default(); 2];
         for round in 0..rounds {
@@ -546,6 +565,15 @@ fn bench_l3_smp_stalls() -> TestResult {
     Ok(Outcome::Pass)
 }
 
+/// "bzImage" or "vmlinux (PVH)".
+fn kernel_name(kernel: &str) -> &'static str {
+    if kernel == L3_VMLINUX {
+        "vmlinux (PVH)"
+    } else {
+        "bzImage"
+    }
+}
+
 /// Reserves `pages` 2 MiB huge pages in L2 (0 frees them); Err when fewer were reserved.
 fn set_hugepages(pages: u64) -> Result<(), String> {
     let knob = "/proc/sys/vm/nr_hugepages";
@@ -574,8 +602,21 @@ fn bench_l3_boot_overhead() -> TestResult {
     let rounds = knob("lab.overhead_rounds", 3).max(1);
     let limit = Duration::from_secs(knob("lab.round_limit", 90).max(10));
     let mut table = Vec::new();
+    let vmlinux = Path::new(L3_VMLINUX).exists();
+    if !vmlinux {
+        println!("LAB-BENCH overhead: {L3_VMLINUX} is missing; no PVH rows");
+    }
+    let mut cells: Vec<(u32, u64, &'static str)> = Vec::new();
     for mem_mib in [256u64, 2048] {
         for cpus in [1u32, 2, 4] {
+            cells.push((cpus, mem_mib, L3_KERNEL));
+        }
+        if vmlinux {
+            cells.push((1, mem_mib, L3_VMLINUX));
+        }
+    }
+    {
+        for (cpus, mem_mib, kernel) in cells {
             let spec = BootSpec {
                 cpus,
                 mem_mib,
@@ -584,7 +625,9 @@ fn bench_l3_boot_overhead() -> TestResult {
                 edu: edu.clone(),
                 limit,
                 hugepages: false,
+                kernel,
             };
+            let kname = kernel_name(kernel);
             // Per VMM: (share, to userspace, uptime, pinning) of each completed round.
             let mut got: [Vec<(f64, f64, f64, f64)>; 2] = [vec![], vec![]];
             for round in 0..rounds {
@@ -609,12 +652,12 @@ fn bench_l3_boot_overhead() -> TestResult {
                                     .map(|(n, t)| format!("{n} +{t:.2} s"))
                                     .collect();
                                 println!(
-                                    "LAB-BENCH overhead cpus {cpus} mem {mem_mib}M round {round} ioasid-vmm steps: {}",
+                                    "LAB-BENCH overhead cpus {cpus} mem {mem_mib}M {kname} round {round} ioasid-vmm steps: {}",
                                     s.join(", ")
                                 );
                             }
                             println!(
-                                "LAB-BENCH overhead cpus {cpus} mem {mem_mib}M round {round} {}: userspace at {t:.2} s, kernel uptime {uptime:.2} s, VMM share {:.2} s{}",
+                                "LAB-BENCH overhead cpus {cpus} mem {mem_mib}M {kname} round {round} {}: userspace at {t:.2} s, kernel uptime {uptime:.2} s, VMM share {:.2} s{}",
                                 vmm.name(),
                                 t - uptime,
                                 pin_ms.map(|p| format!(" (of it pinning guest RAM for the IOAS: {:.2} s)", p as f64 / 1000.0)).unwrap_or_default()
@@ -644,7 +687,7 @@ fn bench_l3_boot_overhead() -> TestResult {
                 _ => "-".to_string(),
             };
             let row = format!(
-                "| {cpus} | {mem_mib} MiB | {} | {} | {} | {} | {} | {} | {} | {ratio} |",
+                "| {cpus} | {mem_mib} MiB, {kname} | {} | {} | {} | {} | {} | {} | {} | {ratio} |",
                 fmt(os),
                 fmt(med(&got[0], |x| x.3)),
                 fmt(med(&got[0], |x| x.1)),
@@ -659,7 +702,16 @@ fn bench_l3_boot_overhead() -> TestResult {
     }
     // What the kernel offers against the pinning cost: guest RAM on 2 MiB hugetlbfs pages
     // (the lab's L2 kernel has no transparent huge pages), reserved for these rounds only.
-    for mem_mib in [256u64, 2048] {
+    let kernels: Vec<&'static str> = if vmlinux {
+        vec![L3_KERNEL, L3_VMLINUX]
+    } else {
+        vec![L3_KERNEL]
+    };
+    for (mem_mib, kernel) in [256u64, 2048]
+        .into_iter()
+        .flat_map(|m| kernels.iter().map(move |k| (m, *k)))
+    {
+        let kname = kernel_name(kernel);
         let pages = mem_mib / 2 + 8;
         if let Err(e) = set_hugepages(pages) {
             println!("LAB-BENCH overhead hugepages mem {mem_mib}M: not measured: {e}");
@@ -673,6 +725,7 @@ fn bench_l3_boot_overhead() -> TestResult {
             edu: edu.clone(),
             limit,
             hugepages: true,
+            kernel,
         };
         let mut shares = Vec::new();
         let mut pins = Vec::new();
@@ -682,12 +735,19 @@ fn bench_l3_boot_overhead() -> TestResult {
                     to_userspace,
                     uptime,
                     pin_ms,
+                    steps,
                     ..
                 } => {
                     let share = to_userspace.as_secs_f64() - uptime;
+                    let st: Vec<String> =
+                        steps.iter().map(|(n, t)| format!("{n} +{t:.2} s")).collect();
+                    println!(
+                        "LAB-BENCH overhead hugepages mem {mem_mib}M {kname} round {round} ioasid-vmm steps: {}",
+                        st.join(", ")
+                    );
                     let pin = pin_ms.map_or(f64::NAN, |p| p as f64 / 1000.0);
                     println!(
-                        "LAB-BENCH overhead hugepages cpus 1 mem {mem_mib}M round {round} ioasid-vmm: VMM share {share:.2} s, pinning {pin:.2} s"
+                        "LAB-BENCH overhead hugepages cpus 1 mem {mem_mib}M {kname} round {round} ioasid-vmm: VMM share {share:.2} s, pinning {pin:.2} s"
                     );
                     shares.push(share);
                     pins.push(pin);
@@ -703,7 +763,7 @@ fn bench_l3_boot_overhead() -> TestResult {
         let _ = set_hugepages(0);
         let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
         let row = format!(
-            "| 1 | {mem_mib} MiB, hugepages=on | {} | {} | | | | | | |",
+            "| 1 | {mem_mib} MiB, {kname}, ours hugepages=on | {} | {} | | | | | | |",
             fmt(median(shares)),
             fmt(median(pins.into_iter().filter(|x| !x.is_nan()).collect()))
         );
@@ -733,8 +793,10 @@ mod tests {
         assert!(results_pass(s, &["up"]).is_ok());
         assert!(results_pass(s, &["smp"]).is_err());
         let log = "[x INFO vmm] Guest RAM GPA 0x0+0x10000000 mapped for DMA at IOVA 0x0 in IOAS 1 (by memfd) in 812 ms\nother\n";
-        assert_eq!(pin_ms(log), Some(812));
-        assert_eq!(pin_ms("nothing"), None);
+        assert_eq!(pin_ms(log, &[]), Some(812));
+        let steps = [("RAM mapped", 0.5), ("device attached", 2.5)];
+        assert_eq!(pin_ms(log, &steps), Some(2812));
+        assert_eq!(pin_ms("nothing", &steps), None);
         assert_eq!(
             log_time_of_day("[2026-12-04T21:25:00.250Z INFO  vmm] VM booted"),
             Some(21.0 * 3600.0 + 25.0 * 60.0 + 0.25)

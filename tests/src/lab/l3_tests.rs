@@ -149,13 +149,14 @@ pub fn l3_cmdline(tasks: &str, more: &str) -> String {
 
 /// The VMM command line for an L3 guest with kernel command line `cmdline` (see
 /// [`l3_cmdline`]), with `devices` (--device values) and `extra` arguments ([`MAIN_CPUS`]
-/// vCPUs unless `extra` has `--cpus`, [`L3_MEMORY`] unless it has `--memory`); the serial
-/// console goes to `serial`.
+/// vCPUs unless `extra` has `--cpus`, [`L3_MEMORY`] unless it has `--memory`, [`L3_KERNEL`]
+/// unless it has `--kernel`); the serial console goes to `serial`.
 pub fn vmm_command(cmdline: &str, devices: &[String], extra: &[String], serial: &Path) -> Command {
     let mut c = Command::new(VMM_BIN);
-    c.arg("--kernel")
-        .arg(L3_KERNEL)
-        .arg("--initramfs")
+    if !extra.iter().any(|a| a == "--kernel") {
+        c.arg("--kernel").arg(L3_KERNEL);
+    }
+    c.arg("--initramfs")
         .arg(L3_INITRD)
         .arg("--cmdline")
         .arg(cmdline)
