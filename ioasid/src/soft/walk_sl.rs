@@ -270,6 +270,11 @@ mod tests {
             scan_second_level(&mut m, &cfg, 0x2000, 0x1000, 100),
             SlScan::default()
         );
+        // Inverted inside one page (that page has a leaf): still nothing.
+        assert_eq!(
+            scan_second_level(&mut m, &cfg, 0x800, 0x10, 100),
+            SlScan::default()
+        );
         let bad_depth = SlConfig { levels: 2, ..cfg };
         assert_eq!(
             scan_second_level(&mut m, &bad_depth, 0, 0, 100),
