@@ -431,3 +431,80 @@ fn msi_cap_overlaps_exactly_its_bytes() {
     assert!(cap.overlaps(0x40, 0x40), "covers it");
     assert!(!cap.overlaps(0x10, 2));
 }
+
+/// What `install` leaves in config space, as the guest reads and writes it: the control word
+/// at offset + 2 (capable bits set, only Enable and MME writable), the body zeroed over the
+/// capability's length and nowhere else, the pending bits read-only (scripts/mutants found
+/// the offsets untested).
+#[test]
+fn msi_install_lays_out_the_registers() {
+    let cap = MsiCap {
+        offset: 0x50,
+        is_64: true,
+        per_vector_mask: true,
+        mmc_log2: 2,
+    };
+    let mut cfg = ConfigSpace::new(256);
+    for off in 0x40..0x80 {
+        cfg.set_u8(off, 0xaa);
+    }
+    // Even where the space was writable before, the pending bits end up read-only.
+    cfg.set_wmask_u32(0x64, u32::MAX);
+    cap.install(&mut cfg);
+    assert_eq!(cfg.read_u16(0x52), (2 << 1) | (1 << 7) | (1 << 8));
+    for off in 0x54..0x50 + cap.len() {
+        assert_eq!(cfg.read_u8(off), 0, "body byte {off:#x}");
+    }
+    for off in (0x40..0x52).chain(0x50 + cap.len()..0x80) {
+        assert_eq!(
+            cfg.read_u8(off),
+            0xaa,
+            "byte {off:#x} outside the capability"
+        );
+    }
+    cfg.write(0x52, &0xffffu16.to_le_bytes());
+    assert_eq!(
+        cfg.read_u16(0x52),
+        (2 << 1) | (1 << 7) | (1 << 8) | 1 | (0x7 << 4),
+        "only Enable and MME are writable"
+    );
+    // Mask bits (4 vectors) writable, pending bits read-only.
+    cfg.write(0x60, &u32::MAX.to_le_bytes());
+    assert_eq!(cfg.read_u32(0x60), 0xf);
+    cfg.write(0x64, &u32::MAX.to_le_bytes());
+    assert_eq!(cfg.read_u32(0x64), 0, "pending bits written by the guest");
+}
+
+/// A guest that changes Multiple Message Enable while MSI stays enabled gets routes for the
+/// new vector count (a mutant that kept the old routes was missed).
+#[test]
+fn msi_vector_count_change_while_enabled_rebuilds_routes() {
+    let cap = MsiCap {
+        offset: MSI_OFF,
+        is_64: true,
+        per_vector_mask: true,
+        mmc_log2: 2,
+    };
+    let mut cfg = ConfigSpace::new(256);
+    cap.install(&mut cfg);
+    let mut state = MsiState::new(cap);
+    let sink = MaskSink::default();
+    cfg.write(MSI_OFF + 4, &(MSI_ADDR as u32).to_le_bytes());
+    cfg.write(MSI_OFF + 8, &((MSI_ADDR >> 32) as u32).to_le_bytes());
+    cfg.write(MSI_OFF + 0xc, &MSI_DATA.to_le_bytes());
+    cfg.write(MSI_OFF + 2, &1u16.to_le_bytes());
+    state.update(&cfg, &sink).unwrap();
+    assert_eq!(sink.masks(), vec![(0, false)], "one vector");
+    cfg.write(MSI_OFF + 2, &(1u16 | (2 << 4)).to_le_bytes());
+    state.update(&cfg, &sink).unwrap();
+    assert_eq!(
+        sink.masks(),
+        vec![(0, false), (1, false), (2, false), (3, false)],
+        "four vectors after MME = 2 while enabled"
+    );
+    assert_eq!(state.eventfds().len(), 4);
+    cfg.write(MSI_OFF + 2, &1u16.to_le_bytes());
+    state.update(&cfg, &sink).unwrap();
+    assert_eq!(sink.masks(), vec![(0, false)], "back to one");
+    assert_eq!(sink.stray(), Vec::<String>::new());
+}

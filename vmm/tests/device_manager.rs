@@ -729,3 +729,38 @@ fn add_device_rollback_at_every_step() {
     dm.remove_device("stays").unwrap();
     assert_eq!(Arc::strong_count(&stays), 1);
 }
+
+/// Generated ids are not reused after a removal (the next one counts on), and the slot an
+/// unbacked device was asked for is recorded in its config (two mutants scripts/mutants
+/// found missed).
+#[test]
+fn unbacked_auto_ids_count_on_and_slot_is_recorded() {
+    let name = "unbacked_auto_ids_count_on_and_slot_is_recorded";
+    let Some((_vm, mut dm)) = vm_with_manager(name) else {
+        return;
+    };
+    let a = dm
+        .add_unbacked_device(None, "fake-a", FakeVfio::edu_msi(), Some(5))
+        .unwrap();
+    let b = dm
+        .add_unbacked_device(None, "fake-b", FakeVfio::edu_msi(), None)
+        .unwrap();
+    assert_eq!((a.id.as_str(), b.id.as_str()), ("_vfio0", "_vfio1"));
+    // The newest generated id leaves: it is not handed out again.
+    dm.remove_device("_vfio1").unwrap();
+    let c = dm
+        .add_unbacked_device(None, "fake-c", FakeVfio::edu_msi(), None)
+        .unwrap();
+    assert_eq!(c.id, "_vfio2", "a generated id was reused");
+    let d = dm
+        .add_unbacked_device(Some("slot6"), "fake-d", FakeVfio::edu_msi(), Some(6))
+        .unwrap();
+    assert_eq!(d.bdf.to_string(), "0000:00:06.0");
+    let tree = serde_json::to_value(dm.device_tree()).unwrap();
+    let slot = tree["slot6"]["resources"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["type"] == "host"))
+        .map(|r| r["config"]["pci_device_id"].clone());
+    assert_eq!(slot, Some(serde_json::json!(6)), "{tree}");
+    dm.remove_all();
+}

@@ -270,6 +270,11 @@ mod tests {
             scan_second_level(&mut m, &cfg, 0x2000, 0x1000, 100),
             SlScan::default()
         );
+        // Inverted inside one page (that page has a leaf): still nothing.
+        assert_eq!(
+            scan_second_level(&mut m, &cfg, 0x800, 0x10, 100),
+            SlScan::default()
+        );
         let bad_depth = SlConfig { levels: 2, ..cfg };
         assert_eq!(
             scan_second_level(&mut m, &bad_depth, 0, 0, 100),
@@ -384,12 +389,14 @@ mod tests {
         assert_eq!(scan.fault_count, 1);
         assert_eq!(scan.faults[0].1.reason, FaultReason::ReservedBit);
         assert!(!scan.truncated);
-        // A table whose every entry points at itself: bounded by the step budget.
+        // A table whose every entry points at itself: bounded by the step budget. Over the
+        // first 1 GiB only (2^18 leaves), so that a budget that does not hold fails here in a
+        // moment instead of walking the whole input space.
         let mut lp = Mem(HashMap::new());
         for i in 0..512u64 {
             lp.0.insert(0x1000 + 8 * i, 0x1000 | R | W);
         }
-        let scan = scan_second_level(&mut lp, &cfg, 0, u64::MAX, 1000);
+        let scan = scan_second_level(&mut lp, &cfg, 0, (1 << 30) - 1, 1000);
         assert!(scan.truncated);
         assert_eq!(scan.leaves.len(), 1000);
     }
