@@ -80,11 +80,24 @@ pub fn bind_vfio(bdf: &str) -> Result<(), String> {
     }
     std::fs::write(d.join("driver_override"), "vfio-pci")
         .map_err(|e| format!("{bdf}: writing driver_override: {e}"))?;
-    std::fs::write("/sys/bus/pci/drivers_probe", bdf)
-        .map_err(|e| format!("{bdf}: drivers_probe: {e} (vfio.enable_unsafe_noiommu_mode=1?)"))?;
-    match driver(bdf).as_deref() {
-        Some("vfio-pci") => Ok(()),
-        other => Err(format!("{bdf}: bound to {other:?} instead of vfio-pci")),
+    // A function just hot-added shows in sysfs before the PCI core lets drivers match it
+    // (pci_bus_add_device sets match_driver after device_add); on an SMP guest this task
+    // can run in between, and the probe then binds nothing. So probe again until the
+    // deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        std::fs::write("/sys/bus/pci/drivers_probe", bdf).map_err(|e| {
+            format!("{bdf}: drivers_probe: {e} (vfio.enable_unsafe_noiommu_mode=1?)")
+        })?;
+        match driver(bdf).as_deref() {
+            Some("vfio-pci") => return Ok(()),
+            other if std::time::Instant::now() >= deadline => {
+                return Err(format!(
+                    "{bdf}: bound to {other:?} instead of vfio-pci after probing for 10 s"
+                ))
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
     }
 }
 
