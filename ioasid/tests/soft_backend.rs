@@ -1522,6 +1522,24 @@ fn soft_backend_errors_match_kernel() {
     );
     assert_eq!(iommu.ioas_copy(&copy(0x10000, PAGE)).unwrap(), 0x9000);
     assert_eq!(iommu.mappings(dst).unwrap()[0].2, ram.base());
+    // A copy from the middle of an area shares the pages at that offset, not the area's
+    // start (a mutant of the piece's host address was missed).
+    let (src2, dst2) = (iommu.ioas_alloc().unwrap(), iommu.ioas_alloc().unwrap());
+    ram.map(&iommu, src2, 2 * PAGE, 6 * PAGE, Perm::RW);
+    let mid = ioasid::CopyRequest {
+        src: src2,
+        src_iova: 5 * PAGE,
+        dst: dst2,
+        dst_iova: Some(0x9000),
+        len: 2 * PAGE,
+        perm: Perm::RW,
+    };
+    assert_eq!(iommu.ioas_copy(&mid).unwrap(), 0x9000);
+    let m = iommu.mappings(dst2).unwrap();
+    assert_eq!(
+        (m[0].0, m[0].1, m[0].2),
+        (0x9000, 2 * PAGE, ram.base() + 5 * PAGE)
+    );
     assert!(iommu
         .ioas_map_file(
             ioas,
