@@ -85,8 +85,6 @@ fn boot() -> Result<SvaRun, String> {
         PLATFORM,
         "--api-socket",
         &sock.display().to_string(),
-        "--cpus",
-        "boot=1",
     ]
     .map(str::to_string);
     let mut vm = L3Session::start_cmdline(

@@ -121,8 +121,6 @@ fn boot() -> Result<ViommuRun, String> {
         PLATFORM,
         "--api-socket",
         &sock.display().to_string(),
-        "--cpus",
-        "boot=1",
     ]
     .map(str::to_string);
     let mut vm =
