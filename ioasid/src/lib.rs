@@ -29,6 +29,8 @@ pub mod pasid;
 pub mod select;
 pub mod soft;
 pub mod sysfs;
+#[doc(hidden)]
+pub mod test_skip;
 pub mod type1;
 pub mod types;
 

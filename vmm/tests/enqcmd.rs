@@ -109,7 +109,7 @@ fn enqcmd_reserved_pasid_gp() {
     let state = match pvm.vm().ia32_pasid() {
         Ok(s) => s.clone(),
         Err(e) => {
-            println!("{NAME}: skipped: {e}");
+            common::skip(NAME, &e.to_string());
             return;
         }
     };
@@ -215,7 +215,7 @@ fn enqcmd_ia32_pasid_reaches_the_vcpu_thread() {
 
     let mut pvm = PayloadVm::new(MEM, IrqchipMode::Off).unwrap();
     if let Err(e) = pvm.vm().ia32_pasid() {
-        println!("{NAME}: skipped: {e}");
+        common::skip(NAME, &e.to_string());
         return;
     }
     let seen: Seen = Arc::default();

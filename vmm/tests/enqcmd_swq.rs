@@ -462,7 +462,7 @@ fn portal_vm(name: &str) -> Option<(PayloadVm, DeviceManager, Guest, SharedPciDe
     }
     let pvm = PayloadVm::new(RAM, IrqchipMode::Off).unwrap();
     if let Err(e) = pvm.vm().ia32_pasid() {
-        println!("{name}: skipped: this KVM cannot virtualize IA32_PASID: {e}");
+        common::skip(name, &format!("this KVM cannot virtualize IA32_PASID: {e}"));
         return None;
     }
     let mut dm = DeviceManager::new(pvm.vm(), pasid_setup(20)).unwrap();

@@ -418,9 +418,12 @@ fn msix_table_writes_produce_routes() {
 #[test]
 fn bar_plans_trap_msix_and_follow_sparse_mmap() {
     if page_size() != 4096 {
-        eprintln!(
-            "skipped: expectations are written for 4 KiB pages, host has {}",
-            page_size()
+        ioasid::test_skip::record(
+            "",
+            &format!(
+                "expectations are written for 4 KiB pages, host has {}",
+                page_size()
+            ),
         );
         return;
     }

@@ -303,13 +303,15 @@ mod tests {
         let path = std::env::var("IOASID_VFIO_H")
             .unwrap_or_else(|_| "/usr/include/linux/vfio.h".to_string());
         let Ok(header) = std::fs::read_to_string(&path) else {
-            println!("SKIP attach_pt_number_matches_the_installed_header: no {path}");
+            crate::test_skip::record("", &format!("no {path}"));
             return;
         };
         let Some(n) = vfio_nr_in_header(&header, "VFIO_DEVICE_ATTACH_IOMMUFD_PT") else {
-            println!(
-                "SKIP attach_pt_number_matches_the_installed_header: {path} predates \
-                 VFIO_DEVICE_ATTACH_IOMMUFD_PT (Linux < 6.6 uAPI headers)"
+            crate::test_skip::record(
+                "",
+                &format!(
+                    "{path} predates VFIO_DEVICE_ATTACH_IOMMUFD_PT (Linux < 6.6 uAPI headers)"
+                ),
             );
             return;
         };
@@ -357,7 +359,7 @@ mod tests {
     fn attach_pt_on_a_non_vfio_fd_returns_the_errno() {
         let null = std::fs::File::open("/dev/null");
         let Ok(null) = null else {
-            println!("SKIP attach_pt_on_a_non_vfio_fd_returns_the_errno: no /dev/null");
+            crate::test_skip::record("", "no /dev/null");
             return;
         };
         assert_eq!(device_attach_pt(&null, 1), Err(Errno(libc::ENOTTY)));

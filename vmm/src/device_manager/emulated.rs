@@ -341,7 +341,7 @@ mod tests {
     fn emulated_device_dma_goes_through_the_viommu_on_its_soft_backend() {
         let name = "emulated_device_dma_goes_through_the_viommu_on_its_soft_backend";
         if !std::path::Path::new("/dev/kvm").exists() {
-            println!("{name}: skipped: no /dev/kvm");
+            ioasid::test_skip::record(name, "no /dev/kvm");
             return;
         }
         let vm = Vm::new(VmOptions {

@@ -36,19 +36,7 @@ pub const HANG_GUARD: Duration = Duration::from_secs(20);
 /// and counts the skips in its summary (`N passed, N failed, N skipped`), so a skipped test
 /// is not reported as passed.
 pub fn skip(test: &str, reason: &str) {
-    println!("SKIP {test}: {reason}");
-    if let Some(path) = std::env::var_os("IOASID_TEST_SKIPS") {
-        use std::io::Write;
-        let line = format!("{test}\t{}\n", reason.replace(['\t', '\n'], " "));
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| f.write_all(line.as_bytes()));
-        if let Err(e) = written {
-            eprintln!("SKIP {test}: cannot record the skip in {path:?}: {e}");
-        }
-    }
+    ioasid::test_skip::record(test, reason);
 }
 
 /// Whether /dev/kvm exists; reports the skip ([`skip`]) when it does not.
