@@ -220,15 +220,25 @@ impl L3Session {
         extra: &[String],
     ) -> Result<Self, String> {
         l3_pieces()?;
-        let serial = PathBuf::from(format!("/tmp/l3-{name}.serial"));
+        let serial = Self::serial_path(name);
         let _ = std::fs::remove_file(&serial);
+        Self::spawn(name, vmm_command(cmdline, devices, extra, &serial), serial)
+    }
+
+    /// Where the guest's serial output of the run `name` goes.
+    pub fn serial_path(name: &str) -> PathBuf {
+        PathBuf::from(format!("/tmp/l3-{name}.serial"))
+    }
+
+    /// Starts the VMM as `c` says (its serial output going to `serial`), stderr drained.
+    pub fn spawn(name: &str, mut c: Command, serial: PathBuf) -> Result<Self, String> {
         let start = Instant::now();
-        let mut child = vmm_command(cmdline, devices, extra, &serial)
+        let mut child = c
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start {VMM_BIN}: {e}"))?;
+            .map_err(|e| format!("cannot start {VMM_BIN} ({name}): {e}"))?;
         // Drain stderr on a thread so a chatty log cannot block the VMM.
         let mut err = child.stderr.take();
         let reader = std::thread::spawn(move || {

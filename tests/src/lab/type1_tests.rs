@@ -7,12 +7,11 @@
 //! is also checked with an L3 guest whose edu DMA must read back the bytes it wrote.
 
 use std::ffi::CString;
-use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ioasid::iommufd::sys;
 use ioasid::{
@@ -23,7 +22,7 @@ use vfio_ioctls::VfioDevice;
 
 use super::env::{edu_path, pattern};
 use super::l3_tests::{
-    l3_cmdline, l3_pieces, remote, tail, wait_child, L3Outcome, L3_INITRD, L3_KERNEL, REMOTE_BIN,
+    l3_cmdline, l3_pieces, remote, tail, L3Session, L3_INITRD, L3_KERNEL, MAIN_CPUS, REMOTE_BIN,
     VMM_BIN,
 };
 use crate::dmabuf::DmaBuf;
@@ -841,13 +840,7 @@ impl HideIommu {
 
 /// An L3 guest under `ioasid-vmm` started with this module's options (RAM, a mount
 /// namespace without `/dev/iommu`).
-struct L3 {
-    name: String,
-    child: Child,
-    serial: PathBuf,
-    start: Instant,
-    reader: Option<std::thread::JoinHandle<String>>,
-}
+struct L3;
 
 impl L3 {
     fn start(
@@ -857,9 +850,9 @@ impl L3 {
         extra: &[&str],
         memory: &str,
         hide_iommu: bool,
-    ) -> Result<Self, String> {
+    ) -> Result<L3Session, String> {
         l3_pieces()?;
-        let serial = PathBuf::from(format!("/tmp/l3-{name}.serial"));
+        let serial = L3Session::serial_path(name);
         let _ = std::fs::remove_file(&serial);
         let mut c = Command::new(VMM_BIN);
         c.args([
@@ -870,7 +863,7 @@ impl L3 {
             "--cmdline",
             cmdline,
         ])
-        .args(["--memory", memory, "--cpus", "boot=1"])
+        .args(["--memory", memory, "--cpus", &format!("boot={MAIN_CPUS}")])
         .arg("--serial")
         .arg(format!("file={}", serial.display()));
         for d in devices {
@@ -883,86 +876,20 @@ impl L3 {
             // before the fork (no allocation, no locks), as pre_exec requires.
             unsafe { c.pre_exec(move || ns.apply()) };
         }
-        let start = Instant::now();
-        let mut child = c
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start {VMM_BIN} ({name}): {e}"))?;
-        let mut err = child.stderr.take();
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(e) = err.as_mut() {
-                let _ = e.read_to_string(&mut s);
-            }
-            s
-        });
-        Ok(L3 {
-            name: name.to_string(),
-            child,
-            serial,
-            start,
-            reader: Some(reader),
-        })
-    }
-
-    fn serial(&self) -> String {
-        std::fs::read_to_string(&self.serial).unwrap_or_default()
-    }
-
-    /// Waits until the serial output contains `marker` (false at the deadline or exit).
-    fn wait_serial(&mut self, marker: &str, limit: Duration) -> bool {
-        let start = Instant::now();
-        loop {
-            if self.serial().contains(marker) {
-                return true;
-            }
-            if start.elapsed() > limit || matches!(self.child.try_wait(), Ok(Some(_))) {
-                return self.serial().contains(marker);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The VMM's open files (link targets of /proc/PID/fd), read by the kernel.
-    fn fd_targets(&self) -> Vec<String> {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| std::fs::read_link(e.path()).ok())
-                    .map(|t| t.display().to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    fn finish(mut self, limit: Duration) -> L3Outcome {
-        let status = wait_child(&mut self.child, limit);
-        let elapsed = self.start.elapsed();
-        let vmm_log = self
-            .reader
-            .take()
-            .and_then(|r| r.join().ok())
-            .unwrap_or_default();
-        let out = L3Outcome {
-            status,
-            serial: self.serial(),
-            vmm_log,
-            elapsed,
-        };
-        println!("LAB-INFO l3 run {}: {}", self.name, out.describe_exit());
-        out
+        L3Session::spawn(name, c, serial)
     }
 }
 
-impl Drop for L3 {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// The VMM's open files (link targets of /proc/PID/fd), read by the kernel.
+fn fd_targets(vm: &L3Session) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{}/fd", vm.pid()))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|t| t.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The VMM's VFIO files: the type1 container and edu's group open, no iommufd and no cdev.
@@ -1052,7 +979,7 @@ fn linux_guest_edu_type1() -> TestResult {
         "add-device reply lacks the id: {added}"
     );
     let ready = vm.wait_serial("L3-READY unplug", Duration::from_secs(120));
-    let fds = vm.fd_targets();
+    let fds = fd_targets(&vm);
     if ready {
         if let Err(e) = remote(&sock, &["remove-device", "edu-t1"]) {
             let out = vm.finish(Duration::from_secs(1));
@@ -1106,7 +1033,7 @@ fn vmm_auto_falls_back_to_type1() -> TestResult {
         true,
     )?;
     let booted = vm.wait_serial("L3-INIT", Duration::from_secs(120));
-    let fds = vm.fd_targets();
+    let fds = fd_targets(&vm);
     let out = vm.finish(Duration::from_secs(240));
     ensure!(
         booted,
