@@ -50,12 +50,16 @@ pub fn to_api(cfg: &VmConfig) -> ApiVmConfig {
         },
     };
     let mut platform = BTreeMap::new();
-    let iommufd = match cfg.platform.iommufd {
+    let on_off_auto = |v: OnOffAuto| match v {
         OnOffAuto::On => "on",
         OnOffAuto::Off => "off",
         OnOffAuto::Auto => "auto",
     };
-    platform.insert("iommufd".to_string(), Value::from(iommufd));
+    let on_off = |b: bool| if b { "on" } else { "off" };
+    platform.insert(
+        "iommufd".to_string(),
+        Value::from(on_off_auto(cfg.platform.iommufd)),
+    );
     if cfg.platform.hwpt == HwptMode::Explicit {
         platform.insert("hwpt".to_string(), Value::from("explicit"));
     }
@@ -67,6 +71,19 @@ pub fn to_api(cfg: &VmConfig) -> ApiVmConfig {
         ViommuKind::Vtd => "vtd",
     };
     platform.insert("viommu".to_string(), Value::from(viommu));
+    if cfg.platform.viommu == ViommuKind::Vtd {
+        // The VT-d unit's options under their command-line names, so that vm.create takes
+        // this platform map back as it is.
+        let vtd = &cfg.platform.vtd;
+        for (k, v) in [
+            ("scalable-mode", Value::from(on_off(vtd.scalable_mode))),
+            ("fsts", Value::from(on_off_auto(vtd.fsts))),
+            ("pasid-bits", Value::from(vtd.pasid_bits)),
+            ("svm", Value::from(on_off(vtd.svm))),
+        ] {
+            platform.insert(k.to_string(), v);
+        }
+    }
     if let Some(w) = cfg.platform.iommu_address_width {
         platform.insert("iommu_address_width".to_string(), Value::from(w));
     }
@@ -223,3 +240,44 @@ pub fn from_api(c: &ApiVmConfig, api_socket: Option<PathBuf>) -> Result<VmConfig
 #[derive(Debug, thiserror::Error)]
 #[error("Invalid VmConfig")]
 struct InvalidConfig(#[source] crate::config::ConfigError);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::VmArgs;
+
+    /// `vm.info`'s config goes back into `vm.create` unchanged: the VT-d options included.
+    #[test]
+    fn info_platform_round_trips_through_create() {
+        let a = VmArgs {
+            kernel: Some("/boot/vmlinuz".into()),
+            platform: Some(
+                "iommufd=auto,hwpt=explicit,viommu=vtd,scalable-mode=on,fsts=on,pasid-bits=20,\
+                 svm=on"
+                    .to_string(),
+            ),
+            ..Default::default()
+        };
+        let cfg = VmConfig::from_args(&a).unwrap();
+        let api = to_api(&cfg);
+        let want = [
+            ("iommufd", Value::from("auto")),
+            ("hwpt", Value::from("explicit")),
+            ("viommu", Value::from("vtd")),
+            ("scalable-mode", Value::from("on")),
+            ("fsts", Value::from("on")),
+            ("pasid-bits", Value::from(20u8)),
+            ("svm", Value::from("on")),
+        ];
+        for (k, v) in &want {
+            assert_eq!(
+                api.platform.get(*k),
+                Some(v),
+                "platform.{k} in {:?}",
+                api.platform
+            );
+        }
+        let back = from_api(&api, None).unwrap();
+        assert_eq!(back.platform, cfg.platform);
+    }
+}
