@@ -243,6 +243,8 @@ struct InvalidConfig(#[source] crate::config::ConfigError);
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use crate::config::VmArgs;
 
