@@ -370,9 +370,9 @@ mod tests {
 
     #[test]
     fn iotlb_holds_a_full_cache_of_one_context() {
-        // 64 sets of 4 ways: 16 consecutive pages of one device, and one page of 16 devices,
-        // all stay cached (the set hash spreads them; a hash that ignores the page or the
-        // device puts them in one set, which keeps 4).
+        // 64 sets of 4 ways: 16 consecutive pages of one device, one page of 16 devices, one
+        // page of 16 PASIDs all stay cached (the set hash spreads them; a hash that ignores
+        // the page, the device or the PASID puts them in one set, which keeps 4).
         let mut t = Iotlb::new(64);
         for vpn in 0..16 {
             t.insert(entry(vpn, 5, NO_PASID));
@@ -396,6 +396,14 @@ mod tests {
                 t.lookup(dev, NO_PASID, 0x42 << 12, R).is_some(),
                 "dev {dev}"
             );
+        }
+        assert_eq!(t.stats().misses, 0);
+        let mut t = Iotlb::new(64);
+        for pasid in 0..16 {
+            t.insert(entry(0x42, 5, pasid));
+        }
+        for pasid in 0..16 {
+            assert!(t.lookup(1, pasid, 0x42 << 12, R).is_some(), "pasid {pasid}");
         }
         assert_eq!(t.stats().misses, 0);
     }
