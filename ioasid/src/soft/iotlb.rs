@@ -369,6 +369,28 @@ mod tests {
     }
 
     #[test]
+    fn iotlb_entry_rights_follow_second_level() {
+        // Stage 2 allows everything; the guest's second-level leaf is write-only, then
+        // read/execute-only.
+        let sl = |read, write, exec| Entry {
+            s2_write: true,
+            rights: Rights::SecondLevel { read, write, exec },
+            ..entry(1, 5, 0)
+        };
+        let wo = sl(false, true, false);
+        assert!(wo.allows(perm(false, true, false)));
+        assert!(!wo.allows(perm(true, false, false)));
+        assert!(!wo.allows(perm(true, true, false)));
+        assert!(!wo.allows(perm(true, false, true)));
+        let rx = sl(true, false, true);
+        assert!(rx.allows(perm(true, false, false)));
+        assert!(rx.allows(perm(true, false, true)));
+        assert!(!rx.allows(perm(false, true, false)));
+        let r = sl(true, false, false);
+        assert!(!r.allows(perm(true, false, true)));
+    }
+
+    #[test]
     fn iotlb_holds_a_full_cache_of_one_context() {
         // 64 sets of 4 ways: 16 consecutive pages of one device, one page of 16 devices, one
         // page of 16 PASIDs all stay cached (the set hash spreads them; a hash that ignores
