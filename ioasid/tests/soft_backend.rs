@@ -1394,6 +1394,9 @@ fn soft_fault_record_matches_kernel_type() {
         };
         assert_eq!(rec.addr, va2);
         assert_ne!(rec.cookie, pf.cookie);
+        // Each page request group of the device has its own 9-bit group index.
+        assert_ne!(rec.grpid, pf.grpid);
+        assert!(pf.grpid < 0x200 && rec.grpid < 0x200);
         queue
             .respond(PageResponse {
                 cookie: rec.cookie,

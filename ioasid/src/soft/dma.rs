@@ -31,6 +31,12 @@ use super::walk_s1::walk_first_stage;
 use super::walk_sl::walk_second_level;
 use super::{pasid_tag, GuestTable, SoftIommu, State};
 
+/// The 4 KiB page holding `addr`.
+#[inline]
+fn page_of(addr: u64) -> u64 {
+    addr & !0xfff
+}
+
 /// How a device issues a DMA.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct DmaRequest {
@@ -143,9 +149,9 @@ impl SoftIommu {
                     }
                 }
             }
-            None => (addr, addr & !0xfff, 4096, Rights::Stage2),
+            None => (addr, page_of(addr), 4096, Rights::Stage2),
         };
-        let page = s2_in & !0xfff;
+        let page = page_of(s2_in);
         let s2_miss = |reason| Miss {
             reason,
             recoverable: !nested,

@@ -139,11 +139,15 @@ pub struct Iotlb {
     generation: u64,
 }
 
+/// The set of a page and context: Fibonacci hashing, the top `log2(sets)` bits of the
+/// product. (A multiplication carries input bits only upwards, so the top bits are the ones
+/// every input bit reaches; the device at bit 44 never reached the bits 32 and up this took
+/// before, and every device's IOVA 0 shared one set.)
 #[inline]
 fn set_index(vpn: u64, dev: u32, pasid: u32, mask: usize) -> usize {
     let h = (vpn ^ (u64::from(dev) << 44) ^ (u64::from(pasid) << 24))
         .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (h >> 32) as usize & mask
+    h.rotate_left(mask.count_ones()) as usize & mask
 }
 
 impl Iotlb {
@@ -165,7 +169,8 @@ impl Iotlb {
     pub fn lookup(&mut self, dev: u32, pasid: u32, addr: u64, access: FaultPerm) -> Option<Entry> {
         let vpn = addr >> 12;
         let set = set_index(vpn, dev, pasid, self.set_mask);
-        let ways = &self.entries[set * WAYS..set * WAYS + WAYS];
+        let base = set * WAYS;
+        let ways = &self.entries[base..base + WAYS];
         for e in ways {
             if e.vpn == vpn && e.tag.dev == dev && e.tag.pasid == pasid && e.allows(access) {
                 self.stats.hits += 1;
@@ -332,5 +337,149 @@ mod tests {
         t.invalidate_domain(5, None);
         assert!(t.lookup(1, 0, 3 << 12, R).is_none());
         assert!(t.stats().hits >= 2);
+    }
+
+    fn perm(read: bool, write: bool, exec: bool) -> FaultPerm {
+        FaultPerm {
+            read,
+            write,
+            exec,
+            privileged: false,
+        }
+    }
+
+    #[test]
+    fn iotlb_entry_rights_follow_stage2() {
+        // A write-only stage-2 mapping: writes hit, reads and instruction fetches (which need
+        // stage-2 read) do not.
+        let wo = Entry {
+            s2_read: false,
+            s2_write: true,
+            ..entry(1, 5, 0)
+        };
+        assert!(wo.allows(perm(false, true, false)));
+        assert!(!wo.allows(perm(true, false, false)));
+        assert!(!wo.allows(perm(false, false, true)));
+        assert!(!wo.allows(perm(true, false, true)));
+        // Read-only: reads and fetches hit, writes do not.
+        let ro = entry(1, 5, 0);
+        assert!(ro.allows(perm(true, false, false)));
+        assert!(ro.allows(perm(false, false, true)));
+        assert!(!ro.allows(perm(false, true, false)));
+    }
+
+    #[test]
+    fn iotlb_entry_rights_follow_second_level() {
+        // Stage 2 allows everything; the guest's second-level leaf is write-only, then
+        // read/execute-only.
+        let sl = |read, write, exec| Entry {
+            s2_write: true,
+            rights: Rights::SecondLevel { read, write, exec },
+            ..entry(1, 5, 0)
+        };
+        let wo = sl(false, true, false);
+        assert!(wo.allows(perm(false, true, false)));
+        assert!(!wo.allows(perm(true, false, false)));
+        assert!(!wo.allows(perm(true, true, false)));
+        assert!(!wo.allows(perm(true, false, true)));
+        let rx = sl(true, false, true);
+        assert!(rx.allows(perm(true, false, false)));
+        assert!(rx.allows(perm(true, false, true)));
+        assert!(!rx.allows(perm(false, true, false)));
+        let r = sl(true, false, false);
+        assert!(!r.allows(perm(true, false, true)));
+    }
+
+    #[test]
+    fn iotlb_holds_a_full_cache_of_one_context() {
+        // 64 sets of 4 ways: 16 consecutive pages of one device, one page of 16 devices, one
+        // page of 16 PASIDs all stay cached (the set hash spreads them; a hash that ignores
+        // the page, the device or the PASID puts them in one set, which keeps 4).
+        let mut t = Iotlb::new(64);
+        for vpn in 0..16 {
+            t.insert(entry(vpn, 5, NO_PASID));
+        }
+        for vpn in 0..16 {
+            assert!(t.lookup(1, NO_PASID, vpn << 12, R).is_some(), "vpn {vpn}");
+        }
+        let mut t = Iotlb::new(64);
+        for dev in 0..16 {
+            t.insert(Entry {
+                tag: Tag {
+                    dev,
+                    pasid: NO_PASID,
+                    domain: 5,
+                },
+                ..entry(0x42, 5, NO_PASID)
+            });
+        }
+        for dev in 0..16 {
+            assert!(
+                t.lookup(dev, NO_PASID, 0x42 << 12, R).is_some(),
+                "dev {dev}"
+            );
+        }
+        assert_eq!(t.stats().misses, 0);
+        let mut t = Iotlb::new(64);
+        for pasid in 0..16 {
+            t.insert(entry(0x42, 5, pasid));
+        }
+        for pasid in 0..16 {
+            assert!(t.lookup(1, pasid, 0x42 << 12, R).is_some(), "pasid {pasid}");
+        }
+        assert_eq!(t.stats().misses, 0);
+    }
+
+    #[test]
+    fn iotlb_invalidations_drop_exactly_their_entries() {
+        let mut t = Iotlb::new(64);
+        let dev = |d: u32, pasid: u32, ioas: u32| Entry {
+            tag: Tag {
+                dev: d,
+                pasid,
+                domain: ioas,
+            },
+            ioas,
+            ..entry(7, ioas, pasid)
+        };
+        t.insert(dev(1, 3, 10));
+        t.insert(dev(1, 4, 10));
+        t.insert(dev(2, 3, 11));
+        t.insert(dev(2, 4, 11));
+        // One context: device 1, PASID 3; not device 1's other PASID nor device 2's PASID 3.
+        assert_eq!(t.invalidate_context(1, 3), 1);
+        assert!(t.lookup(1, 3, 7 << 12, R).is_none());
+        assert!(t.lookup(1, 4, 7 << 12, R).is_some());
+        assert!(t.lookup(2, 3, 7 << 12, R).is_some());
+        assert_eq!(t.stats().invalidated, 1);
+        // One device.
+        assert_eq!(t.invalidate_device(1), 1);
+        assert!(t.lookup(1, 4, 7 << 12, R).is_none());
+        assert!(t.lookup(2, 3, 7 << 12, R).is_some());
+        t.insert(dev(1, 4, 10));
+        // One IOAS.
+        assert_eq!(t.invalidate_ioas(11), 2);
+        assert!(t.lookup(2, 3, 7 << 12, R).is_none());
+        assert!(t.lookup(2, 4, 7 << 12, R).is_none());
+        assert!(t.lookup(1, 4, 7 << 12, R).is_some());
+        assert_eq!(t.invalidate_ioas(11), 0);
+        assert_eq!(t.stats().invalidated, 4);
+    }
+
+    #[test]
+    fn iotlb_walk_older_than_an_invalidation_is_not_cached() {
+        let mut t = Iotlb::new(4);
+        let g = t.generation();
+        t.insert_if_generation(entry(1, 5, 0), g);
+        assert!(t.lookup(1, 0, 1 << 12, R).is_some());
+        let g = t.generation();
+        // An invalidation (even one that drops nothing) runs while the walk is in flight.
+        assert_eq!(t.invalidate_device(9), 0);
+        t.insert_if_generation(entry(2, 5, 0), g);
+        assert!(t.lookup(1, 0, 2 << 12, R).is_none());
+        let g = t.generation();
+        t.invalidate_all();
+        t.insert_if_generation(entry(3, 5, 0), g);
+        assert!(t.lookup(1, 0, 3 << 12, R).is_none());
     }
 }

@@ -380,4 +380,63 @@ mod tests {
         assert_eq!(s.pieces(0x1000, 0x2000, Perm::RW), Err(libc::EPERM));
         assert_eq!(s.pieces(0x1000, 0x3000, Perm::RO), Err(libc::ENOENT));
     }
+
+    #[test]
+    fn pieces_from_the_middle_of_mappings() {
+        let mut s = Ioas::new(48);
+        s.insert(0x1_0000, 0x4000, 0xa_0000, Perm::RW);
+        s.insert(0x1_4000, 0x4000, 0xf_0000, Perm::RW);
+        s.insert(0x1_8000, 0x1000, 0x3_0000, Perm::RW);
+        // Starts two pages into the first mapping, crosses the second whole, ends in the third.
+        assert_eq!(
+            s.pieces(0x1_2000, 0x7000, Perm::RW).unwrap(),
+            vec![
+                (0x1_2000, 0x2000, 0xa_2000),
+                (0x1_4000, 0x4000, 0xf_0000),
+                (0x1_8000, 0x1000, 0x3_0000),
+            ]
+        );
+        assert_eq!(
+            s.pieces(0x1_5000, 0x1000, Perm::RO).unwrap(),
+            vec![(0x1_5000, 0x1000, 0xf_1000)]
+        );
+    }
+
+    #[test]
+    fn mappings_report_lengths() {
+        let mut s = Ioas::new(48);
+        s.insert(0x1_0000, 0x4000, 0xa_0000, Perm::RW);
+        s.insert(0x2_0000, 0x1000, 0xb_0000, Perm::RO);
+        assert_eq!(
+            s.mappings().collect::<Vec<_>>(),
+            vec![
+                (0x1_0000, 0x4000, 0xa_0000, Perm::RW),
+                (0x2_0000, 0x1000, 0xb_0000, Perm::RO),
+            ]
+        );
+    }
+
+    #[test]
+    fn allowed_iovas_may_be_several_but_not_overlap() {
+        let mut s = Ioas::new(48);
+        let r = |start, last| IovaRange { start, last };
+        // Disjoint windows, given out of order, are accepted (and sorted).
+        s.allow(&[r(0x20_0000, 0x20_ffff), r(0x10_0000, 0x10_ffff)])
+            .unwrap();
+        assert_eq!(s.check_map(None, 0x1000), Ok(0x10_0000));
+        assert_eq!(s.check_map(None, 0x1_0000), Ok(0x10_0000));
+        // Adjacent windows do not overlap either.
+        s.allow(&[r(0x10_0000, 0x10_ffff), r(0x11_0000, 0x11_ffff)])
+            .unwrap();
+        // Overlapping windows, or sharing one IOVA, are refused and keep the old windows.
+        assert_eq!(
+            s.allow(&[r(0x10_0000, 0x10_ffff), r(0x10_f000, 0x11_ffff)]),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            s.allow(&[r(0x10_0000, 0x10_ffff), r(0x10_ffff, 0x11_ffff)]),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(s.check_map(None, 0x1000), Ok(0x10_0000));
+    }
 }
