@@ -984,6 +984,31 @@ fn soft_stage2_permissions_hold() {
     assert!(ram.guards_intact());
 }
 
+/// A device's page request group index is a 9-bit counter (PRGI): 0, 1, ... 511, 0 (every
+/// recoverable fault takes the next one, whether or not the queue had room for it).
+#[test]
+fn soft_page_request_group_index_wraps_at_9_bits() {
+    let ram = Ram::new(1 << 20);
+    let iommu = ram.iommu();
+    let queue = iommu.fault_queue_alloc().unwrap();
+    let pasid = Some(Pasid(3));
+    let n = nested(&iommu, s1(0x1000, 48, true, false), pasid, Some(queue.id()));
+    ram.map(&iommu, n.ioas, 0, 1 << 20, Perm::RW);
+    let pri = DmaRequest {
+        pri: true,
+        ..DmaRequest::default()
+    };
+    for i in 0..514u64 {
+        let grpid = match iommu.dma_write(n.dev, pasid, 0x5000_0000 + i * PAGE, &[0], pri) {
+            Err(DmaError::PageRequest(p)) => p.fault().grpid,
+            Err(DmaError::Aborted(f)) => f.grpid,
+            other => panic!("request {i}: expected a page request, got {other:?}"),
+        };
+        assert_eq!(u64::from(grpid), i % 512, "request {i}");
+    }
+    drop(queue);
+}
+
 /// The walk counters count what the walk did: a first-stage miss reads one entry per level
 /// and sets A on each (and D on the leaf for a write); a hit reads nothing (scripts/mutants
 /// found the counters untested).
