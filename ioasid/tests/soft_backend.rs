@@ -953,8 +953,19 @@ fn soft_stage2_permissions_hold() {
             .unwrap_err();
         assert_eq!(fault_reason(e), FaultReason::Permission);
         assert_eq!(ram.r64(0x1_0000), 0x1111);
+        let e = iommu
+            .dma_write_wait(dev, None, 0x1_0000, &[0xff; 8], req, Duration::from_secs(5))
+            .unwrap_err();
+        assert_eq!(fault_reason(e), FaultReason::Permission);
         iommu
-            .dma_write(dev, None, 0x2_0000, &0x3333u64.to_le_bytes(), req)
+            .dma_write_wait(
+                dev,
+                None,
+                0x2_0000,
+                &0x3333u64.to_le_bytes(),
+                req,
+                Duration::from_secs(5),
+            )
             .unwrap();
         let e = read_u64_dma(&iommu, dev, None, 0x2_0000).unwrap_err();
         assert_eq!(fault_reason(e), FaultReason::Permission);
@@ -982,6 +993,32 @@ fn soft_stage2_permissions_hold() {
         "{recs:?}"
     );
     assert!(ram.guards_intact());
+}
+
+/// An instruction-fetch DMA (`DmaRequest::exec`) is refused by an execute-disable leaf,
+/// uncached and cached, while a plain read of the same page passes.
+#[test]
+fn soft_exec_request_honours_xd() {
+    let ram = Ram::new(1 << 20);
+    let iommu = ram.iommu();
+    let pasid = Some(Pasid(5));
+    let n = nested(&iommu, s1(0x1000, 48, true, false), pasid, None);
+    ram.map(&iommu, n.ioas, 0, 1 << 20, Perm::RW);
+    let va = 0x6000_0000u64;
+    map_4k(&ram, va, 0x30_000);
+    let idx = (va >> 12) & 0x1ff;
+    ram.w64(0x4000 + idx * 8, 0x30_000 | P | RW | US | XD);
+    ram.w64(0x30_000, 0x5a5a);
+    let fetch = DmaRequest {
+        exec: true,
+        ..DmaRequest::default()
+    };
+    let mut b = [0u8; 8];
+    for _ in 0..2 {
+        let e = iommu.dma_read(n.dev, pasid, va, &mut b, fetch).unwrap_err();
+        assert_eq!(fault_reason(e), FaultReason::Permission);
+        assert_eq!(read_u64_dma(&iommu, n.dev, pasid, va).unwrap(), 0x5a5a);
+    }
 }
 
 /// A device's page request group index is a 9-bit counter (PRGI): 0, 1, ... 511, 0 (every
