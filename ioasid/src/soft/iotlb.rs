@@ -421,6 +421,23 @@ mod tests {
     }
 
     #[test]
+    fn iotlb_full_set_evicts_round_robin() {
+        // One set of 4 ways, 300 pages (past the u8 victim counter's wrap): the last 4
+        // inserted are always the ones cached.
+        let mut t = Iotlb::new(1);
+        for vpn in 0..300 {
+            t.insert(entry(vpn, 5, 0));
+            for back in 0..4.min(vpn + 1) {
+                let v = vpn - back;
+                assert!(t.lookup(1, 0, v << 12, R).is_some(), "{v} after {vpn}");
+            }
+            if vpn >= 4 {
+                assert!(t.lookup(1, 0, (vpn - 4) << 12, R).is_none(), "{vpn}");
+            }
+        }
+    }
+
+    #[test]
     fn iotlb_holds_a_full_cache_of_one_context() {
         // 64 sets of 4 ways: 16 consecutive pages of one device, one page of 16 devices, one
         // page of 16 PASIDs all stay cached (the set hash spreads them; a hash that ignores
