@@ -929,6 +929,123 @@ fn read_u64_dma(
     Ok(u64::from_le_bytes(b))
 }
 
+/// Stage-2 permissions hold for every access, cached or not: a write to a read-only mapping
+/// and a read of a write-only one fault (Permission) and leave memory as it was; in a nested
+/// domain a stage-2 miss is the host's, so even with PRI it is an unrecoverable fault, never
+/// a page request to the guest (scripts/mutants found both untested).
+#[test]
+fn soft_stage2_permissions_hold() {
+    let ram = Ram::new(1 << 20);
+    let iommu = ram.iommu();
+    let dev = iommu.register_device("perm").unwrap();
+    let ioas = iommu.ioas_alloc().unwrap();
+    iommu.attach(dev, None, PtId::Ioas(ioas)).unwrap();
+    ram.map(&iommu, ioas, 0x1_0000, PAGE, Perm::RO);
+    ram.map(&iommu, ioas, 0x2_0000, PAGE, Perm::WO);
+    ram.w64(0x1_0000, 0x1111);
+    ram.w64(0x2_0000, 0x2222);
+    let req = DmaRequest::default();
+    for _ in 0..2 {
+        // The second round runs with the read (and the write) cached.
+        assert_eq!(read_u64_dma(&iommu, dev, None, 0x1_0000).unwrap(), 0x1111);
+        let e = iommu
+            .dma_write(dev, None, 0x1_0000, &[0xff; 8], req)
+            .unwrap_err();
+        assert_eq!(fault_reason(e), FaultReason::Permission);
+        assert_eq!(ram.r64(0x1_0000), 0x1111);
+        let e = iommu
+            .dma_write_wait(dev, None, 0x1_0000, &[0xff; 8], req, Duration::from_secs(5))
+            .unwrap_err();
+        assert_eq!(fault_reason(e), FaultReason::Permission);
+        iommu
+            .dma_write_wait(
+                dev,
+                None,
+                0x2_0000,
+                &0x3333u64.to_le_bytes(),
+                req,
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        let e = read_u64_dma(&iommu, dev, None, 0x2_0000).unwrap_err();
+        assert_eq!(fault_reason(e), FaultReason::Permission);
+        assert_eq!(ram.r64(0x2_0000), 0x3333);
+    }
+
+    // Nested, with a fault queue and PRI: the guest's table maps the page, stage 2 does not.
+    let mut queue = iommu.fault_queue_alloc().unwrap();
+    let pasid = Some(Pasid(7));
+    let n = nested(&iommu, s1(0x1000, 48, true, false), pasid, Some(queue.id()));
+    ram.map(&iommu, n.ioas, 0, 0x8000, Perm::RW);
+    let va = 0x4000_0000u64;
+    map_4k(&ram, va, 0x9_0000);
+    let pri = DmaRequest {
+        pri: true,
+        ..DmaRequest::default()
+    };
+    match iommu.dma_write(n.dev, pasid, va, &[1], pri) {
+        Err(DmaError::Fault(f)) => assert_eq!(f.reason, FaultReason::NotPresent),
+        other => panic!("expected an unrecoverable stage-2 fault, got {other:?}"),
+    }
+    let recs = queue.read_records().unwrap();
+    assert!(
+        matches!(recs.as_slice(), [FaultRecord::Unrecoverable(u)] if u.addr == va),
+        "{recs:?}"
+    );
+    assert!(ram.guards_intact());
+}
+
+/// An instruction-fetch DMA (`DmaRequest::exec`) is refused by an execute-disable leaf,
+/// uncached and cached, while a plain read of the same page passes.
+#[test]
+fn soft_exec_request_honours_xd() {
+    let ram = Ram::new(1 << 20);
+    let iommu = ram.iommu();
+    let pasid = Some(Pasid(5));
+    let n = nested(&iommu, s1(0x1000, 48, true, false), pasid, None);
+    ram.map(&iommu, n.ioas, 0, 1 << 20, Perm::RW);
+    let va = 0x6000_0000u64;
+    map_4k(&ram, va, 0x30_000);
+    let idx = (va >> 12) & 0x1ff;
+    ram.w64(0x4000 + idx * 8, 0x30_000 | P | RW | US | XD);
+    ram.w64(0x30_000, 0x5a5a);
+    let fetch = DmaRequest {
+        exec: true,
+        ..DmaRequest::default()
+    };
+    let mut b = [0u8; 8];
+    for _ in 0..2 {
+        let e = iommu.dma_read(n.dev, pasid, va, &mut b, fetch).unwrap_err();
+        assert_eq!(fault_reason(e), FaultReason::Permission);
+        assert_eq!(read_u64_dma(&iommu, n.dev, pasid, va).unwrap(), 0x5a5a);
+    }
+}
+
+/// A device's page request group index is a 9-bit counter (PRGI): 0, 1, ... 511, 0 (every
+/// recoverable fault takes the next one, whether or not the queue had room for it).
+#[test]
+fn soft_page_request_group_index_wraps_at_9_bits() {
+    let ram = Ram::new(1 << 20);
+    let iommu = ram.iommu();
+    let queue = iommu.fault_queue_alloc().unwrap();
+    let pasid = Some(Pasid(3));
+    let n = nested(&iommu, s1(0x1000, 48, true, false), pasid, Some(queue.id()));
+    ram.map(&iommu, n.ioas, 0, 1 << 20, Perm::RW);
+    let pri = DmaRequest {
+        pri: true,
+        ..DmaRequest::default()
+    };
+    for i in 0..514u64 {
+        let grpid = match iommu.dma_write(n.dev, pasid, 0x5000_0000 + i * PAGE, &[0], pri) {
+            Err(DmaError::PageRequest(p)) => p.fault().grpid,
+            Err(DmaError::Aborted(f)) => f.grpid,
+            other => panic!("request {i}: expected a page request, got {other:?}"),
+        };
+        assert_eq!(u64::from(grpid), i % 512, "request {i}");
+    }
+    drop(queue);
+}
+
 /// The walk counters count what the walk did: a first-stage miss reads one entry per level
 /// and sets A on each (and D on the leaf for a write); a hit reads nothing (scripts/mutants
 /// found the counters untested).

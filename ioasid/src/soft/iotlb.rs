@@ -391,6 +391,53 @@ mod tests {
     }
 
     #[test]
+    fn iotlb_insert_replaces_only_the_same_page_and_context() {
+        // One set of 4 ways: entries that differ in one of page, device, PASID each keep a
+        // way; a second insert of the same page and context replaces the first.
+        let mut t = Iotlb::new(1);
+        let e = |vpn, dev, pasid| Entry {
+            tag: Tag {
+                dev,
+                pasid,
+                domain: 5,
+            },
+            ..entry(vpn, 5, pasid)
+        };
+        t.insert(e(1, 1, 0));
+        t.insert(e(2, 1, 0));
+        t.insert(e(1, 2, 0));
+        t.insert(e(1, 1, 3));
+        t.insert(Entry {
+            hva_page: 0x77_7000,
+            ..e(1, 1, 3)
+        });
+        for (vpn, dev, pasid) in [(1, 1, 0), (2, 1, 0), (1, 2, 0), (1, 1, 3)] {
+            let hit = t.lookup(dev, pasid, vpn << 12, R);
+            assert!(hit.is_some(), "vpn {vpn} dev {dev} pasid {pasid}");
+        }
+        assert_eq!(t.lookup(1, 3, 1 << 12, R).unwrap().hva_page, 0x77_7000);
+        assert_eq!(t.lookup(3, 0, 1 << 12, R), None);
+        assert_eq!((t.stats().hits, t.stats().misses), (5, 1));
+    }
+
+    #[test]
+    fn iotlb_full_set_evicts_round_robin() {
+        // One set of 4 ways, 300 pages (past the u8 victim counter's wrap): the last 4
+        // inserted are always the ones cached.
+        let mut t = Iotlb::new(1);
+        for vpn in 0..300 {
+            t.insert(entry(vpn, 5, 0));
+            for back in 0..4.min(vpn + 1) {
+                let v = vpn - back;
+                assert!(t.lookup(1, 0, v << 12, R).is_some(), "{v} after {vpn}");
+            }
+            if vpn >= 4 {
+                assert!(t.lookup(1, 0, (vpn - 4) << 12, R).is_none(), "{vpn}");
+            }
+        }
+    }
+
+    #[test]
     fn iotlb_holds_a_full_cache_of_one_context() {
         // 64 sets of 4 ways: 16 consecutive pages of one device, one page of 16 devices, one
         // page of 16 PASIDs all stay cached (the set hash spreads them; a hash that ignores
