@@ -514,6 +514,48 @@ mod tests {
     }
 
     #[test]
+    fn iotlb_domain_and_stage2_invalidations_stay_in_scope() {
+        let mut t = Iotlb::new(64);
+        let at = |vpn: u64, dev, domain, ioas, rights| Entry {
+            tag: Tag {
+                dev,
+                pasid: 0,
+                domain,
+            },
+            ioas,
+            rights,
+            ..entry(vpn, domain, 0)
+        };
+        let nested = Rights::SecondLevel {
+            read: true,
+            write: true,
+            exec: false,
+        };
+        // A domain's invalidation leaves other domains alone.
+        t.insert(at(1, 1, 5, 9, Rights::Stage2));
+        t.insert(at(1, 2, 6, 9, Rights::Stage2));
+        assert_eq!(t.invalidate_domain(5, None), 1);
+        assert!(t.lookup(2, 0, 1 << 12, R).is_some());
+        t.invalidate_all();
+        // A stage-2 unmap of pages [0x20, 0x21] of IOAS 9: stage-2 entries inside go, those
+        // below and above stay; every nested entry over IOAS 9 goes, none over IOAS 10.
+        for vpn in 0x1f..=0x22 {
+            t.insert(at(vpn, 1, 9, 9, Rights::Stage2));
+        }
+        t.insert(at(0x40, 2, 7, 9, nested));
+        t.insert(at(0x40, 3, 8, 10, nested));
+        t.insert(at(0x20, 4, 10, 10, Rights::Stage2));
+        assert_eq!(t.invalidate_stage2(9, 0x20 << 12, (0x22 << 12) - 1), 3);
+        assert!(t.lookup(1, 0, 0x1f << 12, R).is_some());
+        assert!(t.lookup(1, 0, 0x20 << 12, R).is_none());
+        assert!(t.lookup(1, 0, 0x21 << 12, R).is_none());
+        assert!(t.lookup(1, 0, 0x22 << 12, R).is_some());
+        assert!(t.lookup(2, 0, 0x40 << 12, R).is_none());
+        assert!(t.lookup(3, 0, 0x40 << 12, R).is_some());
+        assert!(t.lookup(4, 0, 0x20 << 12, R).is_some());
+    }
+
+    #[test]
     fn iotlb_walk_older_than_an_invalidation_is_not_cached() {
         let mut t = Iotlb::new(4);
         let g = t.generation();

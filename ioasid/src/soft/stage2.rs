@@ -417,6 +417,22 @@ mod tests {
     }
 
     #[test]
+    fn aperture_edges_are_inclusive() {
+        let mut s = Ioas::new(48);
+        let top = (1u64 << 48) - 1;
+        // The last page of the aperture maps; one byte further does not.
+        assert_eq!(s.check_map(Some(top - 0xfff), 0x1000), Ok(top - 0xfff));
+        assert_eq!(s.check_map(Some(top - 0xfff), 0x2000), Err(libc::EINVAL));
+        // Automatic allocation refuses zero and partial-page lengths.
+        assert_eq!(s.check_map(None, 0), Err(libc::EINVAL));
+        assert_eq!(s.check_map(None, 0x800), Err(libc::EINVAL));
+        // An allowed window may be one IOVA, and may end at the aperture's last IOVA.
+        let r = |start, last| IovaRange { start, last };
+        s.allow(&[r(0x1000, 0x1000), r(0x10_0000, top)]).unwrap();
+        assert_eq!(s.check_map(None, 0x1000), Ok(0x10_0000));
+    }
+
+    #[test]
     fn allowed_iovas_may_be_several_but_not_overlap() {
         let mut s = Ioas::new(48);
         let r = |start, last| IovaRange { start, last };
