@@ -27,7 +27,7 @@ use vmm::memory::RamConfig;
 use vmm::viommu::VmGuestMemory;
 use vmm::vm::{IrqchipMode, Vm, VmOptions};
 
-use super::env::{edu_path, mtty_path, pattern};
+use super::env::{edu_path, mmio_read, mmio_write, mtty_path, pattern};
 use super::pdev_fixture::{
     s, CMD_MASTER, CMD_MEMORY, EDU_DMA_CMD, EDU_DMA_DST, EDU_DMA_LEN, EDU_DMA_SRC,
 };
@@ -203,16 +203,11 @@ impl<'a> Edu<'a> {
     }
 
     fn read(&self, addr: u64, len: usize) -> Result<u64, String> {
-        let mut b = [0u8; 8];
-        self.vm.mmio_bus().read(addr, &mut b[..len]).map_err(s)?;
-        Ok(u64::from_le_bytes(b))
+        mmio_read(self.vm, addr, len)
     }
 
     fn write(&self, addr: u64, len: usize, v: u64) -> Result<(), String> {
-        self.vm
-            .mmio_bus()
-            .write(addr, &v.to_le_bytes()[..len])
-            .map_err(s)
+        mmio_write(self.vm, addr, len, v)
     }
 
     /// One edu DMA, waited for with a deadline.

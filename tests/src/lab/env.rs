@@ -44,3 +44,26 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
 }
+
+/// Reads `len` (at most 8) bytes at `addr` through the VM's MMIO bus, as a vCPU would.
+pub fn mmio_read(vm: &vmm::vm::Vm, addr: u64, len: usize) -> Result<u64, String> {
+    let mut b = [0u8; 8];
+    let part = b
+        .get_mut(..len)
+        .ok_or_else(|| format!("MMIO read of {len} bytes at {addr:#x}: at most 8"))?;
+    vm.mmio_bus()
+        .read(addr, part)
+        .map_err(|e| format!("MMIO read at {addr:#x}: {e}"))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Writes the low `len` (at most 8) bytes of `v` at `addr` through the VM's MMIO bus.
+pub fn mmio_write(vm: &vmm::vm::Vm, addr: u64, len: usize, v: u64) -> Result<(), String> {
+    let bytes = v.to_le_bytes();
+    let part = bytes
+        .get(..len)
+        .ok_or_else(|| format!("MMIO write of {len} bytes at {addr:#x}: at most 8"))?;
+    vm.mmio_bus()
+        .write(addr, part)
+        .map_err(|e| format!("MMIO write at {addr:#x}: {e}"))
+}

@@ -243,16 +243,11 @@ impl Lab {
     }
 
     fn mmio_read(&self, addr: u64, len: usize) -> Result<u64, String> {
-        let mut b = [0u8; 8];
-        self.vm.mmio_bus().read(addr, &mut b[..len]).map_err(s)?;
-        Ok(u64::from_le_bytes(b))
+        super::env::mmio_read(&self.vm, addr, len)
     }
 
     fn mmio_write(&self, addr: u64, len: usize, v: u64) -> Result<(), String> {
-        self.vm
-            .mmio_bus()
-            .write(addr, &v.to_le_bytes()[..len])
-            .map_err(s)
+        super::env::mmio_write(&self.vm, addr, len, v)
     }
 
     /// Memory decode and bus mastering on through ECAM, as the guest's driver does; edu's
